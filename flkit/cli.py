@@ -1,0 +1,143 @@
+"""The ``flkit`` command: run exported jobs in the simulator, or as a real server and sites."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from flkit.errors import FLKitError
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flkit")
+def main() -> None:
+    """flkit: federated learning for unchanged PyTorch scripts.
+
+    Build a job folder with the job API (FedAvgJob(...).export_job(DIR)), then run it
+    here with the simulator, or with `flkit server` and `flkit client` on real machines.
+    """
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-n", "--n-clients", "n_clients", type=int, default=None,
+              help="Number of sites (site-1..site-N) for jobs built with to_clients(); default: the job's.")
+@click.option("-t", "--threads", type=int, default=None,
+              help="Sites run at once; must be >= the number of sites (each script runs for the whole job).")
+@click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
+              help="Output folder: server/ holds the global and best models, site-N/ each site's files.")
+@click.option("--gpu", default=None, help="Comma-separated CUDA device ids, given to sites round-robin.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print failures and the final summary.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def simulate(job_dir: Path, n_clients: int | None, threads: int | None, workspace: Path, gpu: str | None,
+             quiet: bool, verbose: int) -> None:
+    """Run the job in JOB_DIR on this machine: the real server on loopback, sites as threads.
+
+    Exits 0 when the job completed, 1 when it failed.
+    """
+    from flkit.sim.simulator import simulate as run
+
+    _logging(verbose)
+    try:
+        result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8002, show_default=True, help="Port to listen on (0 picks a free one).")
+@click.option("-n", "--n-clients", "n_clients", type=int, default=None, help="Number of sites (to_clients jobs).")
+@click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace/server"),
+              show_default=True, help="Where the global model, best model and round state are written.")
+@click.option("--job-id", default=None, help="Job id the sites must present (default: the job name).")
+@click.option("--token", envvar="FLKIT_TOKEN", default=None,
+              help="Shared secret the sites must present (env FLKIT_TOKEN); generated and printed if absent.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace: Path, job_id: str | None,
+           token: str | None, verbose: int) -> None:
+    """Serve the job in JOB_DIR to remote sites (insecure gRPC; TLS comes later)."""
+    from flkit.job.config import load_job
+    from flkit.server.server import FLServer
+    from flkit.sim.progress import ProgressPrinter, summary_table
+
+    _logging(max(verbose, 1))
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        job = load_job(job_dir)
+        sites = job.resolve_sites(n_clients)
+        srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
+                       job_id=job_id or job.name, address=f"{host}:{port}", token=token,
+                       on_event=ProgressPrinter(console))
+        address = srv.start()
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"serving job {srv.job_id} on {address} for sites {', '.join(sites)}")
+    if token is None:
+        console.print(f"site token: {srv.token}  (pass it to `flkit client --token` or FLKIT_TOKEN)")
+    try:
+        outcome = srv.wait()
+    except KeyboardInterrupt:
+        outcome = None
+    finally:
+        srv.stop()
+    console.print(summary_table(srv.controller.history, job.workflow["key_metric"]))
+    if outcome is None or outcome.failed:
+        console.print(f"job failed: {outcome.reason if outcome else 'interrupted'}")
+        sys.exit(1)
+    console.print(f"job completed: {outcome.reason}")
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--server", "server_address", required=True, help="host:port of `flkit server`.")
+@click.option("--site", required=True, help="This site's name, e.g. site-1.")
+@click.option("--job-id", default=None, help="Job id (default: the job name).")
+@click.option("--token", envvar="FLKIT_TOKEN", required=True, help="The server's site token (env FLKIT_TOKEN).")
+@click.option("-w", "--workspace", type=click.Path(path_type=Path), default=None,
+              help="This site's working folder (default: workspace/<site>).")
+@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to keep trying to reach the server before failing.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def client(job_dir: Path, server_address: str, site: str, job_id: str | None, token: str,
+           workspace: Path | None, connect_timeout: float, verbose: int) -> None:
+    """Run SITE's script from JOB_DIR against a remote `flkit server`."""
+    from flkit.client.settings import SiteSettings
+    from flkit.job.config import load_job
+    from flkit.runner.in_process import InProcessSite
+
+    _logging(verbose)
+    try:
+        job = load_job(job_dir)
+        sites = job.resolve_sites()
+        runner = sites.get(site) or job.clients
+        if runner is None:
+            raise FLKitError(f"site {site} has no runner in job {job.name} (sites: {', '.join(sites)})")
+        settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name, token=token,
+                                workspace=str(workspace or Path("workspace") / site),
+                                connect_timeout_s=connect_timeout)
+        run = InProcessSite(settings, job.script_path(runner), runner.argv)
+        run.start()
+        run.join()
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    if run.outcome is None or not run.outcome.ok:
+        click.echo(run.outcome.error if run.outcome else "site did not finish", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,241 @@
+"""Session: one site's conversation with the server, behind the Client API functions.
+
+It joins lazily (on the first receive), keeps a heartbeat thread, re-joins when the
+server forgot it, and turns every wait into a bounded one with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from flkit.client.grpc_transport import GrpcTransport, ServerUnreachable, SessionExpired, TaskMessage
+from flkit.client.settings import SiteSettings
+from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
+from flkit.model import FLModel, ParamsType
+from flkit.wire.codec import encode_params, meta_to_json, metrics_to_json, to_cpu_params
+from flkit.wire.grpc_options import MAX_TASK_WAIT_S
+
+log = logging.getLogger("flkit.client")
+
+T = TypeVar("T")
+
+
+class Session:
+    """A site's connection to its job. Create through ``flkit.init()``."""
+
+    def __init__(self, settings: SiteSettings, transport: GrpcTransport | None = None) -> None:
+        self.settings = settings
+        self.transport = transport or GrpcTransport(settings.server)
+        self.job_config: dict[str, Any] = {}
+        self._session_id: str | None = None
+        self._lock = threading.RLock()
+        self._pending: TaskMessage | None = None  # fetched by is_running(), not yet received
+        self._current: TaskMessage | None = None  # received, not yet answered
+        self._last_task_name = ""
+        self._ended = False
+        self.end_reason = ""
+        self.job_failed = False
+        self._closed = False
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._heartbeat_interval = 5.0
+
+    # -- connection ---------------------------------------------------------
+
+    def _retry(self, what: str, fn: Callable[[float], T], deadline: float | None) -> T:
+        """Call fn(per_call_timeout) until it succeeds, the server stays unreachable for
+        connect_timeout_s, or ``deadline`` passes."""
+        give_up = time.monotonic() + self.settings.connect_timeout_s
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        delay = 0.05
+        while True:
+            left = give_up - time.monotonic()
+            try:
+                return fn(max(left, 0.05))
+            except ServerUnreachable as exc:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    waited = self.settings.connect_timeout_s if deadline is None else None
+                    limit = f"{waited:g} s" if waited is not None else "the given timeout"
+                    raise CommunicationError(
+                        f"site {self.settings.site_name}: could not {what}: the flkit server at "
+                        f"{self.settings.server} did not answer within {limit} ({exc})"
+                    ) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+
+    def _join(self, deadline: float | None) -> str:
+        with self._lock:
+            if self._session_id is not None:
+                return self._session_id
+            s = self.settings
+            sid, config, interval = self._retry(
+                "join the job", lambda t: self.transport.join(s.site_name, s.job_id, s.token, t), deadline
+            )
+            self._session_id, self.job_config = sid, config
+            self._heartbeat_interval = interval or self._heartbeat_interval
+            log.info("site %s joined job %s at %s", s.site_name, s.job_id, s.server)
+            if self._heartbeat_thread is None:
+                self._heartbeat_thread = threading.Thread(
+                    target=self._beat, name=f"flkit-heartbeat-{s.site_name}", daemon=True
+                )
+                self._heartbeat_thread.start()
+            return sid
+
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(self._heartbeat_interval):
+            sid = self._session_id
+            if sid is None:
+                continue
+            try:
+                self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
+            except SessionExpired:
+                with self._lock:
+                    if self._session_id == sid:
+                        self._session_id = None
+            except FLKitError as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    # -- the Client API -----------------------------------------------------
+
+    def _fetch(self, timeout: float | None) -> TaskMessage | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            sid = self._join(deadline)
+            wait = MAX_TASK_WAIT_S if left is None else min(MAX_TASK_WAIT_S, left)
+            try:
+                msg = self._retry(
+                    "receive a task",
+                    lambda t, sid=sid, wait=wait: self.transport.get_task(
+                        sid, wait, timeout=wait + self.settings.transfer_timeout_s
+                    ),
+                    deadline,
+                )
+            except SessionExpired:
+                with self._lock:
+                    self._session_id = None
+                continue
+            if msg.status == "ready":
+                return msg
+            if msg.status == "finished":
+                self._ended, self.end_reason, self.job_failed = True, msg.end_reason, msg.job_failed
+                log.info("site %s: job ended: %s", self.settings.site_name, msg.end_reason)
+                return None
+
+    def receive(self, timeout: float | None = None) -> FLModel | None:
+        """The next task's model; None if the job ended or nothing came within ``timeout`` seconds.
+
+        Until the task is answered with ``send``, receive() returns the same task again.
+        """
+        if timeout is None:
+            timeout = self.settings.receive_timeout_s
+        if self._current is not None:
+            return self._to_model(self._current)
+        if self._pending is None and not self._ended:
+            self._pending = self._fetch(timeout)
+        if self._pending is None:
+            return None
+        self._current, self._pending = self._pending, None
+        self._last_task_name = self._current.task_name
+        return self._to_model(self._current)
+
+    def is_running(self) -> bool:
+        """True while the job has work for this site; waits for the next task to find out."""
+        if self._ended:
+            return False
+        if self._current is not None or self._pending is not None:
+            return True
+        self._pending = self._fetch(self.settings.receive_timeout_s)
+        return not self._ended
+
+    def _to_model(self, msg: TaskMessage) -> FLModel:
+        meta = dict(msg.meta)
+        meta.update(job_id=self.settings.job_id, site_name=self.settings.site_name)
+        return FLModel(
+            params_type=msg.params_type or None,
+            params=msg.params,
+            current_round=msg.current_round,
+            total_rounds=msg.total_rounds,
+            meta=meta,
+        )
+
+    def send(self, model: FLModel, clear_cache: bool = True) -> None:
+        """Answer the current task. Raises ResultRejectedError with the server's reason."""
+        if not isinstance(model, FLModel):
+            raise TypeError(f"send() takes an FLModel, got {type(model).__name__}")
+        if self._ended and self._current is None:
+            log.warning("site %s: the job has ended (%s); result not sent", self.settings.site_name,
+                        self.end_reason)
+            return
+        task = self._current
+        if task is None:
+            raise FLKitError("send() without a task: call receive() first")
+        params_type, payload = "", None
+        if task.task_name == "train":
+            if model.params is None:
+                raise ValidationError(f"task 'train' of round {task.current_round} must be answered with params")
+            params = to_cpu_params(model.params)
+            params_type = model.params_type.value
+            transfer = self.job_config.get("params_transfer_type", "FULL")
+            if transfer == ParamsType.DIFF.value and model.params_type == ParamsType.FULL:
+                params = self._diff(params, task)
+                params_type = ParamsType.DIFF.value
+            payload = encode_params(params)
+            del params
+        metrics_json = metrics_to_json(model.metrics)
+        meta_json = meta_to_json(model.meta)
+        sid = self._join(None)
+        accepted, error = self._retry(
+            "send the result",
+            lambda t: self.transport.submit(
+                sid, task.task_id, params_type, payload, metrics_json, meta_json,
+                timeout=self.settings.transfer_timeout_s,
+            ),
+            None,
+        )
+        if clear_cache or not accepted:
+            self._current = None
+        if not accepted:
+            raise ResultRejectedError(error)
+
+    @staticmethod
+    def _diff(params: dict[str, torch.Tensor], task: TaskMessage) -> dict[str, torch.Tensor]:
+        received = task.params or {}
+        missing = sorted(set(received) - set(params))
+        if missing:
+            raise ValidationError(f"cannot compute a DIFF: params lack {missing[:5]} of the received model")
+        return {k: v - received[k] if k in received else v for k, v in params.items()}
+
+    @property
+    def task_name(self) -> str:
+        return self._last_task_name
+
+    # -- shutdown -----------------------------------------------------------
+
+    def close(self, failure: str | None = None) -> None:
+        """Stop the heartbeat and tell the server we are done (or failed, with the reason)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._heartbeat_stop.set()
+        s = self.settings
+        try:
+            if failure is not None:
+                self.transport.report_failure(s.site_name, s.job_id, s.token, self._session_id or "", failure,
+                                              timeout=5.0)
+            elif self._session_id is not None:
+                self.transport.leave(self._session_id, "", timeout=5.0)
+        except FLKitError as exc:
+            log.debug("site %s: could not tell the server we are leaving: %s", s.site_name, exc)
+        finally:
+            self.transport.close()

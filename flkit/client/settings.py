@@ -1,0 +1,89 @@
+"""Where a site's script finds its job: the runner's context, or environment variables.
+
+The in-process runner runs several sites in one process, so it cannot use
+``os.environ``; it puts each site's settings in a ContextVar for that site's
+thread. An external process (or ``flkit client``) passes the same keys as
+environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from flkit.errors import ConfigError
+
+ENV_PREFIX = "FLKIT_"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything a site needs to reach its job's server."""
+
+    server: str
+    site_name: str
+    job_id: str
+    token: str
+    workspace: str = "."
+    # How long to keep trying to (re)connect before a call gives up with a clear error.
+    connect_timeout_s: float = 60.0
+    # Default wait of receive()/is_running() for the next task; None waits until the job ends.
+    receive_timeout_s: float | None = None
+    # Upper bound for one upload or download of a model.
+    transfer_timeout_s: float = 600.0
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace)
+
+    def to_env(self) -> dict[str, str]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[ENV_PREFIX + f.name.upper()] = str(value)
+        return out
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SiteSettings:
+        required = ("server", "site_name", "job_id", "token")
+        missing = [ENV_PREFIX + k.upper() for k in required if not env.get(ENV_PREFIX + k.upper())]
+        if missing:
+            raise ConfigError(
+                f"flkit.init(): this script is not running inside an FL job ({', '.join(missing)} not set). "
+                "Start it through a job (e.g. `python job.py ...`, `flkit simulate JOB_DIR`) or `flkit client`."
+            )
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            if f.name.endswith("_s"):
+                try:
+                    values[f.name] = None if raw.lower() in ("", "none") else float(raw)
+                except ValueError:
+                    raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a number of seconds") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_runner_settings: ContextVar[SiteSettings | None] = ContextVar("flkit_site_settings", default=None)
+
+
+def set_context_settings(settings: SiteSettings | None) -> None:
+    """Used by the in-process runner inside a site's own context."""
+    _runner_settings.set(settings)
+
+
+def current_settings() -> SiteSettings:
+    """The settings of the site this code runs for (runner context first, then the environment)."""
+    settings = _runner_settings.get()
+    return settings if settings is not None else SiteSettings.from_env(os.environ)
+
+
+def in_runner_context() -> bool:
+    return _runner_settings.get() is not None

@@ -1,0 +1,112 @@
+"""The job folder format: ``job.json`` + ``initial_model.safetensors`` + copied scripts.
+
+No pickled objects: the config is JSON, the model is safetensors, the scripts are files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flkit.errors import ConfigError
+from flkit.runner.script_runner import ScriptRunner
+from flkit.server.config import WorkflowConfig
+from flkit.wire.codec import Params
+
+JOB_FILE = "job.json"
+MODEL_FILE = "initial_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def site_names(n: int) -> list[str]:
+    return [f"site-{i}" for i in range(1, n + 1)]
+
+
+@dataclass
+class JobConfig:
+    """A loaded job folder. Script paths in runners are relative to ``root``."""
+
+    name: str
+    workflow: dict[str, Any]
+    n_clients: int
+    root: Path
+    sites: dict[str, ScriptRunner] = field(default_factory=dict)
+    clients: ScriptRunner | None = None  # the runner every site-N uses (job.to_clients)
+
+    def resolve_sites(self, n_clients: int | None = None) -> dict[str, ScriptRunner]:
+        """Site name -> runner; ``n_clients`` may change the count of a to_clients() job."""
+        if self.clients is None:
+            if n_clients is not None and n_clients != len(self.sites):
+                raise ConfigError(
+                    f"job '{self.name}' names its sites ({', '.join(self.sites)}); "
+                    f"n_clients={n_clients} cannot change them"
+                )
+            if not self.sites:
+                raise ConfigError(f"job '{self.name}' has no sites: use job.to(runner, 'site-1') or to_clients()")
+            return dict(self.sites)
+        n = self.n_clients if n_clients is None else n_clients
+        if n < 1:
+            raise ConfigError(f"n_clients must be >= 1, got {n}")
+        out = {name: self.clients for name in site_names(n)}
+        out.update(self.sites)
+        return out
+
+    def workflow_config(self, num_sites: int) -> WorkflowConfig:
+        data = dict(self.workflow)
+        if data.get("min_clients") is None:
+            data["min_clients"] = num_sites
+        return WorkflowConfig.from_dict(data)
+
+    def script_path(self, runner: ScriptRunner) -> Path:
+        return (self.root / runner.script).resolve()
+
+    def initial_params(self) -> Params:
+        from flkit.server.persistor import load_params
+
+        path = self.root / MODEL_FILE
+        if not path.is_file():
+            raise ConfigError(f"job folder {self.root} has no {MODEL_FILE}")
+        return load_params(path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "workflow": self.workflow,
+            "n_clients": self.n_clients,
+            "clients": None if self.clients is None else self.clients.to_dict(),
+            "sites": {k: v.to_dict() for k, v in self.sites.items()},
+            "initial_model": MODEL_FILE,
+        }
+
+
+def load_job(job_dir: Path) -> JobConfig:
+    """Read and check a job folder written by ``export_job``."""
+    root = Path(job_dir)
+    path = root / JOB_FILE
+    if not path.is_file():
+        raise ConfigError(f"{root} is not a flkit job folder (no {JOB_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    if data.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"{path}: unsupported job format {data.get('format')!r} (expected {FORMAT_VERSION})")
+    try:
+        job = JobConfig(
+            name=data["name"],
+            workflow=data["workflow"],
+            n_clients=int(data["n_clients"]),
+            root=root.resolve(),
+            sites={k: ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
+            clients=None if data.get("clients") is None else ScriptRunner.from_dict(data["clients"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: malformed job config ({exc})") from None
+    for name, runner in job.resolve_sites().items():
+        if not job.script_path(runner).is_file():
+            raise ConfigError(f"{path}: script {runner.script} of {name} is missing from the job folder")
+    job.workflow_config(len(job.resolve_sites()))  # validates the workflow settings
+    return job

@@ -1,0 +1,111 @@
+"""Run a site's script in this process: runpy in its own thread, its own argv and context."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import runpy
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from flkit.client.grpc_transport import GrpcTransport
+from flkit.client.settings import SiteSettings, set_context_settings
+from flkit.errors import FLKitError
+from flkit.runner import thread_io
+
+log = logging.getLogger("flkit.runner")
+
+
+@dataclass
+class SiteOutcome:
+    site: str
+    ok: bool
+    error: str | None = None  # traceback or exit status when not ok
+
+
+class InProcessSite:
+    """One site's script running in a thread of the current process.
+
+    An exception (or a non-zero ``sys.exit``) in the script fails the site: the
+    traceback goes to the server at once, so the job never waits on a dead site.
+    """
+
+    def __init__(self, settings: SiteSettings, script: Path, argv: list[str], gpu: int | None = None) -> None:
+        self.settings = settings
+        self.script = Path(script).resolve()
+        self.argv = [str(self.script), *argv]
+        self.gpu = gpu
+        self.outcome: SiteOutcome | None = None
+        self._thread = threading.Thread(
+            target=contextvars.Context().run, args=(self._main,), name=f"flkit-site-{settings.site_name}",
+            daemon=True,
+        )
+
+    @property
+    def site(self) -> str:
+        return self.settings.site_name
+
+    def start(self) -> None:
+        if not self.script.is_file():
+            raise FLKitError(f"site {self.site}: script {self.script} does not exist")
+        script_dir = str(self.script.parent)
+        if script_dir not in sys.path:
+            sys.path.insert(0, script_dir)  # like `python script.py`, so sibling modules import
+        thread_io.install()
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the script to end; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _main(self) -> None:
+        from flkit import api
+
+        set_context_settings(self.settings)
+        thread_io.set_site_io(self.argv, f"[{self.site}] ")
+        Path(self.settings.workspace).mkdir(parents=True, exist_ok=True)
+        error = None
+        try:
+            if self.gpu is not None:
+                import torch
+
+                torch.cuda.set_device(self.gpu)
+            runpy.run_path(str(self.script), run_name="__main__")
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                error = f"script {self.script.name} exited with status {exc.code}"
+        except BaseException as exc:
+            error = self._describe(exc)
+        finally:
+            thread_io.uninstall()
+        if error:
+            log.debug("site %s failed: %s", self.site, error)
+        session = api._current_or_none()
+        if session is not None:
+            session.close(failure=error)
+        elif error:
+            self._report_without_session(error)
+        self.outcome = SiteOutcome(self.site, error is None, error)
+
+    def _describe(self, exc: BaseException) -> str:
+        """One summary line, then the traceback from the script's own frames on."""
+        tb = exc.__traceback__
+        while tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve() != self.script:
+            tb = tb.tb_next
+        lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
+        head = f"script {self.script.name} raised {type(exc).__name__}: {exc}".splitlines()[0]
+        return head + "\n" + "".join(lines).rstrip()
+
+    def _report_without_session(self, error: str) -> None:
+        s = self.settings
+        transport = GrpcTransport(s.server)
+        try:
+            transport.report_failure(s.site_name, s.job_id, s.token, "", error, timeout=5.0)
+        except FLKitError as exc:
+            log.warning("site %s: could not report its failure to the server: %s", self.site, exc)
+        finally:
+            transport.close()

@@ -1,0 +1,1 @@
+"""The aggregation server: gRPC service, round loop, strategies, best-model selection, persistence."""

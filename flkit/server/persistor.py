@@ -1,0 +1,77 @@
+"""Saving global models and round state atomically, so a crash never leaves a torn file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+
+from flkit.wire.codec import Params
+
+GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
+BEST_MODEL_FILE = "best_FL_global_model.safetensors"
+STATE_FILE = "round_state.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None) -> None:
+    """Write params as safetensors (string metadata only), replacing ``path`` atomically."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    blob = safetensors.torch.save(params, metadata=meta)
+    _atomic_write(Path(path), lambda fh: fh.write(blob))
+
+
+def load_params(path: Path) -> Params:
+    return safetensors.torch.load_file(str(path))
+
+
+class Persistor:
+    """Owns the server's output folder: the global model, the best model and the round state."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def global_model_path(self) -> Path:
+        return self.directory / GLOBAL_MODEL_FILE
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.directory / BEST_MODEL_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def save_global(self, params: Params, round_num: int) -> None:
+        save_params(self.global_model_path, params, {"round": round_num})
+
+    def save_best(self, params: Params, round_num: int, key_metric: str, score: float) -> None:
+        save_params(
+            self.best_model_path, params, {"round": round_num, "key_metric": key_metric, "score": repr(score)}
+        )
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        text = json.dumps(state, indent=2, sort_keys=True).encode()
+        _atomic_write(self.state_path, lambda fh: fh.write(text))

@@ -1,0 +1,129 @@
+"""FLServer: one job's gRPC endpoint plus the Controller thread that runs its rounds."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from flkit.errors import CommunicationError, ConfigError
+from flkit.server.config import WorkflowConfig
+from flkit.server.controller import Controller, Event
+from flkit.server.persistor import Persistor
+from flkit.server.service import FLKitService
+from flkit.server.sites import JobEnd, SiteRegistry
+from flkit.server.strategy import FedAvg, Strategy
+from flkit.wire import flkit_pb2_grpc as pb_grpc
+from flkit.wire.codec import Params, to_cpu_params
+from flkit.wire.grpc_options import OPTIONS
+
+log = logging.getLogger("flkit.server")
+
+
+class FLServer:
+    """Serves one job on ``address`` ("host:port"; port 0 picks a free one).
+
+    ``token`` authenticates sites (one is generated when not given);
+    ``on_event`` receives progress events (dicts) from the controller thread.
+    """
+
+    def __init__(
+        self,
+        workflow: WorkflowConfig,
+        sites: list[str],
+        initial_params: Params,
+        output_dir: Path,
+        job_id: str,
+        address: str = "127.0.0.1:0",
+        token: str | None = None,
+        strategy: Strategy | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        if not sites:
+            raise ConfigError("a job needs at least one site")
+        if workflow.min_clients > len(sites):
+            raise ConfigError(f"min_clients={workflow.min_clients} is more than the job's {len(sites)} site(s)")
+        self.workflow = workflow
+        self.job_id = job_id
+        self.token = token or secrets.token_urlsafe(24)
+        self._bind = address
+        self.registry = SiteRegistry(
+            job_id=job_id,
+            sites=list(sites),
+            token=self.token,
+            heartbeat_timeout_s=workflow.heartbeat_timeout_s,
+            client_config={
+                "job_id": job_id,
+                "num_sites": len(sites),
+                "total_rounds": workflow.num_rounds,
+                "params_transfer_type": workflow.params_transfer_type,
+                "key_metric": workflow.key_metric,
+            },
+            on_site_failed=lambda site, why: self.controller.emit(
+                {"type": "site_failed", "site": site, "reason": why}
+            ),
+        )
+        self.persistor = Persistor(output_dir)
+        self.controller = Controller(
+            workflow,
+            self.registry,
+            strategy or FedAvg(),
+            self.persistor,
+            to_cpu_params(initial_params),
+            on_event,
+        )
+        self._grpc: grpc.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.outcome: JobEnd | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        host = self._bind.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def start(self) -> str:
+        """Bind, serve, and start the round loop; returns the "host:port" sites should dial."""
+        workers = max(16, 2 * len(self.registry.sites) + 8)
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.registry, self.controller), self._grpc)
+        try:
+            self.port = self._grpc.add_insecure_port(self._bind)
+        except RuntimeError as exc:
+            raise CommunicationError(f"cannot listen on {self._bind}: {exc}") from exc
+        if not self.port:
+            raise CommunicationError(f"cannot listen on {self._bind} (address in use?)")
+        self._grpc.start()
+        self._thread = threading.Thread(target=self._run, name=f"flkit-controller-{self.job_id}", daemon=True)
+        self._thread.start()
+        log.info("job %s served on %s", self.job_id, self.address)
+        return self.address
+
+    def _run(self) -> None:
+        self.outcome = self.controller.run()
+
+    def wait(self, timeout: float | None = None) -> JobEnd | None:
+        """Block until the job ends (or timeout); returns the outcome, None if still running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.outcome
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End the job (if still running) and stop serving."""
+        self.registry.finish(True, "server stopped")
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 1)
+        if self._thread is not None:
+            self._thread.join(grace + 5)
+
+    def __enter__(self) -> FLServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,223 @@
+"""Who is in the job: joins, tokens, liveness, and the task each site holds.
+
+The gRPC handlers and the Controller's round loop meet here. Everything is
+guarded by one Condition so the round loop can sleep until something happens
+(a result, a failure, a join) instead of polling fast.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class AccessError(Exception):
+    """A request the registry refuses; ``code`` is the gRPC status name to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SiteStatus(str, Enum):
+    EXPECTED = "expected"  # listed in the job, not joined yet
+    JOINED = "joined"
+    LEFT = "left"  # its script finished
+    FAILED = "failed"
+
+
+@dataclass
+class Task:
+    """A unit of work for one or more sites; ``payload`` is the shared safetensors blob."""
+
+    task_id: str
+    name: str
+    round: int
+    total_rounds: int
+    params_type: str
+    payload: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SiteState:
+    name: str
+    status: SiteStatus = SiteStatus.EXPECTED
+    session_id: str | None = None
+    last_seen: float = 0.0
+    task: Task | None = None
+    task_outcome: str | None = None  # None while pending, "done" or a failure message
+    failure: str | None = None
+
+
+@dataclass
+class JobEnd:
+    failed: bool
+    reason: str
+
+
+class SiteRegistry:
+    """Tracks the sites of one job and hands out their tasks."""
+
+    def __init__(
+        self,
+        job_id: str,
+        sites: list[str],
+        token: str,
+        heartbeat_timeout_s: float,
+        client_config: dict[str, Any],
+        on_site_failed: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.token = token
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.client_config = client_config
+        self.cond = threading.Condition()
+        self.sites: dict[str, SiteState] = {name: SiteState(name) for name in sites}
+        self._sessions: dict[str, str] = {}
+        self.end: JobEnd | None = None
+        self._on_site_failed = on_site_failed
+
+    # -- requests from sites -------------------------------------------------
+
+    def _check_identity(self, site: str, job_id: str, token: str) -> SiteState:
+        if job_id != self.job_id:
+            raise AccessError("FAILED_PRECONDITION", f"this server runs job '{self.job_id}', not '{job_id}'")
+        if not hmac.compare_digest(token.encode(), self.token.encode()):
+            raise AccessError("UNAUTHENTICATED", f"site '{site}': bad job token")
+        state = self.sites.get(site)
+        if state is None:
+            raise AccessError(
+                "NOT_FOUND", f"site '{site}' is not part of job '{self.job_id}' (sites: {', '.join(self.sites)})"
+            )
+        return state
+
+    def join(self, site: str, job_id: str, token: str) -> str:
+        """Admit a site (again, after a restart) and return its new session id."""
+        with self.cond:
+            state = self._check_identity(site, job_id, token)
+            if self.end is not None:
+                raise AccessError("FAILED_PRECONDITION", f"job '{self.job_id}' has ended: {self.end.reason}")
+            if state.session_id:
+                self._sessions.pop(state.session_id, None)
+            session_id = secrets.token_hex(16)
+            self._sessions[session_id] = site
+            state.session_id = session_id
+            state.status = SiteStatus.JOINED
+            state.failure = None
+            state.last_seen = time.monotonic()
+            if state.task is not None and state.task_outcome is not None and state.task_outcome != "done":
+                state.task = None  # a failed task is not handed out again
+            self.cond.notify_all()
+            return session_id
+
+    def site_of(self, session_id: str) -> SiteState:
+        """The site behind a session; refreshes its liveness. Caller holds no lock."""
+        with self.cond:
+            return self.touch_locked(session_id)
+
+    def touch_locked(self, session_id: str) -> SiteState:
+        """The site of a session, marked as just seen. Caller holds ``cond``."""
+        site = self._sessions.get(session_id)
+        if site is None:
+            raise AccessError("NOT_FOUND", "unknown session (the server restarted or the site re-joined); join again")
+        state = self.sites[site]
+        state.last_seen = time.monotonic()
+        return state
+
+    def heartbeat(self, session_id: str) -> bool:
+        with self.cond:
+            self.touch_locked(session_id)
+            return self.end is None
+
+    def next_task(self, session_id: str, wait_s: float) -> Task | JobEnd | None:
+        """The site's pending task, or JobEnd, or None if nothing came within wait_s."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self.cond:
+            while True:
+                state = self.touch_locked(session_id)
+                if state.task is not None and state.task_outcome is None:
+                    return state.task
+                if self.end is not None:
+                    return self.end
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.cond.wait(remaining)
+
+    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str) -> None:
+        with self.cond:
+            if session_id and session_id in self._sessions:
+                state = self.touch_locked(session_id)
+            else:
+                state = self._check_identity(site, job_id, token)
+            self._fail_locked(state, reason)
+
+    def leave(self, session_id: str, reason: str) -> None:
+        with self.cond:
+            state = self.touch_locked(session_id)
+            if state.task is not None and state.task_outcome is None and self.end is None:
+                self._fail_locked(state, f"its script ended without answering task '{state.task.name}'"
+                                  f" of round {state.task.round}" + (f": {reason}" if reason else ""))
+            elif state.status == SiteStatus.JOINED:
+                state.status = SiteStatus.LEFT
+            self._sessions.pop(session_id, None)
+            state.session_id = None
+            self.cond.notify_all()
+
+    # -- used by the Controller ---------------------------------------------
+
+    def _fail_locked(self, state: SiteState, reason: str) -> None:
+        if state.status == SiteStatus.FAILED:
+            return
+        state.status = SiteStatus.FAILED
+        state.failure = reason
+        if state.task is not None and state.task_outcome is None:
+            state.task_outcome = reason
+        if state.session_id:
+            # Its next call must re-join, so a site wrongly declared dead can come back.
+            self._sessions.pop(state.session_id, None)
+            state.session_id = None
+        self.cond.notify_all()
+        if self._on_site_failed is not None:
+            self._on_site_failed(state.name, reason)
+
+    def fail_site(self, site: str, reason: str) -> None:
+        with self.cond:
+            self._fail_locked(self.sites[site], reason)
+
+    def reap_dead_locked(self) -> None:
+        """Fail joined sites whose heartbeat lapsed. Caller holds ``cond``."""
+        now = time.monotonic()
+        for state in self.sites.values():
+            if state.status == SiteStatus.JOINED and now - state.last_seen > self.heartbeat_timeout_s:
+                self._fail_locked(
+                    state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
+                )
+
+    def active_sites_locked(self) -> list[str]:
+        return [s.name for s in self.sites.values() if s.status == SiteStatus.JOINED]
+
+    def assign_locked(self, task: Task, sites: list[str]) -> None:
+        for name in sites:
+            state = self.sites[name]
+            state.task = task
+            state.task_outcome = None
+        self.cond.notify_all()
+
+    def finish(self, failed: bool, reason: str) -> None:
+        with self.cond:
+            if self.end is None:
+                self.end = JobEnd(failed=failed, reason=reason)
+            self.cond.notify_all()
+
+    def all_gone(self) -> bool:
+        """True when no site still holds a session (every script has left or failed)."""
+        with self.cond:
+            return not self._sessions

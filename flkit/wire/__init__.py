@@ -1,0 +1,1 @@
+"""Everything that crosses a process boundary: tensor codec, chunking, gRPC plumbing."""
