@@ -71,6 +71,10 @@ class Session:
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
 
+    def connect(self, timeout: float | None = None) -> None:
+        """Join the job now instead of at the first receive (the round starts once sites joined)."""
+        self._join(None if timeout is None else time.monotonic() + timeout)
+
     def _join(self, deadline: float | None) -> str:
         with self._lock:
             if self._session_id is not None:

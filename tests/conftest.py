@@ -1,0 +1,54 @@
+"""Shared fixtures: a real FLServer on loopback and Sessions that talk to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from flkit.client.session import Session
+from flkit.client.settings import SiteSettings
+from flkit.server.config import WorkflowConfig
+from flkit.server.server import FLServer
+
+SCRIPTS = Path(__file__).parent / "scripts"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServerHarness:
+    """Start an FLServer with given settings and open sessions to it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[FLServer] = []
+        self.sessions: list[Session] = []
+
+    def start(self, initial: dict[str, torch.Tensor], sites: list[str], **workflow) -> FLServer:
+        workflow.setdefault("min_clients", len(sites))
+        workflow.setdefault("final_validation", False)
+        server = FLServer(WorkflowConfig(**workflow), sites, initial, self.tmp_path / "server", job_id="test-job")
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def session(self, server: FLServer, site: str, **overrides) -> Session:
+        settings = SiteSettings(server=server.address, site_name=site, job_id=server.job_id, token=server.token,
+                                workspace=str(self.tmp_path / site), **overrides)
+        session = Session(settings)
+        self.sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        for session in self.sessions:
+            session.close()
+        for server in self.servers:
+            server.stop(grace=0.5)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[ServerHarness]:
+    h = ServerHarness(tmp_path)
+    yield h
+    h.close()

@@ -1,0 +1,100 @@
+"""FedAvg is exact: hand-computed weighted averages, FULL and DIFF, integer buffers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from flkit.model import FLModel, ParamsType
+from flkit.server.persistor import load_params
+from flkit.server.strategy import FedAvg, SiteResult
+
+
+def _initial():
+    return {
+        "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "half": torch.tensor([1.0, 2.0], dtype=torch.float16),
+        "steps": torch.tensor(10, dtype=torch.int64),
+    }
+
+
+SITE_A = {"w": torch.tensor([[2.0, 2.0], [2.0, 2.0]]), "half": torch.tensor([3.0, 5.0], dtype=torch.float16),
+          "steps": torch.tensor(13, dtype=torch.int64)}
+SITE_B = {"w": torch.tensor([[6.0, 10.0], [-2.0, 0.0]]), "half": torch.tensor([7.0, 1.0], dtype=torch.float16),
+          "steps": torch.tensor(20, dtype=torch.int64)}
+# Hand-computed with weights 1 (A) and 3 (B): (a + 3b) / 4
+EXPECTED = {"w": torch.tensor([[5.0, 8.0], [-1.0, 0.5]]), "half": torch.tensor([6.0, 2.0], dtype=torch.float16),
+            "steps": torch.tensor(18, dtype=torch.int64)}  # (13 + 60) / 4 = 18.25 -> 18
+
+
+def _diff(full, base):
+    return {k: full[k] - base[k] for k in full}
+
+
+@pytest.mark.parametrize("kinds", [("FULL", "FULL"), ("DIFF", "DIFF"), ("FULL", "DIFF")])
+def test_weighted_average_by_hand(kinds):
+    initial = _initial()
+    strategy = FedAvg()
+    strategy.start_round(0, initial)
+    for (site, params, weight), kind in zip([("a", SITE_A, 1), ("b", SITE_B, 3)], kinds, strict=True):
+        sent = params if kind == "FULL" else _diff(params, initial)
+        strategy.add_result(SiteResult(site, sent, ParamsType(kind), weight))
+    out = strategy.finish_round()
+    for name, expected in EXPECTED.items():
+        assert out[name].dtype == expected.dtype, name
+        torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_single_result_is_returned_bit_for_bit():
+    initial = {"w": torch.randn(100, 100)}
+    trained = {"w": torch.randn(100, 100)}
+    strategy = FedAvg()
+    strategy.start_round(0, initial)
+    strategy.add_result(SiteResult("a", trained, ParamsType.FULL, 7.0))
+    assert torch.equal(strategy.finish_round()["w"], trained["w"])
+
+
+def test_many_sites_match_float64_reference():
+    torch.manual_seed(0)
+    initial = {"w": torch.zeros(50)}
+    results = [(torch.randn(50), float(w)) for w in range(1, 9)]
+    strategy = FedAvg()
+    strategy.start_round(0, initial)
+    for i, (p, w) in enumerate(results):
+        strategy.add_result(SiteResult(f"s{i}", {"w": p}, ParamsType.FULL, w))
+    ref = sum(p.double() * w for p, w in results) / sum(w for _, w in results)
+    torch.testing.assert_close(strategy.finish_round()["w"], ref.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transfer", ["FULL", "DIFF"])
+def test_server_aggregates_what_sites_send(harness, transfer):
+    """Two real sessions over gRPC send fixed params with weights 1 and 3; the saved model is exact."""
+    server = harness.start(_initial(), ["site-a", "site-b"], num_rounds=1, params_transfer_type=transfer)
+    errors = []
+
+    def site(name, params, steps):
+        try:
+            session = harness.session(server, name)
+            assert session.is_running()
+            model = session.receive(timeout=30)
+            assert model.current_round == 0 and model.total_rounds == 1
+            assert torch.equal(model.params["w"], _initial()["w"])
+            session.send(FLModel(params=params, metrics={"accuracy": 0.5}, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+            assert not session.is_running()  # the job ends after one round
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=site, args=a) for a in (("site-a", SITE_A, 1), ("site-b", SITE_B, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    saved = load_params(server.persistor.global_model_path)
+    for name, expected in EXPECTED.items():
+        assert saved[name].dtype == expected.dtype, name
+        torch.testing.assert_close(saved[name], expected, rtol=1e-6, atol=1e-6)
