@@ -113,3 +113,11 @@ def test_cli_simulate_can_change_the_number_of_sites(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = json.loads((tmp_path / "ws" / "server" / "round_state.json").read_text())
     assert sorted(state["history"][0]["metrics"]) == ["site-1", "site-2", "site-3"]
+
+
+def test_script_that_never_joins_fails_the_job_at_once(tmp_path):
+    job = FedAvgJob(name="noinit", initial_model=torch.nn.Linear(4, 2), n_clients=1, num_rounds=1)
+    job.to_clients(ScriptRunner(script=str(SCRIPTS / "no_init.py")))
+    # The default join timeout is 300 s; the failure must come from the runner's report, not from it.
+    with pytest.raises(JobFailedError, match="ended without calling flkit.init"):
+        job.simulator_run(tmp_path / "ws", quiet=True)

@@ -99,7 +99,10 @@ class Session:
             if sid is None:
                 continue
             try:
-                self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
+                running = self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
+                if not running and not self._ended:
+                    # The job ended while this site was busy: the next send()/is_running() returns at once.
+                    self._ended, self.end_reason = True, "the job ended while this site was working"
             except SessionExpired:
                 with self._lock:
                     if self._session_id == sid:
@@ -177,7 +180,7 @@ class Session:
         """Answer the current task. Raises ResultRejectedError with the server's reason."""
         if not isinstance(model, FLModel):
             raise TypeError(f"send() takes an FLModel, got {type(model).__name__}")
-        if self._ended and self._current is None:
+        if self._ended:
             log.warning("site %s: the job has ended (%s); result not sent", self.settings.site_name,
                         self.end_reason)
             return
@@ -233,6 +236,8 @@ class Session:
         self._closed = True
         self._heartbeat_stop.set()
         s = self.settings
+        if failure is None and self._session_id is None and not self._ended:
+            failure = "its script ended before receiving any task (did it call flkit.receive()?)"
         try:
             if failure is not None:
                 self.transport.report_failure(s.site_name, s.job_id, s.token, self._session_id or "", failure,

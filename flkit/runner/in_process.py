@@ -87,7 +87,8 @@ class InProcessSite:
         session = api._current_or_none()
         if session is not None:
             session.close(failure=error)
-        elif error:
+        else:
+            error = error or f"script {self.script.name} ended without calling flkit.init()"
             self._report_without_session(error)
         self.outcome = SiteOutcome(self.site, error is None, error)
 
