@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 from contextvars import ContextVar
+from dataclasses import asdict
 from typing import Any
 
 from flkit.client.session import Session
@@ -113,18 +114,18 @@ def get_job_id() -> str:
 def system_info() -> dict[str, Any]:
     """Job id, site name and number of sites in the job."""
     session = _session()
-    info = {"job_id": session.settings.job_id, "site_name": session.settings.site_name}
-    if "num_sites" not in session.job_config:
-        session._join(None)
-    info["num_sites"] = session.job_config.get("num_sites")
-    return info
+    if not session.job_config:
+        session.connect()  # num_sites comes from the server
+    return {"job_id": session.settings.job_id, "site_name": session.settings.site_name,
+            "num_sites": session.job_config.get("num_sites")}
 
 
 def get_config() -> dict[str, Any]:
     """The site's settings and the job settings the server shared with it."""
     session = _session()
-    cfg = {k.lower(): v for k, v in session.settings.to_env().items()}
-    cfg.pop("flkit_token", None)
+    if not session.job_config:
+        session.connect()
+    cfg = {k: v for k, v in asdict(session.settings).items() if k != "token"}
     return {**cfg, **session.job_config}
 
 

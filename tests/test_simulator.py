@@ -121,3 +121,23 @@ def test_script_that_never_joins_fails_the_job_at_once(tmp_path):
     # The default join timeout is 300 s; the failure must come from the runner's report, not from it.
     with pytest.raises(JobFailedError, match="ended without calling flkit.init"):
         job.simulator_run(tmp_path / "ws", quiet=True)
+
+
+def test_client_api_answers_during_a_job(tmp_path):
+    job = FedAvgJob(name="api", initial_model=torch.nn.Linear(2, 2), n_clients=2, num_rounds=2)
+    job.to_clients(ScriptRunner(script=str(SCRIPTS / "api_surface.py"), script_args="--flag 'two words'"))
+    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    assert result.ok
+    for site in ("site-1", "site-2"):
+        seen = json.loads((tmp_path / "ws" / site / "api.json").read_text())
+        assert seen["argv"] == ["--flag", "two words"]  # each site thread has its own argv
+        assert seen["info"]["site_name"] == site and seen["info"]["num_sites"] == 2
+        assert seen["job_id"] == seen["info"]["job_id"] and seen["job_id"].startswith("api-")
+        assert "token" not in seen["config"] and seen["config"]["params_transfer_type"] == "FULL"
+        assert seen["tasks"] == [
+            ["train", True, False, False, 0, 2, "FULL"],
+            ["train", True, False, False, 1, 2, "FULL"],
+            ["validate", False, True, False, 2, 2, "FULL"],
+        ]
+        logged = [json.loads(x) for x in (tmp_path / "ws" / site / "tracking.jsonl").read_text().splitlines()]
+        assert [r["value"] for r in logged] == [0, 1, 2]
