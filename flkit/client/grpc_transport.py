@@ -78,15 +78,18 @@ class GrpcTransport:
                 return TaskMessage("wait")
             if h.status == pb.JOB_FINISHED:
                 return TaskMessage("finished", end_reason=h.end_reason, job_failed=h.job_failed)
-            payload = bytearray()
+            chunks, received = [], 0
             for msg in stream:
-                payload += msg.payload
-                if len(payload) > h.payload_size:
+                chunks.append(msg.payload)
+                received += len(msg.payload)
+                if received > h.payload_size:
                     raise ValidationError("task payload longer than its header says")
         except grpc.RpcError as exc:
             raise _translate(exc, self.address, "receiving a task") from None
-        if len(payload) != h.payload_size:
-            raise ServerUnreachable(f"task payload truncated ({len(payload)} of {h.payload_size} bytes)")
+        if received != h.payload_size:
+            raise ServerUnreachable(f"task payload truncated ({received} of {h.payload_size} bytes)")
+        payload = b"".join(chunks)
+        del chunks
         return TaskMessage(
             status="ready",
             task_id=h.task_id,

@@ -71,6 +71,8 @@ class Controller:
         self._on_event = on_event
         self._task: Task | None = None
         self._record: RoundRecord | None = None
+        # The global model encoded once per round: saved to disk and sent to every site.
+        self._global_blob: bytes | None = None
 
     # -- events -------------------------------------------------------------
 
@@ -80,6 +82,9 @@ class Controller:
                 self._on_event(event)
             except Exception:  # a broken progress printer must not break the job
                 log.exception("event listener failed")
+
+    def site_failed(self, site: str, reason: str) -> None:
+        self.emit({"type": "site_failed", "site": site, "reason": reason})
 
     # -- the workflow -------------------------------------------------------
 
@@ -140,7 +145,7 @@ class Controller:
     def _run_round(self, round_num: int, task_name: str) -> JobEnd | None:
         cfg, reg = self.config, self.registry
         started = time.monotonic()
-        payload = encode_params(self.global_params)
+        payload = self._global_blob or encode_params(self.global_params, {"round": "initial"})
         with reg.cond:
             reg.reap_dead_locked()
             sites = reg.active_sites_locked()
@@ -180,7 +185,8 @@ class Controller:
             self.persistor.save_best(self.global_params, round_num, cfg.key_metric, score.value)
         if new_global is not None:
             self.global_params = new_global
-            self.persistor.save_global(new_global, round_num)
+            self._global_blob = encode_params(new_global, {"round": round_num})
+            self.persistor.save_global(self._global_blob)
         record.seconds = time.monotonic() - started
         self.history.append(record)
         self._save_state(None)

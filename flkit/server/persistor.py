@@ -10,7 +10,7 @@ from typing import Any
 
 import safetensors.torch
 
-from flkit.wire.codec import Params
+from flkit.wire.codec import Params, encode_params
 
 GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
 BEST_MODEL_FILE = "best_FL_global_model.safetensors"
@@ -36,8 +36,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None) -> None:
     """Write params as safetensors (string metadata only), replacing ``path`` atomically."""
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    blob = safetensors.torch.save(params, metadata=meta)
+    write_blob(Path(path), encode_params(params, metadata or {}))
+
+
+def write_blob(path: Path, blob: bytes) -> None:
+    """Write an already-encoded safetensors blob, replacing ``path`` atomically."""
     _atomic_write(Path(path), lambda fh: fh.write(blob))
 
 
@@ -64,8 +67,9 @@ class Persistor:
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
-    def save_global(self, params: Params, round_num: int) -> None:
-        save_params(self.global_model_path, params, {"round": round_num})
+    def save_global(self, blob: bytes) -> None:
+        """``blob`` is the encoded global model, the same bytes the next round sends to sites."""
+        write_blob(self.global_model_path, blob)
 
     def save_best(self, params: Params, round_num: int, key_metric: str, score: float) -> None:
         save_params(

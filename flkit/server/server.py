@@ -64,9 +64,6 @@ class FLServer:
                 "params_transfer_type": workflow.params_transfer_type,
                 "key_metric": workflow.key_metric,
             },
-            on_site_failed=lambda site, why: self.controller.emit(
-                {"type": "site_failed", "site": site, "reason": why}
-            ),
         )
         self.persistor = Persistor(output_dir)
         self.controller = Controller(
@@ -77,6 +74,7 @@ class FLServer:
             to_cpu_params(initial_params),
             on_event,
         )
+        self.registry.on_site_failed = self.controller.site_failed
         self._grpc: grpc.Server | None = None
         self._thread: threading.Thread | None = None
         self.outcome: JobEnd | None = None
@@ -120,6 +118,7 @@ class FLServer:
             self._grpc.stop(grace).wait(grace + 1)
         if self._thread is not None:
             self._thread.join(grace + 5)
+        self.registry.on_site_failed = None  # break the registry <-> controller cycle so memory frees now
 
     def __enter__(self) -> FLServer:
         self.start()

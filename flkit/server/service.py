@@ -87,18 +87,20 @@ class FLKitService(pb_grpc.FLKitServicer):
             return pb.SubmitReply(
                 accepted=False, error=f"payload of {header.payload_size} bytes is larger than any valid result"
             )
-        payload = bytearray()
+        chunks, received = [], 0
         for msg in request_iterator:
             if msg.WhichOneof("kind") != "payload":
                 return pb.SubmitReply(accepted=False, error="unexpected second header in result stream")
-            payload += msg.payload
-            if len(payload) > header.payload_size:
+            chunks.append(msg.payload)
+            received += len(msg.payload)
+            if received > header.payload_size:
                 return pb.SubmitReply(accepted=False, error="result payload longer than its header says")
-        if len(payload) != header.payload_size:
+        if received != header.payload_size:
             return pb.SubmitReply(
-                accepted=False,
-                error=f"result payload truncated: got {len(payload)} of {header.payload_size} bytes",
+                accepted=False, error=f"result payload truncated: got {received} of {header.payload_size} bytes"
             )
+        payload = b"".join(chunks)
+        del chunks
         try:
             metrics = json_to_dict(header.metrics_json, "metrics")
             meta = json_to_dict(header.meta_json, "meta")
@@ -106,7 +108,7 @@ class FLKitService(pb_grpc.FLKitServicer):
                 header.session_id,
                 header.task_id,
                 header.params_type,
-                bytes(payload) if header.payload_size else None,
+                payload if header.payload_size else None,
                 metrics,
                 meta,
             )

@@ -72,7 +72,6 @@ class SiteRegistry:
         token: str,
         heartbeat_timeout_s: float,
         client_config: dict[str, Any],
-        on_site_failed: Callable[[str, str], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.token = token
@@ -82,7 +81,8 @@ class SiteRegistry:
         self.sites: dict[str, SiteState] = {name: SiteState(name) for name in sites}
         self._sessions: dict[str, str] = {}
         self.end: JobEnd | None = None
-        self._on_site_failed = on_site_failed
+        # Told about every site failure (the Controller reports it as a progress event).
+        self.on_site_failed: Callable[[str, str], None] | None = None
 
     # -- requests from sites -------------------------------------------------
 
@@ -185,8 +185,8 @@ class SiteRegistry:
             self._sessions.pop(state.session_id, None)
             state.session_id = None
         self.cond.notify_all()
-        if self._on_site_failed is not None:
-            self._on_site_failed(state.name, reason)
+        if self.on_site_failed is not None:
+            self.on_site_failed(state.name, reason)
 
     def fail_site(self, site: str, reason: str) -> None:
         with self.cond:

@@ -62,15 +62,16 @@ def to_cpu_params(params: Mapping[str, Any]) -> Params:
     return out
 
 
-def encode_params(params: Mapping[str, Any]) -> bytes:
-    """Serialize params to a safetensors blob."""
-    return safetensors.torch.save(to_cpu_params(params))
+def encode_params(params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize params to a safetensors blob (optional string metadata in its header)."""
+    meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    return safetensors.torch.save(to_cpu_params(params), metadata=meta)
 
 
 def decode_params(blob: bytes | bytearray | memoryview) -> Params:
     """Parse a safetensors blob; malformed input raises ValidationError, never executes anything."""
     try:
-        return safetensors.torch.load(bytes(blob))
+        return safetensors.torch.load(blob if isinstance(blob, bytes) else bytes(blob))
     except (safetensors.SafetensorError, ValueError, RuntimeError) as exc:
         raise ValidationError(f"malformed params payload: {exc}") from exc
 
