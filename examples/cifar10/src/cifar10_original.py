@@ -1,12 +1,11 @@
-"""Train the tutorial CNN on CIFAR-10 (or the offline digits stand-in): plain PyTorch, no FL.
+"""Train the tutorial CNN on CIFAR-10 (or on the offline digits stand-in).
 
-This is the starting point of the example. cifar10_fl.py is this same script turned into a
-federated-learning client; `diff -w cifar10_original.py cifar10_fl.py` shows the few lines
-that differ. The work is split into train() and evaluate() so that the FL version can call
-them once per round without any change to them.
+cifar10_original.py is plain PyTorch; cifar10_fl.py is the same file turned into a
+federated-learning client with flkit, and `diff -w` between the two shows every changed
+line. train() and evaluate() are the same in both: the FL script calls them once per round.
 
-    python src/cifar10_original.py --dataset digits        # offline, ~10 s on a laptop CPU
-    python src/cifar10_original.py                         # CIFAR-10, after ./prepare_data.sh
+    python src/cifar10_original.py --dataset digits     # plain training, offline
+    python job.py --script_args "--dataset digits"      # FL: runs cifar10_fl.py on 2 sites
 """
 
 from __future__ import annotations
@@ -14,27 +13,32 @@ from __future__ import annotations
 import argparse
 
 import torch
-from data import DATASETS, DEFAULT_DATA_PATH, load_datasets, shard  # noqa: F401 (shard: used by the FL script)
-from net import Net
 from torch import nn, optim
 from torch.utils.data import DataLoader
 
+import data
+from net import Net
+
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10", help="training data (default: cifar10)")
-    parser.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="CIFAR-10 folder (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: 2)")
-    parser.add_argument("--batch_size", type=int, default=16, help="mini-batch size (default: 16)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, momentum 0.9 (default: 0.01)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dataset", choices=data.DATASETS, default="cifar10", help="training and test data")
+    parser.add_argument("--data_path", default=data.DEFAULT_DATA_PATH, help="folder holding CIFAR-10")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of training (in FL: per round)")
+    parser.add_argument("--batch_size", type=int, default=4, help="mini-batch size, as in the tutorial")
+    parser.add_argument("--lr", type=float, default=0.003, help="learning rate of SGD with momentum 0.9")
     return parser.parse_args()
 
 
 def train(net: nn.Module, loader: DataLoader, epochs: int, lr: float, device: str) -> int:
     """Train ``net`` in place for ``epochs`` epochs; return the number of optimizer steps taken.
 
-    A fresh optimizer is made on every call: the FL script calls this once per round on the
-    newly received global model, and momentum from the previous round's model would not fit it.
+    The FL script calls this once per round on the newly received global model, hence a fresh
+    optimizer on every call (momentum from an older model would not fit the new one) and the
+    move to ``device`` here (the FL script moves ``net`` to the CPU to send it). With epochs=0
+    nothing is trained and 0 is returned.
     """
     net.to(device).train()
     criterion = nn.CrossEntropyLoss()
@@ -55,7 +59,12 @@ def train(net: nn.Module, loader: DataLoader, epochs: int, lr: float, device: st
 
 
 def evaluate(net: nn.Module, loader: DataLoader, device: str) -> float:
-    """Fraction of ``loader``'s samples that ``net`` classifies correctly, in [0, 1]."""
+    """Fraction of ``loader``'s samples that ``net`` classifies correctly, in [0, 1].
+
+    In the FL script this scores the model received from the server, before local training:
+    that is the accuracy reported back (as NVFlare does), so the server learns how good its
+    global model is on every site's test data.
+    """
     net.to(device).eval()
     correct = total = 0
     with torch.no_grad():
@@ -70,7 +79,7 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    trainset, testset = load_datasets(args.dataset, args.data_path)
+    trainset, testset = data.load_datasets(args.dataset, args.data_path)
     trainloader = DataLoader(trainset, batch_size=args.batch_size, shuffle=True)
     testloader = DataLoader(testset, batch_size=256)
     net = Net()

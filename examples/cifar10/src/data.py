@@ -1,6 +1,6 @@
 """Datasets shared by the plain script, the FL script and the tests.
 
-Two sources give the same kind of tensors (3x32x32 floats normalised to mean 0.5 / std 0.5,
+Two sources give the same kind of tensors (3x32x32 floats, normalised with mean 0.5 / std 0.5,
 labels 0-9), so ``Net`` and the training code never need to know which one is in use:
 
 * ``cifar10``: the real CIFAR-10, read with torchvision from a local folder. Nothing is
@@ -69,15 +69,13 @@ def _load_digits() -> tuple[Dataset, Dataset]:
     images = (images - 0.5) / 0.5  # same normalisation as the CIFAR-10 transform
     labels = torch.tensor(digits.target, dtype=torch.long)
 
-    # Stratified so that both splits keep the 10 classes balanced.
+    # Stratified, so that both splits keep the 10 classes in the same proportions.
     train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=DIGITS_TEST_FRACTION,
-        random_state=SPLIT_SEED,
-        stratify=labels.numpy(),
+        range(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=SPLIT_SEED, stratify=digits.target
     )
-    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
-    return TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[test_idx], labels[test_idx])
+    trainset = TensorDataset(images[train_idx], labels[train_idx])
+    testset = TensorDataset(images[test_idx], labels[test_idx])
+    return trainset, testset
 
 
 def site_index(site_name: str, num_sites: int) -> int:
@@ -96,7 +94,7 @@ def site_index(site_name: str, num_sites: int) -> int:
         return zlib.crc32(site_name.encode("utf-8")) % num_sites
     k = int(match.group(1))
     if not 1 <= k <= num_sites:
-        raise ValueError(f"site {site_name!r} is outside site-1..site-{num_sites} ({num_sites} sites in the job)")
+        raise ValueError(f"site name {site_name!r} is not one of site-1..site-{num_sites}")
     return k - 1
 
 
