@@ -65,9 +65,12 @@ def simulate(job_dir: Path, n_clients: int | None, threads: int | None, workspac
 @click.option("--job-id", default=None, help="Job id the sites must present (default: the job name).")
 @click.option("--token", envvar="FLKIT_TOKEN", default=None,
               help="Shared secret the sites must present (env FLKIT_TOKEN); generated and printed if absent.")
+@click.option("--linger", type=float, default=None,
+              help="Seconds to keep serving after the job ends so busy sites learn it and leave "
+                   "(default: two heartbeat intervals + 5 s).")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace: Path, job_id: str | None,
-           token: str | None, verbose: int) -> None:
+           token: str | None, linger: float | None, verbose: int) -> None:
     """Serve the job in JOB_DIR to remote sites (insecure gRPC; TLS comes later)."""
     from flkit.job.config import load_job
     from flkit.server.server import FLServer
@@ -89,6 +92,8 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace
         console.print(f"site token: {srv.token}  (pass it to `flkit client --token` or FLKIT_TOKEN)")
     try:
         outcome = srv.wait()
+        if not srv.drain(linger):
+            console.print("some sites did not leave before the linger time ran out")
     except KeyboardInterrupt:
         outcome = None
     finally:

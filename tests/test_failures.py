@@ -110,7 +110,7 @@ def test_malformed_payload_is_rejected(harness):
     s1.connect(), s2.connect()
     task = s1.receive(timeout=30) and s1._current
     s2.receive(timeout=30)
-    accepted, error = s1.transport.submit(s1._session_id, task.task_id, "FULL", b"\x07" * 100, "", "", timeout=10)
+    accepted, error, _ = s1.transport.submit(s1._session_id, task.task_id, "FULL", b"\x07" * 100, "", "", timeout=10)
     assert not accepted
     assert "malformed params payload" in error
     s2.send(FLModel(params=GOOD))

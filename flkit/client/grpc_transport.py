@@ -102,7 +102,8 @@ class GrpcTransport:
         )
 
     def submit(self, session_id: str, task_id: str, params_type: str, payload: bytes | None,
-               metrics_json: str, meta_json: str, timeout: float) -> tuple[bool, str]:
+               metrics_json: str, meta_json: str, timeout: float) -> tuple[bool, str, bool]:
+        """Upload a result; returns (accepted, error, job_ended)."""
         def messages() -> Iterator[pb.ResultChunk]:
             yield pb.ResultChunk(
                 header=pb.ResultHeader(
@@ -122,7 +123,7 @@ class GrpcTransport:
             reply = self._stub.SubmitResult(messages(), timeout=timeout)
         except grpc.RpcError as exc:
             raise _translate(exc, self.address, "sending a result") from None
-        return reply.accepted, reply.error
+        return reply.accepted, reply.error, reply.job_ended
 
     def heartbeat(self, session_id: str, timeout: float) -> bool:
         try:

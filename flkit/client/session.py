@@ -202,7 +202,7 @@ class Session:
         metrics_json = metrics_to_json(model.metrics)
         meta_json = meta_to_json(model.meta)
         sid = self._join(None)
-        accepted, error = self._retry(
+        accepted, error, job_ended = self._retry(
             "send the result",
             lambda t: self.transport.submit(
                 sid, task.task_id, params_type, payload, metrics_json, meta_json,
@@ -212,6 +212,10 @@ class Session:
         )
         if clear_cache or not accepted:
             self._current = None
+        if job_ended:
+            self._ended, self.end_reason = True, error
+            log.warning("site %s: result not used: %s", self.settings.site_name, error)
+            return
         if not accepted:
             raise ResultRejectedError(error)
 

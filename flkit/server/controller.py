@@ -33,6 +33,10 @@ SUBMIT_MODEL = "submit_model"
 Event = dict[str, Any]
 
 
+class JobEndedError(Exception):
+    """A result came after the job ended; the site is told to stop, not blamed."""
+
+
 def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if text and text.strip() else "unknown reason"
 
@@ -236,6 +240,8 @@ class Controller:
         """Validate and fold in one result. Raises ValidationError naming the site and the tensor."""
         reg = self.registry
         with reg.cond:
+            if reg.end is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
             state = reg.touch_locked(session_id)
             site = state.name
             task = self._task
@@ -257,6 +263,8 @@ class Controller:
             reg.fail_site(site, f"result rejected: {exc}")
             raise
         with reg.cond:
+            if reg.end is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
             if self._task is not task or state.task_outcome is not None:
                 raise ValidationError(f"site {site}: result arrived after its task was closed")
             if result is not None:

@@ -111,6 +111,17 @@ class FLServer:
             self._thread.join(timeout)
         return self.outcome
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """After the job ended, keep serving until every site has been told and left.
+
+        A site busy training when the job ended learns it from its next heartbeat or
+        from the answer to its result, then leaves. Default wait: two heartbeats and a bit.
+        Returns True if all sites left in time.
+        """
+        if timeout is None:
+            timeout = 2 * self.workflow.heartbeat_interval_s + 5.0
+        return self.registry.wait_all_gone(timeout)
+
     def stop(self, grace: float = 2.0) -> None:
         """End the job (if still running) and stop serving."""
         self.registry.finish(True, "server stopped")

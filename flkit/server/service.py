@@ -8,7 +8,7 @@ import logging
 import grpc
 
 from flkit.errors import ValidationError
-from flkit.server.controller import Controller
+from flkit.server.controller import Controller, JobEndedError
 from flkit.server.sites import AccessError, JobEnd, SiteRegistry, Task
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
@@ -114,6 +114,8 @@ class FLKitService(pb_grpc.FLKitServicer):
             )
         except AccessError as exc:
             _abort(context, exc)
+        except JobEndedError as exc:
+            return pb.SubmitReply(accepted=False, error=str(exc), job_ended=True)
         except ValidationError as exc:
             return pb.SubmitReply(accepted=False, error=str(exc))
         return pb.SubmitReply(accepted=True)

@@ -217,7 +217,13 @@ class SiteRegistry:
                 self.end = JobEnd(failed=failed, reason=reason)
             self.cond.notify_all()
 
-    def all_gone(self) -> bool:
-        """True when no site still holds a session (every script has left or failed)."""
+    def wait_all_gone(self, timeout: float) -> bool:
+        """Wait until no site holds a session (each has left or failed); True if that happened."""
+        deadline = time.monotonic() + timeout
         with self.cond:
-            return not self._sessions
+            while self._sessions:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True

@@ -1,0 +1,73 @@
+"""Server pieces on their own: large models over gRPC, best-model selection, atomic persistence."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from flkit.model import FLModel
+from flkit.server.persistor import Persistor, load_params, save_params
+from flkit.server.selector import BestModelSelector
+from flkit.wire.grpc_options import MAX_MESSAGE_BYTES
+
+
+def test_model_larger_than_any_grpc_message_travels_exactly(harness):
+    big = {"w": torch.randn(3_000_000), "b": torch.randn(10)}  # 12 MB > the message cap
+    assert big["w"].numel() * 4 > MAX_MESSAGE_BYTES
+    server = harness.start(big, ["site-1"], num_rounds=1)
+    session = harness.session(server, "site-1")
+    model = session.receive(timeout=60)
+    assert torch.equal(model.params["w"], big["w"])
+    trained = {k: v * 2 for k, v in model.params.items()}
+    session.send(FLModel(params=trained))
+    assert not server.wait(60).failed
+    assert torch.equal(load_params(server.persistor.global_model_path)["w"], trained["w"])
+
+
+@pytest.mark.parametrize("negate,expected_best", [(False, 2), (True, 1)])
+def test_selector_picks_by_key_metric(negate, expected_best):
+    selector = BestModelSelector("loss" if negate else "acc", negate=negate)
+    key = selector.key_metric
+    rounds = {0: {"a": {key: 0.5}, "b": {key: 0.7}},   # mean 0.6
+              1: {"a": {key: 0.1}, "b": {key: 0.3}},   # mean 0.2
+              2: {"a": {key: 0.9}, "b": {key: 0.9}}}   # mean 0.9
+    for r, metrics in rounds.items():
+        selector.offer(selector.round_score(r, metrics))
+    assert selector.best.round == expected_best
+
+
+def test_selector_ignores_sites_without_the_key_metric(caplog):
+    selector = BestModelSelector("accuracy")
+    score = selector.round_score(0, {"a": {"acc": 0.9}, "b": {"accuracy": 0.5}})
+    assert score.value == 0.5 and score.sites == 1
+    assert "site a reported no 'accuracy' metric (it sent ['acc'])" in caplog.text
+    assert selector.round_score(1, {"a": {"acc": 0.9}}) is None
+
+
+def test_interrupted_write_leaves_the_previous_model(tmp_path, monkeypatch):
+    persistor = Persistor(tmp_path)
+    save_params(persistor.global_model_path, {"w": torch.ones(4)})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("flkit.server.persistor.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_params(persistor.global_model_path, {"w": torch.zeros(4)})
+    assert torch.equal(load_params(persistor.global_model_path)["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == [persistor.global_model_path.name]  # no temp file left
+
+
+def test_round_waits_for_late_joiner_then_runs(harness):
+    """A site that joins late is waited for (join_timeout_s), then both take part."""
+    server = harness.start({"w": torch.zeros(2)}, ["site-1", "site-2"], num_rounds=1)
+    first = harness.session(server, "site-1")
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("m", first.receive(timeout=60)))
+    t.start()
+    second = harness.session(server, "site-2")
+    m2 = second.receive(timeout=60)
+    t.join(60)
+    assert got["m"].current_round == m2.current_round == 0
