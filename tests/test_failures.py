@@ -153,3 +153,56 @@ def test_site_crash_before_init_fails_job_fast(harness):
     outcome = server.wait(30)
     assert done.is_set()
     assert outcome.failed and "site-2: ImportError: no torch" in outcome.reason
+
+
+def test_round_timeout_drops_a_silent_but_alive_site(harness):
+    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1, round_timeout_s=1.0)
+    fast, slow = harness.session(server, "site-1"), harness.session(server, "site-2")
+    fast.connect(), slow.connect()
+    fast.receive(timeout=30)
+    slow.receive(timeout=30)  # keeps heart-beating, never answers
+    fast.send(FLModel(params=GOOD))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed
+    assert "round_timeout_s=1" in server.controller.history[0].failed["site-2"]
+
+
+@pytest.mark.parametrize("min_clients", [1, 2])
+def test_join_timeout(harness, min_clients):
+    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=min_clients,
+                           join_timeout_s=1.0)
+    only = harness.session(server, "site-1")
+    model = only.receive(timeout=30)
+    if min_clients == 2:  # site-2 never joins: the job fails, naming it
+        assert model is None
+        outcome = server.wait(30)
+        assert outcome.failed and "only 1 of 2 sites joined within 1 s" in outcome.reason
+        assert "missing: site-2" in outcome.reason
+    else:  # enough sites: the job starts without site-2
+        assert model.current_round == 0
+        only.send(FLModel(params=GOOD))
+        assert not server.wait(30).failed
+
+
+def test_settings_from_environment():
+    env = {"FLKIT_SERVER": "h:1", "FLKIT_SITE_NAME": "site-1", "FLKIT_JOB_ID": "j", "FLKIT_TOKEN": "t",
+           "FLKIT_CONNECT_TIMEOUT_S": "2.5", "FLKIT_RECEIVE_TIMEOUT_S": "none"}
+    settings = SiteSettings.from_env(env)
+    assert settings.connect_timeout_s == 2.5 and settings.receive_timeout_s is None
+    assert SiteSettings.from_env(settings.to_env()) == settings
+    with pytest.raises(FLKitError, match="FLKIT_SERVER, FLKIT_TOKEN not set"):
+        SiteSettings.from_env({"FLKIT_SITE_NAME": "s", "FLKIT_JOB_ID": "j"})
+    with pytest.raises(FLKitError, match="FLKIT_CONNECT_TIMEOUT_S='soon' is not a number"):
+        SiteSettings.from_env({**env, "FLKIT_CONNECT_TIMEOUT_S": "soon"})
+
+
+def test_init_outside_a_job_says_how_to_run_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLKIT_")}
+    proc = subprocess.run([sys.executable, "-c", "import flkit as flare; flare.init()"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "this script is not running inside an FL job" in proc.stderr and "job.py" in proc.stderr
