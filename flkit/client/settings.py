@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from flkit.errors import ConfigError
 
@@ -34,10 +33,6 @@ class SiteSettings:
     receive_timeout_s: float | None = None
     # Upper bound for one upload or download of a model.
     transfer_timeout_s: float = 600.0
-
-    @property
-    def workspace_path(self) -> Path:
-        return Path(self.workspace)
 
     def to_env(self) -> dict[str, str]:
         out = {}

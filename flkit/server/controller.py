@@ -28,7 +28,6 @@ log = logging.getLogger("flkit.server")
 
 TRAIN = "train"
 VALIDATE = "validate"
-SUBMIT_MODEL = "submit_model"
 
 Event = dict[str, Any]
 

@@ -117,11 +117,6 @@ class SiteRegistry:
             self.cond.notify_all()
             return session_id
 
-    def site_of(self, session_id: str) -> SiteState:
-        """The site behind a session; refreshes its liveness. Caller holds no lock."""
-        with self.cond:
-            return self.touch_locked(session_id)
-
     def touch_locked(self, session_id: str) -> SiteState:
         """The site of a session, marked as just seen. Caller holds ``cond``."""
         site = self._sessions.get(session_id)
