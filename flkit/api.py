@@ -46,7 +46,7 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     global _process_session
     if config_file is not None:
         raise ConfigError("flkit.init(config_file=...) is not used by flkit; settings come from the job runner")
-    if _current_or_none() is not None:
+    if current_session() is not None:
         _logger.info("flkit.init() called again; keeping the existing session")
         return
     if int(rank if rank is not None else _dist_rank()) != 0:
@@ -61,12 +61,14 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
         atexit.register(session.close)
 
 
-def _current_or_none() -> Session | None:
+def current_session() -> Session | None:
+    """This site's Session, or None before ``init()`` (used by the runner to close it)."""
     return _session_var.get() or (None if in_runner_context() else _process_session)
 
 
-def _session() -> Session:
-    session = _current_or_none()
+def require_session() -> Session:
+    """This site's Session; a clear error if ``init()`` was not called."""
+    session = current_session()
     if session is None:
         raise FLKitError("flkit.init() has not been called in this site")
     return session
@@ -74,21 +76,21 @@ def _session() -> Session:
 
 def receive(timeout: float | None = None) -> FLModel | None:
     """Wait for the next task (at most ``timeout`` seconds); None when the job has ended or on timeout."""
-    return _session().receive(timeout)
+    return require_session().receive(timeout)
 
 
 def send(model: FLModel, clear_cache: bool = True) -> None:
     """Send the answer to the current task (trained params and/or metrics)."""
-    _session().send(model, clear_cache)
+    require_session().send(model, clear_cache)
 
 
 def is_running() -> bool:
     """True while the job has another task for this site (waits for it to know)."""
-    return _session().is_running()
+    return require_session().is_running()
 
 
 def get_task_name() -> str:
-    return _session().task_name
+    return require_session().task_name
 
 
 def is_train() -> bool:
@@ -104,16 +106,16 @@ def is_submit_model() -> bool:
 
 
 def get_site_name() -> str:
-    return _session().settings.site_name
+    return require_session().settings.site_name
 
 
 def get_job_id() -> str:
-    return _session().settings.job_id
+    return require_session().settings.job_id
 
 
 def system_info() -> dict[str, Any]:
     """Job id, site name and number of sites in the job."""
-    session = _session()
+    session = require_session()
     if not session.job_config:
         session.connect()  # num_sites comes from the server
     return {"job_id": session.settings.job_id, "site_name": session.settings.site_name,
@@ -122,7 +124,7 @@ def system_info() -> dict[str, Any]:
 
 def get_config() -> dict[str, Any]:
     """The site's settings and the job settings the server shared with it."""
-    session = _session()
+    session = require_session()
     if not session.job_config:
         session.connect()
     cfg = {k: v for k, v in asdict(session.settings).items() if k != "token"}
@@ -133,13 +135,13 @@ def log(key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
     """Record a metric for this site (written locally to tracking.jsonl in the site workspace)."""
     from flkit.tracking import write_record
 
-    write_record(_session(), key, value, data_type, **kwargs)
+    write_record(require_session(), key, value, data_type, **kwargs)
 
 
 def shutdown() -> None:
     """Leave the job now (the server stops waiting for this site)."""
     global _process_session
-    session = _current_or_none()
+    session = current_session()
     if session is None:
         return
     session.close()

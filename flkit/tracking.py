@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from flkit.wire.codec import _plain
+from flkit.wire.codec import to_plain
 
 _write_lock = threading.Lock()
 
@@ -34,16 +34,16 @@ def tracking_file(session) -> Path:
 
 def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
     if isinstance(value, dict):
-        value = {str(k): _plain(str(k), v, "value") for k, v in value.items()}
+        value = {str(k): to_plain(str(k), v, "value") for k, v in value.items()}
     else:
-        value = _plain(key, value, "value")
+        value = to_plain(key, value, "value")
     record = {
         "time": time.time(),
         "site": session.settings.site_name,
         "key": key,
         "value": value,
         "type": getattr(data_type, "value", data_type) or AnalyticsDataType.SCALAR.value,
-        **{k: _plain(k, v, "value") for k, v in kwargs.items()},
+        **{k: to_plain(k, v, "value") for k, v in kwargs.items()},
     }
     line = json.dumps(record, default=str)
     with _write_lock, open(tracking_file(session), "a") as fh:
@@ -54,9 +54,9 @@ class SummaryWriter:
     """TensorBoard-style writer bound to the current site (create it after ``flkit.init()``)."""
 
     def __init__(self) -> None:
-        from flkit.api import _session
+        from flkit.api import require_session
 
-        self._session = _session()
+        self._session = require_session()
 
     def add_scalar(self, tag: str, scalar: float, global_step: int | None = None, **kwargs: Any) -> None:
         write_record(self._session, tag, scalar, AnalyticsDataType.SCALAR, global_step=global_step, **kwargs)

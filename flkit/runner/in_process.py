@@ -84,7 +84,7 @@ class InProcessSite:
             thread_io.uninstall()
         if error:
             log.debug("site %s failed: %s", self.site, error)
-        session = api._current_or_none()
+        session = api.current_session()
         if session is not None:
             session.close(failure=error)
         else:

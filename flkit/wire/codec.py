@@ -83,7 +83,7 @@ def iter_chunks(blob: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
         yield bytes(view[start : start + chunk_bytes])
 
 
-def _plain(key: str, value: Any, what: str) -> Any:
+def to_plain(key: str, value: Any, what: str) -> Any:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValidationError(f"{what} '{key}' is a tensor of shape {tuple(value.shape)}; send a number")
@@ -101,7 +101,7 @@ def metrics_to_json(metrics: Mapping[str, Any] | None) -> str:
         return ""
     out: dict[str, float | int] = {}
     for key, raw in metrics.items():
-        value = _plain(str(key), raw, "metric")
+        value = to_plain(str(key), raw, "metric")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValidationError(f"metric '{key}' is {type(value).__name__} {value!r}; metrics must be numbers")
         if isinstance(value, float) and not math.isfinite(value):
@@ -114,7 +114,7 @@ def meta_to_json(meta: Mapping[str, Any] | None) -> str:
     """Encode meta as strict JSON (tensors/numpy scalars become numbers)."""
     if not meta:
         return ""
-    out = {str(k): _plain(str(k), v, "meta") for k, v in meta.items()}
+    out = {str(k): to_plain(str(k), v, "meta") for k, v in meta.items()}
     try:
         return json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as exc:
