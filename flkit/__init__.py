@@ -20,6 +20,7 @@ from flkit.api import (
     shutdown,
     system_info,
 )
+from flkit.client.supervision import start_watchdog as _start_watchdog
 from flkit.errors import (
     CommunicationError,
     ConfigError,
@@ -31,6 +32,8 @@ from flkit.errors import (
 from flkit.model import FLMetaKey, FLModel, MetaKey, ParamsType
 
 __version__ = "0.1.0"
+
+_start_watchdog()  # only in a process flkit's runner launched: it ends this process if the launcher dies
 
 __all__ = [
     "CommunicationError",

@@ -1,18 +1,21 @@
 """The Client API: NVFlare-compatible functions over the current site's Session.
 
 "Current" means the Session created by ``init()`` in this site's context: each
-in-process site thread has its own, and an external process has one.
+in-process site thread has its own, and an external process has one. Under
+torch.distributed, rank 0 gets a Session (it talks to the server and shares every task
+with the other ranks) and ranks > 0 get a FollowerSession (fed by rank 0).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any
 
+from flkit.client import ranks, supervision
+from flkit.client.follower import FollowerSession
 from flkit.client.session import Session
 from flkit.client.settings import current_settings, in_runner_context
 from flkit.errors import ConfigError, FLKitError
@@ -20,28 +23,38 @@ from flkit.model import FLModel
 
 _logger = logging.getLogger("flkit.client")
 
-_session_var: ContextVar[Session | None] = ContextVar("flkit_session", default=None)
+AnySession = Session | FollowerSession
+_session_var: ContextVar[AnySession | None] = ContextVar("flkit_session", default=None)
 # For a standalone process (external launch, `flkit client`): threads the script starts
 # do not inherit ContextVars, so they find the process's one session here.
-_process_session: Session | None = None
+_process_session: AnySession | None = None
 
 
-def _dist_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return int(os.environ.get("RANK", "0"))
+def _resolve_rank(rank: int | str | None) -> tuple[int, int]:
+    """(rank, world size): the process group's if initialised, else torchrun's RANK/WORLD_SIZE."""
+    if rank is not None:
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise ConfigError(f"flkit.init(rank={rank!r}): rank must be an integer") from None
+    if in_runner_context():  # an in-process site thread: one process per site, no DDP
+        if rank:
+            raise ConfigError(f"flkit.init(rank={rank}): in-process sites have a single rank; launch the script "
+                              "as an external process (launch_external_process=True) to use torch.distributed")
+        return 0, 1
+    group = ranks.process_group_rank()
+    actual, world = group if group is not None else ranks.env_rank()
+    if rank is not None and rank != actual:
+        raise ConfigError(f"flkit.init(rank={rank}) but this process is rank {actual} of {world}")
+    return actual, world
 
 
 def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     """Connect this script to its FL job (settings come from the runner or FLKIT_* variables).
 
-    Calling it again is harmless. ``config_file`` is accepted for NVFlare compatibility and
-    must be None: flkit takes its settings from the runner.
+    Call it on every rank of a torch.distributed job: rank 0 joins the job for the site,
+    the other ranks get tasks from rank 0. Calling it again is harmless. ``config_file`` is
+    accepted for NVFlare compatibility and must be None: flkit takes its settings from the runner.
     """
     global _process_session
     if config_file is not None:
@@ -49,24 +62,39 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     if current_session() is not None:
         _logger.info("flkit.init() called again; keeping the existing session")
         return
-    if int(rank if rank is not None else _dist_rank()) != 0:
-        raise ConfigError(
-            "flkit.init() on a non-zero torch.distributed rank: DDP support (rank-0 exchange and broadcast) "
-            "is not available in this version"
-        )
-    session = Session(current_settings())
+    rank, world = _resolve_rank(rank)
+    settings = current_settings()
+    session: AnySession
+    if rank > 0:
+        session = FollowerSession(settings, rank, world)
+    else:
+        session = Session(settings, distributed=world > 1)
     _session_var.set(session)
     if not in_runner_context():
         _process_session = session
-        atexit.register(session.close)
+        atexit.register(_close_at_exit, session)
+        supervision.start_watchdog()
+        if rank == 0:
+            supervision.note_init()
+    if world > 1 and ranks.process_group_rank() is not None:
+        # Every rank calls init(), so this is the one place every rank meets early: rank 0
+        # joins and the others learn the job settings (system_info() works at once).
+        session.share_config() if rank == 0 else session.connect()
 
 
-def current_session() -> Session | None:
+def _close_at_exit(session: AnySession) -> None:
+    # Launched by flkit's runner and leaving mid-task (a crash, sys.exit): stay silent, the
+    # runner reports the exit status and stderr; leaving would blame the site less precisely.
+    silent = supervision.supervised() and (session.holds_unanswered_task or session.settings.max_tasks > 0)
+    session.close(silent=silent)
+
+
+def current_session() -> AnySession | None:
     """This site's Session, or None before ``init()`` (used by the runner to close it)."""
     return _session_var.get() or (None if in_runner_context() else _process_session)
 
 
-def require_session() -> Session:
+def require_session() -> AnySession:
     """This site's Session; a clear error if ``init()`` was not called."""
     session = current_session()
     if session is None:

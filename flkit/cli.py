@@ -121,9 +121,11 @@ def client(job_dir: Path, server_address: str, site: str, job_id: str | None, to
     """Run SITE's script from JOB_DIR against a remote `flkit server`."""
     from flkit.client.settings import SiteSettings
     from flkit.job.config import load_job
-    from flkit.runner.in_process import InProcessSite
+    from flkit.runner import site_for
+    from flkit.runner.processes import sigterm_as_exit
 
     _logging(verbose)
+    run = None
     try:
         job = load_job(job_dir)
         sites = job.resolve_sites()
@@ -131,13 +133,17 @@ def client(job_dir: Path, server_address: str, site: str, job_id: str | None, to
         if runner is None:
             raise FLKitError(f"site {site} has no runner in job {job.name} (sites: {', '.join(sites)})")
         settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name, token=token,
-                                workspace=str(workspace or Path("workspace") / site),
+                                workspace=str((workspace or Path("workspace") / site).resolve()),
                                 connect_timeout_s=connect_timeout)
-        run = InProcessSite(settings, job.script_path(runner), runner.argv)
-        run.start()
-        run.join()
+        with sigterm_as_exit():  # SIGTERM/Ctrl-C still end every process the site launched
+            run = site_for(settings, runner, job.script_path(runner))
+            run.start()
+            run.join()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if run is not None:
+            run.stop()
     if run.outcome is None or not run.outcome.ok:
         click.echo(run.outcome.error if run.outcome else "site did not finish", err=True)
         sys.exit(1)

@@ -35,6 +35,9 @@ class TaskMessage:
     params: Params | None = None
     end_reason: str = ""
     job_failed: bool = False
+    # The params' safetensors bytes as received, kept only when the transport is asked to
+    # (rank 0 under DDP forwards them to the other ranks without encoding again).
+    payload: bytes | None = None
 
 
 def _translate(exc: grpc.RpcError, address: str, what: str) -> FLKitError:
@@ -51,8 +54,9 @@ def _translate(exc: grpc.RpcError, address: str, what: str) -> FLKitError:
 class GrpcTransport:
     """A channel to one server. Thread-safe (gRPC channels are)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keep_payload: bool = False) -> None:
         self.address = address
+        self.keep_payload = keep_payload
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub = pb_grpc.FLKitStub(self._channel)
 
@@ -67,9 +71,11 @@ class GrpcTransport:
             raise _translate(exc, self.address, f"site {site} joining job {job_id}") from None
         return reply.session_id, json_to_dict(reply.job_config_json, "job config"), reply.heartbeat_interval_s
 
-    def get_task(self, session_id: str, wait_s: float, timeout: float) -> TaskMessage:
+    def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskMessage:
+        """The site's next task (params decoded); with ``header_only`` only its name, round and id."""
+        request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only)
         try:
-            stream = self._stub.GetTask(pb.GetTaskRequest(session_id=session_id, wait_s=wait_s), timeout=timeout)
+            stream = self._stub.GetTask(request, timeout=timeout)
             first = next(stream, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise ValidationError("task stream did not start with a header")
@@ -78,6 +84,10 @@ class GrpcTransport:
                 return TaskMessage("wait")
             if h.status == pb.JOB_FINISHED:
                 return TaskMessage("finished", end_reason=h.end_reason, job_failed=h.job_failed)
+            if header_only:
+                stream.cancel()
+                return TaskMessage("ready", task_id=h.task_id, task_name=h.task_name,
+                                   current_round=h.current_round, total_rounds=h.total_rounds)
             chunks, received = [], 0
             for msg in stream:
                 chunks.append(msg.payload)
@@ -99,6 +109,7 @@ class GrpcTransport:
             params_type=h.params_type,
             meta=json_to_dict(h.meta_json, "task meta"),
             params=decode_params(payload) if h.payload_size else None,
+            payload=payload if self.keep_payload else None,
         )
 
     def submit(self, session_id: str, task_id: str, params_type: str, payload: bytes | None,

@@ -2,6 +2,9 @@
 
 It joins lazily (on the first receive), keeps a heartbeat thread, re-joins when the
 server forgot it, and turns every wait into a bounded one with a clear error.
+
+Under torch.distributed this is rank 0's session: every task state it fetches is also
+shared with the other ranks (``flkit.client.ranks``), whose ``FollowerSession`` mirrors it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from flkit.client import ranks
 from flkit.client.grpc_transport import GrpcTransport, ServerUnreachable, SessionExpired, TaskMessage
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
@@ -29,14 +33,21 @@ T = TypeVar("T")
 class Session:
     """A site's connection to its job. Create through ``flkit.init()``."""
 
-    def __init__(self, settings: SiteSettings, transport: GrpcTransport | None = None) -> None:
+    def __init__(self, settings: SiteSettings, transport: GrpcTransport | None = None,
+                 distributed: bool = False) -> None:
+        """``distributed``: this is rank 0 of several; share every state with the other ranks."""
         self.settings = settings
-        self.transport = transport or GrpcTransport(settings.server)
+        self.transport = transport or GrpcTransport(settings.server, keep_payload=distributed)
+        self.distributed = distributed
+        self._link: ranks.RankLink | None = None
+        self._warned_no_group = False
+        self._answered = 0  # tasks answered by this process (for settings.max_tasks)
         self.job_config: dict[str, Any] = {}
         self._session_id: str | None = None
         self._lock = threading.RLock()
         self._pending: TaskMessage | None = None  # fetched by is_running(), not yet received
-        self._current: TaskMessage | None = None  # received, not yet answered
+        self._current: TaskMessage | None = None  # received, not yet answered (or kept by clear_cache=False)
+        self._current_answered = False
         self._last_task_name = ""
         self._ended = False
         self.end_reason = ""
@@ -113,6 +124,69 @@ class Session:
     # -- the Client API -----------------------------------------------------
 
     def _fetch(self, timeout: float | None) -> TaskMessage | None:
+        """The next task from the server (None: job ended or timeout), shared with the other ranks."""
+        try:
+            msg = self._fetch_from_server(timeout)
+        except FLKitError as exc:
+            self._share(ranks.ERROR, {"error": str(exc)})
+            raise
+        if msg is not None:
+            self._share(ranks.TASK, {
+                "task_id": msg.task_id, "task_name": msg.task_name, "current_round": msg.current_round,
+                "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
+            }, msg.payload if msg.payload is not None or msg.params is None else encode_params(msg.params))
+            msg.payload = None
+        elif self._ended:
+            self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": self.job_failed})
+        else:
+            self._share(ranks.NO_TASK, {})
+        return msg
+
+    # -- sharing with the other ranks (torch.distributed) --------------------
+
+    def _rank_link(self) -> ranks.RankLink | None:
+        if not self.distributed:
+            return None
+        if self._link is None:
+            self._link = ranks.RankLink.current()
+            if self._link is None and not self._warned_no_group:
+                self._warned_no_group = True
+                log.warning("site %s: WORLD_SIZE > 1 but no torch.distributed process group is initialised; "
+                            "rank 0 runs alone and the other ranks get nothing", self.settings.site_name)
+        return self._link
+
+    def share_config(self) -> None:
+        """Join and tell the other ranks the job settings (once; every rank does its half)."""
+        link = self._rank_link()
+        if link is None or link.shared_config:
+            return
+        try:
+            self.connect()
+        except FLKitError as exc:
+            link.send(ranks.ERROR, {"error": str(exc)})
+            link.shared_config = True
+            raise
+        link.send(ranks.CONFIG, {"job_config": self.job_config})
+        link.shared_config = True
+
+    def _share(self, kind: str, header: dict[str, Any], payload: bytes | None = None) -> None:
+        link = self._rank_link()
+        if link is None:
+            return
+        if not link.shared_config:
+            if kind == ranks.ERROR:
+                link.shared_config = True  # the followers waiting for the config get the error instead
+            else:
+                link.send(ranks.CONFIG, {"job_config": self.job_config})
+                link.shared_config = True
+        link.send(kind, header, payload)
+
+    def peek_task(self, timeout: float | None = None) -> TaskMessage | None:
+        """The header of the task waiting for this site (no params, nothing consumed); None when
+        the job ended or on timeout. For a launcher that starts one process per task."""
+        return self._fetch_from_server(timeout, header_only=True)
+
+    def _fetch_from_server(self, timeout: float | None, header_only: bool = False) -> TaskMessage | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -124,7 +198,7 @@ class Session:
                 msg = self._retry(
                     "receive a task",
                     lambda t, sid=sid, wait=wait: self.transport.get_task(
-                        sid, wait, timeout=wait + self.settings.transfer_timeout_s
+                        sid, wait, timeout=wait + self.settings.transfer_timeout_s, header_only=header_only
                     ),
                     deadline,
                 )
@@ -148,22 +222,43 @@ class Session:
             timeout = self.settings.receive_timeout_s
         if self._current is not None:
             return self._to_model(self._current)
+        if self._launch_done():
+            return None
         if self._pending is None and not self._ended:
             self._pending = self._fetch(timeout)
         if self._pending is None:
             return None
         self._current, self._pending = self._pending, None
+        self._current_answered = False
         self._last_task_name = self._current.task_name
         return self._to_model(self._current)
 
     def is_running(self) -> bool:
         """True while the job has work for this site; waits for the next task to find out."""
-        if self._ended:
+        if self._ended or self._launch_done():
             return False
+        if self._current is not None and self._current_answered:
+            self._current = None  # kept by send(clear_cache=False) for receive(); the loop moves on
+        if self._current is not None and self.distributed:
+            raise FLKitError(
+                f"site {self.settings.site_name}: is_running() was called on rank 0 before the result of task "
+                f"'{self._current.task_name}' (round {self._current.current_round}) was sent; under "
+                "torch.distributed rank 0 must call send() once per task, or the ranks fall out of step"
+            )
         if self._current is not None or self._pending is not None:
             return True
         self._pending = self._fetch(self.settings.receive_timeout_s)
         return not self._ended
+
+    def _launch_done(self) -> bool:
+        """With max_tasks (one launch per task), True once this process has done its share;
+        like the end of the job, the other ranks are told, so their loops end too."""
+        if not self.settings.max_tasks or self._answered < self.settings.max_tasks:
+            return False
+        if not self._ended:
+            self._ended, self.end_reason = True, f"this launch answered its {self._answered} task(s)"
+            self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": False})
+        return True
 
     def _to_model(self, msg: TaskMessage) -> FLModel:
         meta = dict(msg.meta)
@@ -212,6 +307,9 @@ class Session:
         )
         if clear_cache or not accepted:
             self._current = None
+        if accepted:
+            self._answered += 1
+            self._current_answered = True
         if job_ended:
             self._ended, self.end_reason = True, error
             log.warning("site %s: result not used: %s", self.settings.site_name, error)
@@ -233,13 +331,24 @@ class Session:
 
     # -- shutdown -----------------------------------------------------------
 
-    def close(self, failure: str | None = None) -> None:
-        """Stop the heartbeat and tell the server we are done (or failed, with the reason)."""
+    @property
+    def holds_unanswered_task(self) -> bool:
+        return self._current is not None and not self._current_answered
+
+    def close(self, failure: str | None = None, silent: bool = False) -> None:
+        """Stop the heartbeat and tell the server we are done (or failed, with the reason).
+
+        ``silent``: tell the server nothing; the process that launched this script reports
+        the outcome (its exit status and stderr say more than this process can at exit).
+        """
         if self._closed:
             return
         self._closed = True
         self._heartbeat_stop.set()
         s = self.settings
+        if silent:
+            self.transport.close()
+            return
         if failure is None and self._session_id is None and not self._ended:
             failure = "its script ended before receiving any task (did it call flkit.receive()?)"
         try:

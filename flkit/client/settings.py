@@ -33,6 +33,9 @@ class SiteSettings:
     receive_timeout_s: float | None = None
     # Upper bound for one upload or download of a model.
     transfer_timeout_s: float = 600.0
+    # Tasks this process answers before is_running() says False; 0 means no limit. The
+    # external-process runner sets 1 for launch_once=False (one launch per task).
+    max_tasks: int = 0
 
     def to_env(self) -> dict[str, str]:
         out = {}
@@ -61,6 +64,11 @@ class SiteSettings:
                     values[f.name] = None if raw.lower() in ("", "none") else float(raw)
                 except ValueError:
                     raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a number of seconds") from None
+            elif isinstance(f.default, int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a whole number") from None
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]

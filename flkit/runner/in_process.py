@@ -62,6 +62,10 @@ class InProcessSite:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Nothing to end: a thread cannot be killed. A script still running after its job
+        ended is a daemon thread and goes with the process."""
+
     def _main(self) -> None:
         from flkit import api
 

@@ -87,6 +87,7 @@ class Controller:
                 log.exception("event listener failed")
 
     def site_failed(self, site: str, reason: str) -> None:
+        log.warning("site %s failed: %s", site, reason)
         self.emit({"type": "site_failed", "site": site, "reason": reason})
 
     # -- the workflow -------------------------------------------------------

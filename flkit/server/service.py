@@ -74,6 +74,8 @@ class FLKitService(pb_grpc.FLKitServicer):
                 payload_size=len(task.payload),
             )
         )
+        if request.header_only:
+            return
         for chunk in iter_chunks(task.payload):
             yield pb.TaskChunk(payload=chunk)
 

@@ -18,7 +18,8 @@ from rich.markup import escape
 from flkit.client.settings import SiteSettings
 from flkit.errors import ConfigError
 from flkit.job.config import load_job
-from flkit.runner.in_process import InProcessSite
+from flkit.runner import site_for
+from flkit.runner.processes import sigterm_as_exit
 from flkit.server.controller import RoundRecord
 from flkit.server.server import FLServer
 from flkit.sim.progress import ProgressPrinter, summary_table
@@ -85,22 +86,24 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     if not quiet:
         console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s), "
                       f"{workflow.num_rounds} round(s), server on {address}")
-    runs: list[InProcessSite] = []
+    runs = []
     try:
-        for i, (name, runner) in enumerate(sites.items()):
-            settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
-                                    workspace=str(workspace / name))
-            run = InProcessSite(settings, job.script_path(runner), runner.argv,
-                                gpu=gpus[i % len(gpus)] if gpus else None)
-            run.start()
-            runs.append(run)
-        outcome = server.wait()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for run in runs:
-            if not run.join(max(0.0, deadline - time.monotonic())):
-                log.warning("site %s is still running %.0f s after the job ended; leaving it", run.site,
-                            SHUTDOWN_GRACE_S)
+        with sigterm_as_exit():  # SIGTERM still runs the `finally` below, which ends launched processes
+            for i, (name, runner) in enumerate(sites.items()):
+                settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
+                                        workspace=str(workspace / name))
+                run = site_for(settings, runner, job.script_path(runner), gpu=gpus[i % len(gpus)] if gpus else None)
+                run.start()
+                runs.append(run)
+            outcome = server.wait()
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            for run in runs:
+                if not run.join(max(0.0, deadline - time.monotonic())):
+                    log.warning("site %s is still running %.0f s after the job ended; stopping it", run.site,
+                                SHUTDOWN_GRACE_S)
     finally:
+        for run in runs:
+            run.stop()
         server.stop()
     errors = {r.site: r.outcome.error for r in runs if r.outcome is not None and not r.outcome.ok}
     best = server.controller.selector.best
@@ -124,7 +127,7 @@ def _print_summary(console: Console, result: SimulationResult) -> None:
     if result.rounds:
         console.print(summary_table(result.rounds, result.key_metric))
     for site, error in result.site_errors.items():
-        console.print(f"[bold red]{site} error:[/] {escape(error.splitlines()[0])} (traceback above)")
+        console.print(f"[bold red]{site} error:[/] {escape(error)}", highlight=False)
     if result.ok:
         console.print(f"[bold green]job completed[/]: {result.reason}")
         if result.best_round is not None:

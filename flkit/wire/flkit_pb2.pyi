@@ -40,12 +40,14 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., job_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("session_id", "wait_s")
+    __slots__ = ("session_id", "wait_s", "header_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    HEADER_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     wait_s: float
-    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    header_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., header_only: _Optional[bool] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
     __slots__ = ("status", "task_id", "task_name", "current_round", "total_rounds", "start_round", "params_type", "meta_json", "payload_size", "end_reason", "job_failed")
