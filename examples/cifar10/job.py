@@ -23,6 +23,9 @@ examples (from examples/cifar10/):
   python job.py --script_args "--dataset digits" --num_rounds 5     # offline, sklearn digits
   python job.py                                                    # CIFAR-10, after ./prepare_data.sh
   python job.py --export_only --export_dir /tmp/flkit/jobs         # only write the job folder
+  python job.py --script src/cifar10_ddp_fl.py --script_args "--dataset digits" --launch_process \
+      --launch_command 'python3 -m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_port={PORT}' \
+      --ports 7777,8888                                            # each site: 2-process DDP (torchrun)
 """
 
 
@@ -64,19 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="launch_process",
         action="store_true",
         help="start each site's script as a separate process with --launch_command (e.g. torchrun for "
-        "multi-GPU DDP) instead of running it inside the site's own process (default: off)",
+        "multi-GPU DDP) instead of running it in a thread of this process; the process runs in "
+        "<workspace>/<site> and its output is also kept in <workspace>/<site>/output.log (default: off)",
     )
     parser.add_argument(
         "--launch_command",
         default="python3 -u",
-        help=f"command that starts the script when --launch_process is set; {PORT_PLACEHOLDER} in it is "
-        "replaced by the site's port from --ports (default: %(default)s)",
+        help=f"command that starts the script when --launch_process is set (the script and --script_args "
+        f"are appended); {PORT_PLACEHOLDER} in it is replaced by the site's port from --ports, or by a free "
+        "port; a leading python/python3 is the Python running job.py (default: %(default)s)",
     )
     parser.add_argument(
         "--ports",
         default=None,
         help=f"comma-separated ports, one per site (site-1 gets the first), filled into "
-        f"{PORT_PLACEHOLDER} of --launch_command; only with --launch_process (default: none)",
+        f"{PORT_PLACEHOLDER} of --launch_command, e.g. torchrun's --master_port; only with --launch_process "
+        "(default: a free port per site)",
     )
     parser.add_argument(
         "--export_only",
@@ -118,6 +124,18 @@ def parse_ports(text: str | None) -> list[int]:
     return ports
 
 
+def port_in_use(port: int) -> bool:
+    """True if something on this machine holds ``port`` (binding it on every interface fails)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject inconsistent options with a clear message (exit status 2) before anything starts."""
     if args.n_clients < 1:
@@ -139,8 +157,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"--ports and {PORT_PLACEHOLDER} in --launch_command only apply to an external process: "
             "add --launch_process"
         )
-    if wants_port and not args.ports:
-        parser.error(f"--launch_command contains {PORT_PLACEHOLDER}: give one port per site with --ports")
     if args.ports and not wants_port:
         parser.error(f"--ports is given but --launch_command has no {PORT_PLACEHOLDER} to put the port in")
     if args.ports and len(args.ports) < args.n_clients:
@@ -148,6 +164,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"--ports gives {len(args.ports)} port(s) for {args.n_clients} clients: "
             "give at least one port per site (site-1 gets the first)"
         )
+    if args.launch_process and not args.export_only:
+        for i, port in enumerate(args.ports[: args.n_clients], start=1):
+            if port_in_use(port):
+                parser.error(f"--ports: port {port} of site-{i} is already in use on this machine; pick another")
 
     script = Path(args.script)
     if not script.is_file() and not script.is_absolute() and (HERE / script).is_file():
@@ -159,12 +179,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.launch_process and args.ports:
-        print(
-            "external-process launch with --ports is not supported yet (coming with the external-process issue)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
 
     # Imported only now, so that --help and the checks above work even without torch or flkit.
     import torch
@@ -183,13 +197,12 @@ def main(argv: list[str] | None = None) -> None:
             num_rounds=args.num_rounds,
             key_metric=args.key_metric,
         )
-        runner = ScriptRunner(
-            script=args.script,
-            script_args=args.script_args,
-            launch_external_process=args.launch_process,
-            command=args.launch_command,
-        )
-        job.to_clients(runner)  # the same script, with the same arguments, on site-1..site-N
+        if args.ports:  # each site's own port in its launch command, e.g. its DDP rendezvous port
+            for i, port in enumerate(args.ports[: args.n_clients], start=1):
+                command = args.launch_command.replace(PORT_PLACEHOLDER, str(port))
+                job.to(ScriptRunner(args.script, args.script_args, True, command), f"site-{i}")
+        else:  # the same script and arguments on site-1..site-N ({PORT}, if any: a free port at launch)
+            job.to_clients(ScriptRunner(args.script, args.script_args, args.launch_process, args.launch_command))
         if args.export_only:
             print(f"Job {JOB_NAME!r} exported to {job.export_job(args.export_dir)}")
             return
@@ -197,9 +210,6 @@ def main(argv: list[str] | None = None) -> None:
     except JobFailedError as e:
         print(f"The job failed: {e}", file=sys.stderr)
         sys.exit(1)
-    except NotImplementedError as e:
-        print(f"Not supported yet: {e}", file=sys.stderr)
-        sys.exit(2)
     except FLKitError as e:  # e.g. a setting the library rejects before the job starts
         print(f"Could not run the job: {e}", file=sys.stderr)
         sys.exit(2)
