@@ -17,6 +17,20 @@ SCRIPTS = Path(__file__).parent / "scripts"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def with_flkit_import(script: Path, folder: Path) -> Path:
+    """Copy an NVFlare-style test script into ``folder`` with only its NVFlare imports changed."""
+    src = script.read_text()
+    changed = src.replace("import nvflare.client as flare", "import flkit as flare").replace(
+        "from nvflare.client.tracking import SummaryWriter", "from flkit.tracking import SummaryWriter"
+    )
+    diff = [(a, b) for a, b in zip(src.splitlines(), changed.splitlines(), strict=True) if a != b]
+    assert 1 <= len(diff) <= 2 and all("nvflare" in a for a, _ in diff), "only the import lines may change"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / script.name).write_text(changed)
+    (folder / "digits_task.py").write_text((SCRIPTS / "digits_task.py").read_text())
+    return folder / script.name
+
+
 class ServerHarness:
     """Start an FLServer with given settings and open sessions to it."""
 

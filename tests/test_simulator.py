@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,29 +13,15 @@ from flkit.errors import JobFailedError
 from flkit.job import FedAvgJob, ScriptRunner
 from flkit.server.persistor import load_params
 
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, with_flkit_import
 
 sys.path.insert(0, str(SCRIPTS))
 from digits_task import SmallNet, accuracy, load, train  # noqa: E402
 
 
-def _nvflare_script_with_flkit_import(tmp_path: Path) -> Path:
-    src = (SCRIPTS / "nvflare_cifar10_fl.py").read_text()
-    changed = src.replace("import nvflare.client as flare", "import flkit as flare").replace(
-        "from nvflare.client.tracking import SummaryWriter", "from flkit.tracking import SummaryWriter"
-    )
-    diff = [(a, b) for a, b in zip(src.splitlines(), changed.splitlines(), strict=True) if a != b]
-    assert len(diff) == 2, "only the import lines may change"
-    folder = tmp_path / "user_code"
-    folder.mkdir()
-    (folder / "cifar10_fl.py").write_text(changed)
-    (folder / "digits_task.py").write_text((SCRIPTS / "digits_task.py").read_text())
-    return folder / "cifar10_fl.py"
-
-
 @pytest.mark.slow
 def test_nvflare_script_runs_with_only_its_import_changed(tmp_path, monkeypatch):
-    script = _nvflare_script_with_flkit_import(tmp_path)
+    script = with_flkit_import(SCRIPTS / "nvflare_cifar10_fl.py", tmp_path / "user_code")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     job = FedAvgJob(name="nvflare_compat", initial_model=SmallNet(), n_clients=2, num_rounds=3)
