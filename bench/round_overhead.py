@@ -1,14 +1,19 @@
 """Benchmark: flkit's per-round overhead and peak memory with no-op sites.
 
-Runs a FedAvgJob in the local simulator (every site a thread of this process, the real
-gRPC server on loopback) with a plain float32 model of about ``--params`` parameters and
-sites that only add 0.001 to the weights (bench/noop_site.py). There is no training, so
-the seconds per round are the framework's own cost: encode, transfer, decode, validate,
-aggregate and persist the model. Peak RSS is the whole process (server and all sites).
+Runs a FedAvgJob in the local simulator (the real gRPC server on loopback) with a plain
+float32 model of about ``--params`` parameters and sites that only add 0.001 to the
+weights (bench/noop_site.py). There is no training, so the seconds per round are the
+framework's own cost: encode, transfer, decode, validate, aggregate and persist the model.
 
-No pass/fail: it prints a table and, last, one JSON line for machines.
+``--launch in-process`` runs every site as a thread of this process; ``--launch external``
+starts each site's script as its own ``python3 -u`` process (ScriptRunner
+launch_external_process=True), as torchrun-launched DDP sites are. ``both`` runs one after
+the other and compares them. Peak RSS: this process (server, plus the sites when in-process)
+and, for external sites, the largest site process.
 
-    .venv/bin/python bench/round_overhead.py [--params 25000000] [--sites 2] [--rounds 5]
+No pass/fail: it prints tables and, last, one JSON line per launch mode.
+
+    .venv/bin/python bench/round_overhead.py [--params 25000000] [--sites 2] [--rounds 5] [--launch both]
 """
 
 from __future__ import annotations
@@ -63,12 +68,64 @@ def codec_reference(state: dict[str, torch.Tensor]) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def run_mode(mode: str, model: torch.nn.Module, args: argparse.Namespace, workspace: Path, model_mib: float,
+             rss_before: float) -> dict:
+    """Run the no-op job once with sites launched as ``mode``; print its table; return its numbers."""
+    job = FedAvgJob(name="bench", initial_model=model, n_clients=args.sites, num_rounds=args.rounds,
+                    final_validation=False)
+    external = mode == "external"
+    job.to_clients(ScriptRunner(script=str(SITE_SCRIPT), launch_external_process=external, command="python3 -u"))
+    print(f"\n== sites {mode} ==")
+    t0 = time.perf_counter()
+    result = job.simulator_run(workspace, quiet=True)
+    wall_s = time.perf_counter() - t0
+    peak = peak_rss_mib()
+    child_peak = children_peak_rss_mib() if external else 0.0
+
+    secs = [r.seconds for r in result.rounds]
+    train_secs = [r.seconds for r in result.rounds if r.task == "train"]
+    mean = sum(train_secs) / len(train_secs) if train_secs else float("nan")
+    in_rounds = sum(secs)
+    print(f"{'round':>5}  {'task':<8} {'seconds':>8}")
+    for r in result.rounds:
+        print(f"{r.round:>5}  {r.task:<8} {r.seconds:>8.3f}")
+    print(f"sec/round (train) mean: {mean:.3f}   min {min(train_secs, default=float('nan')):.3f}   "
+          f"max {max(train_secs, default=float('nan')):.3f}")
+    print(f"wall (simulator_run):   {wall_s:.3f} s  ({in_rounds:.3f} s in rounds, "
+          f"{wall_s - in_rounds:.3f} s export/start/shutdown)")
+    print(f"peak RSS this process:  {peak:.0f} MiB = {peak / model_mib:.1f} x model "
+          f"({(peak - rss_before) / model_mib:.1f} x model above the pre-job RSS)"
+          + (f"; largest site process {child_peak:.0f} MiB" if external else ""))
+    return {
+        "bench": "round_overhead",
+        "launch": mode,
+        "params": sum(p.numel() for p in model.parameters()),
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "sec_per_round_mean": round(mean, 4),
+        "sec_per_round": [round(x, 4) for x in train_secs],
+        "wall_s": round(wall_s, 4),
+        "peak_rss_mib": round(peak, 1),
+        "site_process_peak_rss_mib": round(child_peak, 1),
+        "rss_before_mib": round(rss_before, 1),
+        "model_mib": round(model_mib, 2),
+    }
+
+
+def children_peak_rss_mib() -> float:
+    """Peak RSS of the largest waited-for child process (the external sites)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=25_000_000, help="target parameter count (default 25M)")
     ap.add_argument("--layers", type=int, default=5, help="number of square Linear layers (default 5)")
     ap.add_argument("--sites", type=int, default=2, help="number of no-op sites (default 2)")
     ap.add_argument("--rounds", type=int, default=5, help="number of FedAvg rounds (default 5)")
+    ap.add_argument("--launch", choices=["in-process", "external", "both"], default="in-process",
+                    help="sites as threads of this process, as external processes, or both in turn "
+                         "(default in-process)")
     ap.add_argument("--workspace", default=None,
                     help="job workspace (default: a new temporary folder); a folder that existed is never removed")
     ap.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
@@ -97,56 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS before the job: {rss_before:.0f} MiB (peak so far {peak_before:.0f} MiB, "
           f"{peak_before / model_mib:.1f} x model)")
 
+    # External first: ru_maxrss only grows, so this process's peak is then clean for it (server only).
+    modes = ["external", "in-process"] if args.launch == "both" else [args.launch]
+    summaries = []
     try:
-        job = FedAvgJob(name="bench", initial_model=model, n_clients=args.sites, num_rounds=args.rounds,
-                        final_validation=False)
-        job.to_clients(ScriptRunner(script=str(SITE_SCRIPT)))
-        t0 = time.perf_counter()
-        result = job.simulator_run(workspace, quiet=True)
-        wall_s = time.perf_counter() - t0
-        peak_after = peak_rss_mib()
-        rss_after = current_rss_mib()
-
-        # Reference, measured after the job so it cannot raise the job's peak RSS.
+        for mode in modes:
+            summaries.append(run_mode(mode, model, args, workspace / mode, model_mib, rss_before))
+        # Reference, measured after the jobs so it cannot raise their peak RSS.
         enc_s, dec_s = codec_reference(model.state_dict())
     finally:
         if remove:
             shutil.rmtree(workspace, ignore_errors=True)
 
-    secs = [r.seconds for r in result.rounds]
-    train_secs = [r.seconds for r in result.rounds if r.task == "train"]
-    mean = sum(train_secs) / len(train_secs) if train_secs else float("nan")
-    in_rounds = sum(secs)
-
     print()
-    print(f"{'round':>5}  {'task':<8} {'seconds':>8}")
-    for r in result.rounds:
-        print(f"{r.round:>5}  {r.task:<8} {r.seconds:>8.3f}")
-    print()
-    print(f"sec/round (train) mean: {mean:.3f}   min {min(train_secs, default=float('nan')):.3f}   "
-          f"max {max(train_secs, default=float('nan')):.3f}")
-    print(f"wall (simulator_run):   {wall_s:.3f} s  ({in_rounds:.3f} s in rounds, "
-          f"{wall_s - in_rounds:.3f} s export/start/shutdown)")
-    print(f"codec reference:        encode {enc_s:.3f} s, decode {dec_s:.3f} s per model copy")
-    print(f"peak RSS:               {peak_after:.0f} MiB = {peak_after / model_mib:.1f} x model "
-          f"({(peak_after - rss_before) / model_mib:.1f} x model above the pre-job RSS); "
-          f"RSS after the job {rss_after:.0f} MiB")
+    print(f"codec reference: encode {enc_s:.3f} s, decode {dec_s:.3f} s per model copy")
+    if len(summaries) > 1:
+        print()
+        print(f"{'launch':<11} {'sec/round':>9} {'wall s':>7} {'peak RSS this process':>22} {'peak RSS site proc':>19}")
+        for s in summaries:
+            child = f"{s['site_process_peak_rss_mib']:.0f} MiB" if s["site_process_peak_rss_mib"] else "-"
+            print(f"{s['launch']:<11} {s['sec_per_round_mean']:>9.3f} {s['wall_s']:>7.1f} "
+                  f"{s['peak_rss_mib']:>18.0f} MiB {child:>19}")
     print(f"workspace {'removed (--keep keeps it)' if remove else 'kept: ' + str(workspace)}")
-
-    print(json.dumps({
-        "bench": "round_overhead",
-        "params": n_params,
-        "sites": args.sites,
-        "rounds": args.rounds,
-        "sec_per_round_mean": round(mean, 4),
-        "sec_per_round": [round(s, 4) for s in train_secs],
-        "wall_s": round(wall_s, 4),
-        "peak_rss_mib": round(peak_after, 1),
-        "rss_before_mib": round(rss_before, 1),
-        "model_mib": round(model_mib, 2),
-        "encode_s": round(enc_s, 4),
-        "decode_s": round(dec_s, 4),
-    }))
+    for s in summaries:
+        print(json.dumps({**s, "encode_s": round(enc_s, 4), "decode_s": round(dec_s, 4)}))
     return 0
 
 

@@ -62,3 +62,28 @@ def test_example_job_reaches_90_percent_on_digits(tmp_path):
         acc = (net.eval()(x).argmax(1) == y).float().mean().item()
     assert acc >= 0.90 and abs(acc - state["best"]["score"]) < 1e-6
     assert Path(ws / "server" / "FL_global_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_example_runs_as_users_type_it(tmp_path):
+    """The README's command: 2 sites, each a 2-rank torchrun (gloo on CPU), ports from --ports."""
+    from flkit.runner.ports import free_port
+
+    ports = f"{free_port()},{free_port()}"
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        [sys.executable, "job.py", "--script", "src/cifar10_ddp_fl.py", "--script_args", "--dataset digits --epochs 1",
+         "--num_rounds", "2", "--launch_process", "--launch_command",
+         "python3 -m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_port={PORT}",
+         "--ports", ports, "--workspace", str(ws)],
+        cwd=EXAMPLE, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    state = json.loads((ws / "server" / "round_state.json").read_text())
+    assert state["status"] == "completed" and state["completed_rounds"] == 2
+    assert all(sorted(r["metrics"]) == ["site-1", "site-2"] for r in state["history"])
+    for site, port in zip(("site-1", "site-2"), ports.split(","), strict=True):
+        log = (ws / site / "output.log").read_text()
+        assert f"--master_port={port}" in log  # each site's own rendezvous port
+        assert log.count("Accuracy before training") == 3  # rank 0 only: 2 train tasks + 1 validate

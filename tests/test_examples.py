@@ -20,6 +20,8 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10"
 ORIGINAL = "src/cifar10_original.py"
 FL = "src/cifar10_fl.py"
+DDP_ORIGINAL = "src/cifar10_ddp_original.py"
+DDP_FL = "src/cifar10_ddp_fl.py"
 MAX_CHANGED_LINES = 8
 
 JOB_OPTIONS = [
@@ -69,8 +71,9 @@ def _run_job(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_fl_script_differs_from_original_in_at_most_8_lines():
-    changed = _changed_lines_ignoring_whitespace(EXAMPLE / ORIGINAL, EXAMPLE / FL)
+@pytest.mark.parametrize(("original", "fl"), [(ORIGINAL, FL), (DDP_ORIGINAL, DDP_FL)])
+def test_fl_script_differs_from_original_in_at_most_8_lines(original, fl):
+    changed = _changed_lines_ignoring_whitespace(EXAMPLE / original, EXAMPLE / fl)
     assert changed, "the FL script is identical to the original"
     assert len(changed) <= MAX_CHANGED_LINES, "\n".join(changed)
 
@@ -89,6 +92,15 @@ def test_readme_diff_is_the_current_diff():
         "the diff in examples/cifar10/README.md is stale; regenerate it from examples/cifar10 with\n"
         f"diff -u --label {ORIGINAL} --label {FL} {ORIGINAL} {FL}"
     )
+
+
+def test_readme_shows_the_current_ddp_diff():
+    if shutil.which("diff") is None:
+        pytest.skip("needs the diff program")
+    current = subprocess.run(["diff", "-w", DDP_ORIGINAL, DDP_FL], cwd=EXAMPLE, capture_output=True,
+                             text=True).stdout
+    blocks = re.findall(r"^```text\n(.*?)^```", (EXAMPLE / "README.md").read_text(), flags=re.S | re.M)
+    assert current in blocks, f"the DDP diff in examples/cifar10/README.md is stale; it is now:\n{current}"
 
 
 @pytest.mark.slow
