@@ -255,3 +255,17 @@ def test_follower_without_process_group_fails_fast_instead_of_hanging(monkeypatc
         follower.is_running()
     with pytest.raises(ConfigError, match="no torch.distributed process group is initialised"):
         follower.receive()
+
+
+def test_launch_once_false_crash_is_reported_with_its_stderr(tmp_path):
+    from flkit.sim.simulator import simulate
+
+    job = FedAvgJob(name="per_task_crash", initial_model=torch.nn.Linear(4, 2), n_clients=2, num_rounds=3)
+    job.to_clients(ScriptRunner(script=str(SCRIPTS / "crash_in_round.py"), script_args="--crash_round 1",
+                                launch_external_process=True, launch_once=False))
+    result = simulate(job.export_job(tmp_path / "jobs"), tmp_path / "ws", quiet=True)
+    assert not result.ok
+    error = result.site_errors["site-2"]
+    assert error.startswith("script crash_in_round.py exited with status 1")
+    assert "RuntimeError: deliberate failure in round 1" in error
+    assert (tmp_path / "ws" / "site-2" / "output.log").read_text().count("=== flkit launch ") == 2

@@ -19,6 +19,10 @@ class ServerUnreachable(CommunicationError):
     """The server did not answer (not up yet, restarting, network): worth retrying."""
 
 
+class JobAlreadyEnded(FLKitError):
+    """The server refused a join because the job is over (a late or relaunched site)."""
+
+
 class SessionExpired(FLKitError):
     """The server no longer knows this session (it restarted, or declared the site dead): join again."""
 
@@ -47,6 +51,8 @@ def _translate(exc: grpc.RpcError, address: str, what: str) -> FLKitError:
         return ServerUnreachable(f"{what}: server at {address} did not answer ({code.name}: {details})")
     if code == grpc.StatusCode.NOT_FOUND and details and "unknown session" in details:
         return SessionExpired(details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and details and "has ended" in details:
+        return JobAlreadyEnded(details)
     name = code.name if code is not None else "ERROR"
     return FLKitError(f"{what}: server at {address} refused ({name}): {details}")
 

@@ -18,7 +18,13 @@ from typing import Any, TypeVar
 import torch
 
 from flkit.client import ranks
-from flkit.client.grpc_transport import GrpcTransport, ServerUnreachable, SessionExpired, TaskMessage
+from flkit.client.grpc_transport import (
+    GrpcTransport,
+    JobAlreadyEnded,
+    ServerUnreachable,
+    SessionExpired,
+    TaskMessage,
+)
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
 from flkit.model import FLModel, ParamsType
@@ -192,7 +198,11 @@ class Session:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            sid = self._join(deadline)
+            try:
+                sid = self._join(deadline)
+            except JobAlreadyEnded as exc:
+                self._ended, self.end_reason = True, str(exc)
+                return None
             wait = MAX_TASK_WAIT_S if left is None else min(MAX_TASK_WAIT_S, left)
             try:
                 msg = self._retry(

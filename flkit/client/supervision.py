@@ -65,7 +65,10 @@ def _alive(pid: int) -> bool:
 def _end_this_process(reason: str) -> None:
     """SIGTERM (then SIGKILL) this process, with its whole group when it leads one (its
     data-loader workers and other children go too)."""
-    print(f"flkit: {reason}; ending this process", file=sys.stderr, flush=True)
+    try:
+        print(f"flkit: {reason}; ending this process", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr was a pipe to the process that is gone
     pid = os.getpid()
     leads_group = os.getpgrp() == pid
     for sig in (signal.SIGTERM, signal.SIGKILL):

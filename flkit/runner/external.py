@@ -106,22 +106,26 @@ class ExternalSite:
     def _run_per_task(self) -> str | None:
         """launch_once=False: hold the site's place in the job; one launch per task."""
         session = Session(self.settings)
+        error: str | None = None
+        finished = False  # False also when an exception leaves the loop
         try:
             previous: str | None = None
-            while not self._stopping.is_set():
+            while error is None and not self._stopping.is_set():
                 task = session.peek_task()
                 if task is None:
-                    return None  # the job ended
+                    break  # the job ended
                 if task.task_id == previous:
-                    return (f"script {self.script.name} exited without answering task '{task.task_name}' "
-                            f"of round {task.current_round}")
+                    error = (f"script {self.script.name} exited without answering task '{task.task_name}' "
+                             f"of round {task.current_round}")
+                    break
                 previous = task.task_id
                 error = self._launch({"FLKIT_MAX_TASKS": "1"})
-                if error:
-                    return error
-            return None
+            finished = error is None
+            return error
         finally:
-            session.close(silent=self._stopping.is_set())
+            # On a failure, leave the report to _main: leaving here would fail the site first,
+            # with a vaguer reason ("ended without answering").
+            session.close(silent=not finished or self._stopping.is_set())
 
     def _launch(self, extra_env: dict[str, str]) -> str | None:
         """Start the command once and watch it to the end; the failure message, or None."""
@@ -132,6 +136,8 @@ class ExternalSite:
         env = self._env(marker, extra_env)
         log.info("site %s: launching %s", self.site, shlex.join(argv))
         with open(self.workspace / "output.log", "a") as log_file:
+            log_file.write(f"=== flkit launch {self.launches}: {shlex.join(argv)}\n")
+            log_file.flush()
             with self._proc_lock:
                 if self._stopping.is_set():
                     return None
