@@ -79,7 +79,10 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     if world > 1 and ranks.process_group_rank() is not None:
         # Every rank calls init(), so this is the one place every rank meets early: rank 0
         # joins and the others learn the job settings (system_info() works at once).
-        session.share_config() if rank == 0 else session.connect()
+        if isinstance(session, Session):
+            session.share_config()
+        else:
+            session.connect()
 
 
 def _close_at_exit(session: AnySession) -> None:
