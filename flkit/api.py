@@ -73,7 +73,6 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     if not in_runner_context():
         _process_session = session
         atexit.register(_close_at_exit, session)
-        supervision.start_watchdog()
         if rank == 0:
             supervision.note_init()
     if world > 1 and ranks.process_group_rank() is not None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from flkit.client import ranks
 from flkit.client.grpc_transport import TaskMessage
+from flkit.client.session import task_model
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, ConfigError, FLKitError
 from flkit.model import FLModel
@@ -109,10 +110,7 @@ class FollowerSession:
             self._fetch()
         if self._task is None:
             return None
-        msg = self._task
-        meta = dict(msg.meta, job_id=self.settings.job_id, site_name=self.settings.site_name)
-        return FLModel(params_type=msg.params_type or None, params=msg.params, current_round=msg.current_round,
-                       total_rounds=msg.total_rounds, meta=meta)
+        return task_model(self._task, self.settings)
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """A no-op on ranks > 0 (rank 0 sends the site's result); closes the open task."""

@@ -105,9 +105,10 @@ class RankLink:
             raise ValidationError(f"rank {self.rank}: malformed state from rank 0 (sizes {head_len}, {body_len})")
         buf = torch.empty(head_len + body_len, dtype=torch.uint8, device=self.device)
         self._dist.broadcast(buf, src=0)
-        data = buf.cpu().numpy().tobytes()
+        view = buf.cpu().numpy()
         try:
-            header = json.loads(data[:head_len])
+            header = json.loads(view[:head_len].tobytes())
         except ValueError as exc:
             raise ValidationError(f"rank {self.rank}: malformed state header from rank 0: {exc}") from None
-        return SharedState(kind=str(header.pop("kind", "")), header=header, payload=data[head_len:])
+        # One copy of the params' bytes, straight from the buffer (not the whole buffer, then a slice).
+        return SharedState(kind=str(header.pop("kind", "")), header=header, payload=view[head_len:].tobytes())

@@ -36,6 +36,13 @@ log = logging.getLogger("flkit.client")
 T = TypeVar("T")
 
 
+def task_model(msg: TaskMessage, settings: SiteSettings) -> FLModel:
+    """The FLModel a script receives for a task (on rank 0 and on every other rank alike)."""
+    meta = dict(msg.meta, job_id=settings.job_id, site_name=settings.site_name)
+    return FLModel(params_type=msg.params_type or None, params=msg.params, current_round=msg.current_round,
+                   total_rounds=msg.total_rounds, meta=meta)
+
+
 class Session:
     """A site's connection to its job. Create through ``flkit.init()``."""
 
@@ -140,8 +147,8 @@ class Session:
             self._share(ranks.TASK, {
                 "task_id": msg.task_id, "task_name": msg.task_name, "current_round": msg.current_round,
                 "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
-            }, msg.payload if msg.payload is not None or msg.params is None else encode_params(msg.params))
-            msg.payload = None
+            }, self._payload_bytes(msg))
+            msg.payload = None  # shared; rank 0 keeps only the decoded params
         elif self._ended:
             self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": self.job_failed})
         else:
@@ -149,6 +156,13 @@ class Session:
         return msg
 
     # -- sharing with the other ranks (torch.distributed) --------------------
+
+    @staticmethod
+    def _payload_bytes(msg: TaskMessage) -> bytes | None:
+        """The task's params as received (the transport keeps them under DDP), else encoded again."""
+        if msg.payload is not None or msg.params is None:
+            return msg.payload
+        return encode_params(msg.params)
 
     def _rank_link(self) -> ranks.RankLink | None:
         if not self.distributed:
@@ -231,7 +245,7 @@ class Session:
         if timeout is None:
             timeout = self.settings.receive_timeout_s
         if self._current is not None:
-            return self._to_model(self._current)
+            return task_model(self._current, self.settings)
         if self._launch_done():
             return None
         if self._pending is None and not self._ended:
@@ -241,7 +255,7 @@ class Session:
         self._current, self._pending = self._pending, None
         self._current_answered = False
         self._last_task_name = self._current.task_name
-        return self._to_model(self._current)
+        return task_model(self._current, self.settings)
 
     def is_running(self) -> bool:
         """True while the job has work for this site; waits for the next task to find out."""
@@ -269,17 +283,6 @@ class Session:
             self._ended, self.end_reason = True, f"this launch answered its {self._answered} task(s)"
             self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": False})
         return True
-
-    def _to_model(self, msg: TaskMessage) -> FLModel:
-        meta = dict(msg.meta)
-        meta.update(job_id=self.settings.job_id, site_name=self.settings.site_name)
-        return FLModel(
-            params_type=msg.params_type or None,
-            params=msg.params,
-            current_round=msg.current_round,
-            total_rounds=msg.total_rounds,
-            meta=meta,
-        )
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Answer the current task. Raises ResultRejectedError with the server's reason."""

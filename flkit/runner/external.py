@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 from flkit.client import supervision
-from flkit.client.grpc_transport import GrpcTransport
 from flkit.client.session import Session
 from flkit.client.settings import SiteSettings
 from flkit.errors import ConfigError, FLKitError
 from flkit.runner import processes
-from flkit.runner.in_process import SiteOutcome
+from flkit.runner.outcome import SiteOutcome, report_site_failure
 from flkit.runner.ports import PORT_PLACEHOLDER, fill_port, free_port
 
 log = logging.getLogger("flkit.runner")
@@ -97,7 +96,7 @@ class ExternalSite:
             error = f"the site runner failed: {type(exc).__name__}: {exc}"
         if error and not self._stopping.is_set():
             log.warning("site %s failed: %s", self.site, error)
-            self._report(error)
+            report_site_failure(self.settings, error)
         self.outcome = SiteOutcome(self.site, error is None, error)
 
     def _run_once(self) -> str | None:
@@ -204,13 +203,3 @@ class ExternalSite:
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         return env
-
-    def _report(self, error: str) -> None:
-        s = self.settings
-        transport = GrpcTransport(s.server)
-        try:
-            transport.report_failure(s.site_name, s.job_id, s.token, "", error, timeout=5.0)
-        except FLKitError as exc:
-            log.warning("site %s: could not report its failure to the server: %s", self.site, exc)
-        finally:
-            transport.close()

@@ -8,22 +8,14 @@ import runpy
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from flkit.client.grpc_transport import GrpcTransport
 from flkit.client.settings import SiteSettings, set_context_settings
 from flkit.errors import FLKitError
 from flkit.runner import thread_io
+from flkit.runner.outcome import SiteOutcome, report_site_failure
 
 log = logging.getLogger("flkit.runner")
-
-
-@dataclass
-class SiteOutcome:
-    site: str
-    ok: bool
-    error: str | None = None  # traceback or exit status when not ok
 
 
 class InProcessSite:
@@ -93,7 +85,7 @@ class InProcessSite:
             session.close(failure=error)
         else:
             error = error or f"script {self.script.name} ended without calling flkit.init()"
-            self._report_without_session(error)
+            report_site_failure(self.settings, error)
         self.outcome = SiteOutcome(self.site, error is None, error)
 
     def _describe(self, exc: BaseException) -> str:
@@ -104,13 +96,3 @@ class InProcessSite:
         lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
         head = f"script {self.script.name} raised {type(exc).__name__}: {exc}".splitlines()[0]
         return head + "\n" + "".join(lines).rstrip()
-
-    def _report_without_session(self, error: str) -> None:
-        s = self.settings
-        transport = GrpcTransport(s.server)
-        try:
-            transport.report_failure(s.site_name, s.job_id, s.token, "", error, timeout=5.0)
-        except FLKitError as exc:
-            log.warning("site %s: could not report its failure to the server: %s", self.site, exc)
-        finally:
-            transport.close()

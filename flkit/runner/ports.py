@@ -18,15 +18,5 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(port: int) -> bool:
-    """True if binding ``port`` on every interface fails (a listener or a lingering socket holds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return True
-    return False
-
-
 def fill_port(command: str, port: int) -> str:
     return command.replace(PORT_PLACEHOLDER, str(port))
