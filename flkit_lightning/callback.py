@@ -1,0 +1,170 @@
+"""FLCallback: the hooks that make ``trainer.validate()`` / ``trainer.fit()`` one FL round.
+
+A round is one task from the server. Its global model is loaded before the first validate()
+or fit() of the round; the first explicit validate() gives the round's metrics (never the
+sanity check, never the validation inside fit()); the end of fit() sends the trained weights
+with those metrics and the number of optimizer steps taken. Every rank of a DDP trainer runs
+these hooks in the same order, so they make the same Client API calls: rank 0 talks to the
+server and shares each task with the other ranks, whose ``send()`` sends nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+
+from flkit import api
+from flkit.errors import FLKitError
+from flkit.model import FLModel, MetaKey
+from flkit_lightning import training_state
+from flkit_lightning.params import load_global_params
+
+log = logging.getLogger("flkit.lightning")
+
+# A LightningModule may carry extra meta for the server here (NVFlare's name for it).
+FL_META_ATTR = "__fl_meta__"
+TRAIN, VALIDATE = "train", "validate"
+
+
+class FLCallback(Callback):
+    """Installed by ``flkit_lightning.patch(trainer)``; one per trainer."""
+
+    def __init__(self, trainer: pl.Trainer, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
+        super().__init__()
+        self.restore_state = restore_state
+        self.load_state_dict_strict = load_state_dict_strict
+        # The per-round budget is what the trainer was built with: fit() trains that much every round.
+        self.epochs_per_round: int | None = trainer.fit_loop.max_epochs
+        self.steps_per_round: int = trainer.fit_loop.max_steps
+        self.task: tuple[int | None, str] | None = None  # (round, task name) whose model is loaded
+        self.answered = True
+        self.metrics: dict[str, float] | None = None  # the round's explicit validate() metrics
+        self.round_start_step = 0
+        self.saved_state: training_state.TrainingState | None = None
+        self._warned_no_metrics = False
+
+    # -- the round ----------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before validate()/fit() builds anything: load the round's global model."""
+        if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+            return
+        fitting = stage == TrainerFn.FITTING
+        if self.task is not None and self.answered and self.task[1] != TRAIN and fitting:
+            self._skip_fit(trainer, f"this round's task '{self.task[1]}' was answered by validate()")
+            return
+        if self.task is None or self.answered:
+            model = api.receive()
+            if model is None:
+                if fitting:
+                    self._skip_fit(trainer, "the job has ended")
+                else:
+                    log.info("validate(): no task (the job has ended); validating the local model")
+                return
+            self._start_round(trainer, pl_module, model)
+        name = self.task[1]
+        if name not in (TRAIN, VALIDATE):
+            raise FLKitError(f"flkit_lightning answers 'train' and 'validate' tasks, got '{name}'")
+        if fitting and name == VALIDATE:
+            log.warning("site %s, round %s: task 'validate' reached fit() before any validate(); it is answered "
+                        "with no metrics. Call trainer.validate() before fit() in the loop to report them.",
+                        api.get_site_name(), self.task[0])
+            self._answer(FLModel(metrics={}))
+            self._skip_fit(trainer, "this round's task is 'validate'")
+            return
+        if fitting:
+            self._set_budget(trainer)
+
+    def _start_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: FLModel) -> None:
+        self.task = (model.current_round, api.get_task_name())
+        self.answered = False
+        self.metrics = None
+        self.round_start_step = trainer.global_step
+        if model.params:
+            where = f"site {api.get_site_name()}, round {model.current_round}"
+            load_global_params(pl_module, model.params, self.load_state_dict_strict, where)
+
+    def _set_budget(self, trainer: pl.Trainer) -> None:
+        """Let this fit() train one more round's worth (Lightning would stop at once: 'max_epochs reached')."""
+        loop = trainer.fit_loop
+        if self.epochs_per_round is not None and self.epochs_per_round >= 0:
+            loop.max_epochs = trainer.current_epoch + self.epochs_per_round
+        if self.steps_per_round >= 0:
+            loop.epoch_loop.max_steps = trainer.global_step + self.steps_per_round
+
+    @staticmethod
+    def _skip_fit(trainer: pl.Trainer, why: str) -> None:
+        log.info("fit() skipped: %s", why)
+        trainer.fit_loop.max_epochs = trainer.current_epoch
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+        trainer.num_sanity_val_steps = 0
+
+    # -- metrics ------------------------------------------------------------
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Only an explicit validate() of the round's global model gives the round's metrics."""
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        if self.task is None or self.answered or self.metrics is not None:
+            return
+        self.metrics = scalar_metrics(trainer.callback_metrics)
+        if self.task[1] == VALIDATE:
+            self._answer(FLModel(metrics=self.metrics))
+
+    # -- training -----------------------------------------------------------
+
+    def _training(self) -> bool:
+        return self.task is not None and self.task[1] == TRAIN and not self.answered
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._training() and self.restore_state and self.saved_state is not None:
+            training_state.restore(trainer, self.saved_state)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Send the trained weights with the round's metrics and its number of steps."""
+        if not self._training():
+            return
+        meta = fl_meta(pl_module)
+        meta.setdefault(MetaKey.NUM_STEPS_CURRENT_ROUND, trainer.global_step - self.round_start_step)
+        if self.metrics is None and not self._warned_no_metrics and trainer.is_global_zero:
+            self._warned_no_metrics = True
+            log.warning("site %s: fit() without a validate() of the global model first: the server gets no "
+                        "metrics for best-model selection", api.get_site_name())
+        if trainer.is_global_zero:
+            params = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+            self._answer(FLModel(params=params, metrics=self.metrics, meta=meta))
+        else:
+            self._answer(FLModel(metrics=self.metrics, meta=meta))  # ranks > 0: closes the task, sends nothing
+        if self.restore_state:
+            self.saved_state = training_state.capture(trainer)
+        trainer.num_sanity_val_steps = 0  # the first round checked the loop; later rounds need not
+
+    def _answer(self, model: FLModel) -> None:
+        api.send(model)
+        self.answered = True
+
+
+def fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """A copy of the module's ``__fl_meta__`` dict (extra meta for the server), or {}."""
+    extra = getattr(pl_module, FL_META_ATTR, None)
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"{type(pl_module).__name__}.{FL_META_ATTR} must be a dict, got {type(extra).__name__}")
+    return dict(extra)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Lightning's logged values as plain floats (one-element tensors or numbers only)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value.item())
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
