@@ -20,14 +20,17 @@ REPO = Path(__file__).resolve().parent.parent
 def with_flkit_import(script: Path, folder: Path) -> Path:
     """Copy an NVFlare-style test script into ``folder`` with only its NVFlare imports changed."""
     src = script.read_text()
-    changed = src.replace("import nvflare.client as flare", "import flkit as flare").replace(
-        "from nvflare.client.tracking import SummaryWriter", "from flkit.tracking import SummaryWriter"
+    changed = (
+        src.replace("import nvflare.client as flare", "import flkit as flare")
+        .replace("import nvflare.client.lightning as flare", "import flkit_lightning as flare")
+        .replace("from nvflare.client.tracking import SummaryWriter", "from flkit.tracking import SummaryWriter")
     )
     diff = [(a, b) for a, b in zip(src.splitlines(), changed.splitlines(), strict=True) if a != b]
     assert 1 <= len(diff) <= 2 and all("nvflare" in a for a, _ in diff), "only the import lines may change"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / script.name).write_text(changed)
-    (folder / "digits_task.py").write_text((SCRIPTS / "digits_task.py").read_text())
+    for helper in ("digits_task.py", "lit_digits.py"):
+        (folder / helper).write_text((SCRIPTS / helper).read_text())
     return folder / script.name
 
 

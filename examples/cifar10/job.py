@@ -23,6 +23,10 @@ examples (from examples/cifar10/):
   python job.py --script_args "--dataset digits" --num_rounds 5     # offline, sklearn digits
   python job.py                                                    # CIFAR-10, after ./prepare_data.sh
   python job.py --export_only --export_dir /tmp/flkit/jobs         # only write the job folder
+  python job.py --script src/cifar10_lightning_fl.py --key_metric val_acc_epoch \
+      --script_args "--dataset digits"                             # PyTorch Lightning
+  python job.py --script src/cifar10_lightning_ddp_fl.py --launch_process \
+      --script_args "--dataset digits"                             # Lightning DDP: it starts 2 ranks per site
   python job.py --script src/cifar10_ddp_fl.py --script_args "--dataset digits" --launch_process \
       --launch_command 'python3 -m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_port={PORT}' \
       --ports 7777,8888                                            # each site: 2-process DDP (torchrun)
@@ -57,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_rounds", type=int, default=2, help="FedAvg rounds (default: %(default)s)")
     parser.add_argument(
         "--key_metric",
-        default="accuracy",
+        default=None,
         help="metric reported by the sites that picks the best global model, saved as "
-        "best_FL_global_model.safetensors; higher is better (default: %(default)s)",
+        "best_FL_global_model.safetensors; higher is better (default: val_acc_epoch for the Lightning "
+        "scripts, whose validate() logs it, accuracy for the others)",
     )
     parser.add_argument(
         "--launch_process",
@@ -136,6 +141,12 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def is_lightning(script: str) -> bool:
+    """The Lightning scripts (cifar10_lightning*.py) train ``LitNet``, whose weights are named
+    ``model.<layer>``; the plain ones train ``Net`` itself."""
+    return Path(script).name.startswith("cifar10_lightning")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject inconsistent options with a clear message (exit status 2) before anything starts."""
     if args.n_clients < 1:
@@ -169,6 +180,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             if port_in_use(port):
                 parser.error(f"--ports: port {port} of site-{i} is already in use on this machine; pick another")
 
+    if args.key_metric is None:
+        args.key_metric = "val_acc_epoch" if is_lightning(args.script) else "accuracy"
+
     script = Path(args.script)
     if not script.is_file() and not script.is_absolute() and (HERE / script).is_file():
         script = HERE / script  # e.g. `python examples/cifar10/job.py` from the repository root
@@ -190,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)  # the same initial global model on every run
     try:
+        if is_lightning(args.script):
+            from lit_net import LitNet
+
+            initial_model = LitNet()
+        else:
+            initial_model = Net()
         job = FedAvgJob(
             name=JOB_NAME,
-            initial_model=Net(),
+            initial_model=initial_model,
             n_clients=args.n_clients,
             num_rounds=args.num_rounds,
             key_metric=args.key_metric,
