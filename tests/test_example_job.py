@@ -87,3 +87,53 @@ def test_ddp_example_runs_as_users_type_it(tmp_path):
         log = (ws / site / "output.log").read_text()
         assert f"--master_port={port}" in log  # each site's own rendezvous port
         assert log.count("Accuracy before training") == 3  # rank 0 only: 2 train tasks + 1 validate
+
+
+@pytest.mark.slow
+def test_lightning_example_reaches_90_percent_on_digits(tmp_path):
+    """The Lightning README command: 2 in-process sites, best model by val_acc_epoch."""
+    ws = tmp_path / "ws"
+    proc = subprocess.run([sys.executable, "job.py", "--script", "src/cifar10_lightning_fl.py", "--key_metric",
+                           "val_acc_epoch", *DIGITS_ARGS, "--workspace", str(ws)],
+                          cwd=EXAMPLE, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    state = json.loads((ws / "server" / "round_state.json").read_text())
+    assert state["status"] == "completed" and state["completed_rounds"] == 5
+    scores = {r["round"]: r["score"] for r in state["history"]}
+    assert max(scores.values()) >= 0.90, scores
+    assert state["best"]["round"] == max(scores, key=scores.get)
+
+    sys.path.insert(0, str(EXAMPLE / "src"))
+    try:
+        import data
+        from lit_net import LitNet
+    finally:
+        sys.path.remove(str(EXAMPLE / "src"))
+    model = LitNet()
+    model.load_state_dict(load_params(ws / "server" / "best_FL_global_model.safetensors"))
+    _, testset = data.load_datasets("digits")
+    x, y = testset.tensors
+    with torch.no_grad():
+        acc = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert acc >= 0.90 and abs(acc - state["best"]["score"]) < 1e-6
+    for site in ("site-1", "site-2"):  # Lightning's own outputs stay in each site's folder
+        assert (ws / site / "lightning_logs").is_dir()
+
+
+@pytest.mark.slow
+def test_lightning_ddp_example_runs_as_users_type_it(tmp_path):
+    """2 sites, each a Lightning Trainer(strategy="ddp", devices=2) on CPU started as `python3 -u`."""
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        [sys.executable, "job.py", "--script", "src/cifar10_lightning_ddp_fl.py", "--launch_process",
+         "--script_args", "--dataset digits --epochs 1", "--num_rounds", "1", "--workspace", str(ws)],
+        cwd=EXAMPLE, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    state = json.loads((ws / "server" / "round_state.json").read_text())
+    assert state["status"] == "completed" and state["completed_rounds"] == 1
+    assert all(sorted(r["metrics"]) == ["site-1", "site-2"] for r in state["history"])
+    for site in ("site-1", "site-2"):
+        assert "[rank: 1]" in (ws / site / "output.log").read_text()  # Lightning started the second rank

@@ -22,6 +22,10 @@ ORIGINAL = "src/cifar10_original.py"
 FL = "src/cifar10_fl.py"
 DDP_ORIGINAL = "src/cifar10_ddp_original.py"
 DDP_FL = "src/cifar10_ddp_fl.py"
+LIT_ORIGINAL = "src/cifar10_lightning_original.py"
+LIT_FL = "src/cifar10_lightning_fl.py"
+LIT_DDP_ORIGINAL = "src/cifar10_lightning_ddp_original.py"
+LIT_DDP_FL = "src/cifar10_lightning_ddp_fl.py"
 MAX_CHANGED_LINES = 8
 
 JOB_OPTIONS = [
@@ -71,7 +75,8 @@ def _run_job(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(("original", "fl"), [(ORIGINAL, FL), (DDP_ORIGINAL, DDP_FL)])
+@pytest.mark.parametrize(("original", "fl"), [(ORIGINAL, FL), (DDP_ORIGINAL, DDP_FL), (LIT_ORIGINAL, LIT_FL),
+                                             (LIT_DDP_ORIGINAL, LIT_DDP_FL)])
 def test_fl_script_differs_from_original_in_at_most_8_lines(original, fl):
     changed = _changed_lines_ignoring_whitespace(EXAMPLE / original, EXAMPLE / fl)
     assert changed, "the FL script is identical to the original"
@@ -94,13 +99,14 @@ def test_readme_diff_is_the_current_diff():
     )
 
 
-def test_readme_shows_the_current_ddp_diff():
+@pytest.mark.parametrize(("original", "fl"), [(DDP_ORIGINAL, DDP_FL), (LIT_ORIGINAL, LIT_FL),
+                                             (LIT_DDP_ORIGINAL, LIT_DDP_FL)])
+def test_readme_shows_the_current_diff_w(original, fl):
     if shutil.which("diff") is None:
         pytest.skip("needs the diff program")
-    current = subprocess.run(["diff", "-w", DDP_ORIGINAL, DDP_FL], cwd=EXAMPLE, capture_output=True,
-                             text=True).stdout
+    current = subprocess.run(["diff", "-w", original, fl], cwd=EXAMPLE, capture_output=True, text=True).stdout
     blocks = re.findall(r"^```text\n(.*?)^```", (EXAMPLE / "README.md").read_text(), flags=re.S | re.M)
-    assert current in blocks, f"the DDP diff in examples/cifar10/README.md is stale; it is now:\n{current}"
+    assert current in blocks, f"the diff -w {original} {fl} in examples/cifar10/README.md is stale; it is now:\n{current}"
 
 
 @pytest.mark.slow

@@ -40,7 +40,8 @@ def main():
     args = parser.parse_args()
 
     model = LitSmall()
-    trainer = Trainer(max_epochs=args.epochs, devices=None, enable_progress_bar=False)
+    # NVFlare's script passes devices=None on CPU, which Lightning >= 2.0 rejects; 1 is its meaning.
+    trainer = Trainer(max_epochs=args.epochs, devices=1, enable_progress_bar=False)
 
     # (2) patch the lightning trainer
     flare.patch(trainer)
