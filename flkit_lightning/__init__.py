@@ -50,6 +50,8 @@ get_task_name = _after_patch(api.get_task_name)
 system_info = _after_patch(api.system_info)
 get_config = _after_patch(api.get_config)
 log = _after_patch(api.log)
+# For NVFlare scripts that send by hand; after patch(), FLCallback answers each task itself.
+send = _after_patch(api.send)
 shutdown = api.shutdown
 
 
@@ -91,6 +93,7 @@ __all__ = [
     "log",
     "patch",
     "receive",
+    "send",
     "shutdown",
     "system_info",
 ]

@@ -216,5 +216,10 @@ def test_non_strict_loading_loads_the_matching_tensors_and_logs_the_rest(caplog)
 
 
 def test_client_api_before_patch_says_to_call_patch_first():
+    for name in ("init", "receive", "is_running", "is_train", "is_evaluate", "is_submit_model", "get_site_name",
+                 "get_job_id", "system_info", "log", "shutdown", "patch", "FLModel"):
+        assert callable(getattr(flkit_lightning, name)), name
     with pytest.raises(FLKitError, match="before patch\\(trainer\\)"):
         flkit_lightning.is_running()
+    with pytest.raises(FLKitError, match="before patch\\(trainer\\)"):
+        flkit_lightning.receive()
