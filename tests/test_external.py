@@ -6,6 +6,7 @@ Every test runs real subprocesses against the real server on loopback.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -203,8 +204,7 @@ def test_killing_the_launcher_leaves_no_process_behind(tmp_path, how):
     try:
         ready = set()
         for line in launcher.stdout:  # both ranks report READY once they are mid-round
-            if "READY" in line:
-                ready.add(line.split("rank=")[1].split()[0])
+            ready.update(re.findall(r"READY rank=(\d+)", line))  # two ranks' lines can interleave
             if len(ready) == 2:
                 break
         assert len(ready) == 2, "the ranks never got their task"
