@@ -135,9 +135,8 @@ class FLCallback(Callback):
             self._warned_no_metrics = True
             log.warning("site %s: fit() without a validate() of the global model first: the server gets no "
                         "metrics for best-model selection", api.get_site_name())
-        if trainer.is_global_zero:
-            params = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-            self._answer(FLModel(params=params, metrics=self.metrics, meta=meta))
+        if trainer.is_global_zero:  # send() moves the tensors to the CPU (to_cpu_params), once
+            self._answer(FLModel(params=pl_module.state_dict(), metrics=self.metrics, meta=meta))
         else:
             self._answer(FLModel(metrics=self.metrics, meta=meta))  # ranks > 0: closes the task, sends nothing
         if self.restore_state:

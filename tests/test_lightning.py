@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def _run(tmp_path: Path, script_args: str = "", num_rounds: int = 3, external: b
 def in_process_run(tmp_path_factory):
     """2 in-process sites, 3 rounds + final validation; site-1 takes 23 steps per epoch, site-2 12."""
     tmp_path = tmp_path_factory.mktemp("lit")
-    result = _run(tmp_path)
+    cwd = Path.cwd()
+    os.chdir(tmp_path)  # the launcher's working directory, which the sites must not write into
+    try:
+        result = _run(tmp_path)
+    finally:
+        os.chdir(cwd)
     assert result.ok, result.reason
     return tmp_path, result
 
@@ -120,7 +126,7 @@ def test_in_process_sites_keep_lightning_outputs_in_their_workspace(in_process_r
     tmp_path, _ = in_process_run
     for site in ("site-1", "site-2"):
         assert (tmp_path / "ws" / site / "lightning_logs").is_dir()
-    assert not (Path.cwd() / "lightning_logs").exists()
+    assert not (tmp_path / "lightning_logs").exists()  # the launcher's working directory
 
 
 def test_without_restore_state_and_validate_each_fit_starts_fresh_and_sends_no_metrics(tmp_path, caplog):
@@ -213,6 +219,20 @@ def test_non_strict_loading_loads_the_matching_tensors_and_logs_the_rest(caplog)
     assert torch.equal(module.state_dict()["model.fc.weight"], params["model.fc.weight"])
     assert "site-x, round 0: loading only the matching tensors" in caplog.text
     assert "model.conv.weight: received (3, 3)" in caplog.text
+
+
+def test_ddp_spawn_is_refused_before_any_process_starts():
+    from pytorch_lightning import Trainer
+
+    from flkit.errors import ConfigError
+    from flkit_lightning.ranks import start_ranks
+
+    trainer = Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", logger=False)
+    children = psutil.Process().children(recursive=True)
+    with pytest.raises(ConfigError, match="runs each fit\\(\\) in fresh processes"):
+        start_ranks(trainer, "site-1")
+    assert psutil.Process().children(recursive=True) == children
+    assert not torch.distributed.is_initialized()
 
 
 def test_client_api_before_patch_says_to_call_patch_first():

@@ -65,6 +65,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.site, self.num_sites = site, num_sites
 
     def setup(self, stage: str) -> None:
+        if hasattr(self, "testset"):  # Lightning calls setup() at every validate()/fit(): load once
+            return
         trainset, self.testset = data.load_datasets(self.dataset, self.data_path)
         self.trainset = trainset if self.site is None else data.shard(trainset, self.site, self.num_sites)
 
