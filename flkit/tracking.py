@@ -1,29 +1,27 @@
-"""Experiment tracking for sites: ``SummaryWriter.add_scalar`` like TensorBoard's.
+"""Experiment tracking for sites, with NVFlare's writer classes and method names.
 
-For now records are written locally, one JSON object per line, to
-``<site workspace>/tracking.jsonl``; streaming them to the server comes later.
+``SummaryWriter`` (TensorBoard's ``add_scalar``/``add_scalars``), ``WandBWriter`` (``log``)
+and ``MLflowWriter`` (``log_metric``, ``log_params``, ``set_tag``...) all end in
+``flare.log``: each record is written to ``<site workspace>/tracking.jsonl`` and, when the
+job has tracking receivers (``add_experiment_tracking``), sent to the server, which writes
+TensorBoard event files, MLflow runs or W&B runs per site. Records are batched: a call
+costs a JSON line, not a network round trip.
+
+Create a writer after ``flare.init()`` (or ``flare.patch(trainer)`` with Lightning).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from flkit.wire.codec import to_plain
+from flkit.wire.tracking_records import AnalyticsDataType, make_record
 
 _write_lock = threading.Lock()
 
-
-class AnalyticsDataType(str, Enum):
-    SCALAR = "SCALAR"
-    SCALARS = "SCALARS"
-    TEXT = "TEXT"
-    METRIC = "METRIC"
-    METRICS = "METRICS"
+__all__ = ["AnalyticsDataType", "MLflowWriter", "SummaryWriter", "WandBWriter", "write_record"]
 
 
 def tracking_file(session) -> Path:
@@ -33,30 +31,34 @@ def tracking_file(session) -> Path:
 
 
 def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
-    if isinstance(value, dict):
-        value = {str(k): to_plain(str(k), v, "value") for k, v in value.items()}
-    else:
-        value = to_plain(key, value, "value")
-    record = {
-        "time": time.time(),
-        "site": session.settings.site_name,
-        "key": key,
-        "value": value,
-        "type": getattr(data_type, "value", data_type) or AnalyticsDataType.SCALAR.value,
-        **{k: to_plain(k, v, "value") for k, v in kwargs.items()},
-    }
-    line = json.dumps(record, default=str)
+    """Check one record, keep it locally and queue it for the server's receivers.
+
+    ``global_step`` (or ``step``) in kwargs is the record's step; ``path`` names a text
+    artifact (MLflow's ``log_text``). Any other keyword is refused: nothing is dropped silently.
+    """
+    step = kwargs.pop("global_step", kwargs.pop("step", None))
+    path = kwargs.pop("path", None)
+    if kwargs:
+        raise TypeError(f"flare.log() got unexpected keyword argument(s) {sorted(kwargs)}; "
+                        "known: global_step (or step), path")
+    record = make_record(key, value, data_type, step=step, path=path)
+    line = json.dumps({**record, "site": session.settings.site_name})
     with _write_lock, open(tracking_file(session), "a") as fh:
         fh.write(line + "\n")
+    session.queue_record(record)
+
+
+def _session():
+    from flkit.api import require_session
+
+    return require_session()
 
 
 class SummaryWriter:
-    """TensorBoard-style writer bound to the current site (create it after ``flkit.init()``)."""
+    """TensorBoard-style writer bound to the current site."""
 
     def __init__(self) -> None:
-        from flkit.api import require_session
-
-        self._session = require_session()
+        self._session = _session()
 
     def add_scalar(self, tag: str, scalar: float, global_step: int | None = None, **kwargs: Any) -> None:
         write_record(self._session, tag, scalar, AnalyticsDataType.SCALAR, global_step=global_step, **kwargs)
@@ -66,4 +68,42 @@ class SummaryWriter:
         write_record(self._session, tag, scalars, AnalyticsDataType.SCALARS, global_step=global_step, **kwargs)
 
     def flush(self) -> None:
-        """Records are written as they come; nothing is buffered."""
+        """Records are written as they come and sent in batches; nothing to do here."""
+
+
+class WandBWriter:
+    """Weights & Biases-style writer bound to the current site (``log(metrics, step)``)."""
+
+    def __init__(self) -> None:
+        self._session = _session()
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        write_record(self._session, "metrics", metrics, AnalyticsDataType.METRICS, global_step=step)
+
+
+class MLflowWriter:
+    """MLflow-style writer bound to the current site."""
+
+    def __init__(self) -> None:
+        self._session = _session()
+
+    def log_param(self, key: str, value: Any) -> None:
+        write_record(self._session, key, value, AnalyticsDataType.PARAMETER)
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        write_record(self._session, "params", values, AnalyticsDataType.PARAMETERS)
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        write_record(self._session, key, value, AnalyticsDataType.METRIC, global_step=step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        write_record(self._session, "metrics", metrics, AnalyticsDataType.METRICS, global_step=step)
+
+    def log_text(self, text: str, artifact_file_path: str) -> None:
+        write_record(self._session, "text", text, AnalyticsDataType.TEXT, path=artifact_file_path)
+
+    def set_tag(self, key: str, tag: Any) -> None:
+        write_record(self._session, key, tag, AnalyticsDataType.TAG)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        write_record(self._session, "tags", tags, AnalyticsDataType.TAGS)

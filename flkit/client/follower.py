@@ -128,5 +128,8 @@ class FollowerSession:
     def holds_unanswered_task(self) -> bool:
         return False
 
+    def queue_record(self, record: dict[str, Any]) -> None:
+        """Tracking records of ranks > 0 stay in the local tracking.jsonl; rank 0 speaks for the site."""
+
     def close(self, failure: str | None = None, silent: bool = False) -> None:
         """Nothing to tell the server: rank 0 speaks for the site."""

@@ -156,6 +156,13 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise _translate(exc, self.address, "reporting a failure") from None
 
+    def log_metrics(self, session_id: str, records_json: str, timeout: float) -> None:
+        """Send a batch of tracking records (a JSON array)."""
+        try:
+            self._stub.LogMetrics(pb.MetricsBatch(session_id=session_id, records_json=records_json), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address, "sending tracking records") from None
+
     def leave(self, session_id: str, reason: str, timeout: float) -> None:
         try:
             self._stub.Leave(pb.LeaveRequest(session_id=session_id, reason=reason), timeout=timeout)

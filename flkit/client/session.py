@@ -9,6 +9,7 @@ shared with the other ranks (``flkit.client.ranks``), whose ``FollowerSession`` 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from flkit.client.grpc_transport import (
     SessionExpired,
     TaskMessage,
 )
+from flkit.client.records import RecordQueue
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
 from flkit.model import FLModel, ParamsType
@@ -39,8 +41,23 @@ T = TypeVar("T")
 def task_model(msg: TaskMessage, settings: SiteSettings) -> FLModel:
     """The FLModel a script receives for a task (on rank 0 and on every other rank alike)."""
     meta = dict(msg.meta, job_id=settings.job_id, site_name=settings.site_name)
-    return FLModel(params_type=msg.params_type or None, params=msg.params, current_round=msg.current_round,
+    params = msg.params
+    if params is not None and settings.framework == "numpy":
+        params = _as_numpy(params)
+    return FLModel(params_type=msg.params_type or None, params=params, current_round=msg.current_round,
                    total_rounds=msg.total_rounds, meta=meta)
+
+
+def _as_numpy(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """framework=NUMPY: the script gets numpy arrays (views of the received tensors, no copy)."""
+    out = {}
+    for name, tensor in params.items():
+        try:
+            out[name] = tensor.numpy()
+        except TypeError as exc:  # e.g. bfloat16 has no numpy dtype
+            raise ValidationError(f"tensor '{name}' ({tensor.dtype}) cannot be given to a framework=NUMPY script: "
+                                  f"{exc}") from None
+    return out
 
 
 class Session:
@@ -69,6 +86,7 @@ class Session:
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._heartbeat_interval = 5.0
+        self.records = RecordQueue(settings.site_name, settings.workspace, settings.job_id)
 
     # -- connection ---------------------------------------------------------
 
@@ -109,6 +127,7 @@ class Session:
             )
             self._session_id, self.job_config = sid, config
             self._heartbeat_interval = interval or self._heartbeat_interval
+            self.records.configure(config)
             log.info("site %s joined job %s at %s", s.site_name, s.job_id, s.server)
             if self._heartbeat_thread is None:
                 self._heartbeat_thread = threading.Thread(
@@ -122,6 +141,7 @@ class Session:
             sid = self._session_id
             if sid is None:
                 continue
+            self.flush_records()
             try:
                 running = self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
                 if not running and not self._ended:
@@ -133,6 +153,18 @@ class Session:
                         self._session_id = None
             except FLKitError as exc:
                 log.debug("heartbeat failed: %s", exc)
+
+    # -- tracking records -----------------------------------------------------
+
+    def queue_record(self, record: dict[str, Any]) -> None:
+        """A checked tracking record for the job's receivers (sent in batches, see RecordQueue)."""
+        self.records.add(record, self.flush_records)
+
+    def flush_records(self) -> None:
+        """Send the queued tracking records to the server now (best effort)."""
+        sid = self._session_id
+        if sid is not None:
+            self.records.send(lambda text: self.transport.log_metrics(sid, text, self.settings.transfer_timeout_s))
 
     # -- the Client API -----------------------------------------------------
 
@@ -301,15 +333,21 @@ class Session:
                 raise ValidationError(f"task 'train' of round {task.current_round} must be answered with params")
             params = to_cpu_params(model.params)
             params_type = model.params_type.value
-            transfer = self.job_config.get("params_transfer_type", "FULL")
+            transfer = self.settings.params_transfer_type or self.job_config.get("params_transfer_type", "FULL")
             if transfer == ParamsType.DIFF.value and model.params_type == ParamsType.FULL:
                 params = self._diff(params, task)
                 params_type = ParamsType.DIFF.value
             payload = encode_params(params)
             del params
+        elif task.task_name == "submit_model" and model.params is not None:
+            # Cross-site evaluation asks for the site's own model: always the whole model.
+            if model.params_type == ParamsType.DIFF:
+                raise ValidationError("task 'submit_model' must be answered with FULL params, not a DIFF")
+            params_type, payload = ParamsType.FULL.value, encode_params(model.params)
         metrics_json = metrics_to_json(model.metrics)
         meta_json = meta_to_json(model.meta)
         sid = self._join(None)
+        self.flush_records()  # the round's records reach the server before the round can close
         accepted, error, job_ended = self._retry(
             "send the result",
             lambda t: self.transport.submit(
@@ -323,12 +361,21 @@ class Session:
         if accepted:
             self._answered += 1
             self._current_answered = True
+            self._free_memory()
         if job_ended:
             self._ended, self.end_reason = True, error
             log.warning("site %s: result not used: %s", self.settings.site_name, error)
             return
         if not accepted:
             raise ResultRejectedError(error)
+
+    def _free_memory(self) -> None:
+        """ScriptRunner's memory_gc_rounds and cuda_empty_cache, after an answered task."""
+        n = self.settings.memory_gc_rounds
+        if n > 0 and self._answered % n == 0:
+            gc.collect()
+        if self.settings.cuda_empty_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _diff(params: dict[str, torch.Tensor], task: TaskMessage) -> dict[str, torch.Tensor]:
@@ -360,10 +407,13 @@ class Session:
         self._heartbeat_stop.set()
         s = self.settings
         if silent:
+            self.records.close()
             self.transport.close()
             return
         if failure is None and self._session_id is None and not self._ended:
             failure = "its script ended before receiving any task (did it call flkit.receive()?)"
+        self.flush_records()
+        self.records.close()
         try:
             if failure is not None:
                 self.transport.report_failure(s.site_name, s.job_id, s.token, self._session_id or "", failure,

@@ -36,6 +36,15 @@ class SiteSettings:
     # Tasks this process answers before is_running() says False; 0 means no limit. The
     # external-process runner sets 1 for launch_once=False (one launch per task).
     max_tasks: int = 0
+    # The site's own ScriptRunner settings (NVFlare's names):
+    # FULL or DIFF for this site's results; None follows the job's params_transfer_type.
+    params_transfer_type: str | None = None
+    # "pytorch": the script receives torch tensors; "numpy": numpy arrays.
+    framework: str = "pytorch"
+    # Run the garbage collector after every N-th answered task (0: never).
+    memory_gc_rounds: int = 0
+    # Empty the CUDA cache after each answered task (when CUDA is in use).
+    cuda_empty_cache: bool = False
 
     def to_env(self) -> dict[str, str]:
         out = {}
@@ -64,6 +73,10 @@ class SiteSettings:
                     values[f.name] = None if raw.lower() in ("", "none") else float(raw)
                 except ValueError:
                     raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a number of seconds") from None
+            elif isinstance(f.default, bool):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not true or false")
+                values[f.name] = raw.lower() in ("1", "true", "yes")
             elif isinstance(f.default, int):
                 try:
                     values[f.name] = int(raw)

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flkit.errors import ConfigError
 from flkit.model import ParamsType
+
+# Site names become folder names (<workspace>/<site>) and appear in logs: keep them plain.
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_NAMES = ("server",)
+
+TRACKING_TYPES = ("tensorboard", "mlflow", "wandb")
+
+
+def check_site_name(name: object) -> str:
+    """``name`` if it is a usable site name (it never reaches outside its folder), else ConfigError."""
+    if not isinstance(name, str) or not SITE_NAME.match(name) or name in RESERVED_NAMES or ".." in name:
+        raise ConfigError(
+            f"site name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            f"or digit, without '..' (and not {', '.join(RESERVED_NAMES)})"
+        )
+    return name
+
+
+@dataclass
+class CrossSiteEvalConfig:
+    """After training, every site scores every model (NVFlare's CrossSiteModelEval).
+
+    ``submit_model``: first ask each site for its local model (task ``submit_model``) and
+    have it scored too; False scores only the server's models (the final and the best
+    global model), like NVFlare's ``add_final_global_evaluation``.
+    """
+
+    submit_model: bool = True
+    participating_clients: list[str] | None = None
+    submit_model_timeout_s: float = 600.0
+    validation_timeout_s: float = 6000.0
+
+    def __post_init__(self) -> None:
+        if self.participating_clients is not None:
+            self.participating_clients = [check_site_name(s) for s in self.participating_clients]
+        for name in ("submit_model_timeout_s", "validation_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"cross-site evaluation {name} must be a positive number of seconds, got {value!r}")
 
 
 @dataclass
@@ -17,13 +58,35 @@ class WorkflowConfig:
     """
 
     num_rounds: int = 2
+    # The fewest answers a round needs (FedAvgJob's min_clients); failures below it fail the job.
     min_clients: int = 1
-    key_metric: str = "accuracy"
+    # Metric the sites report for the model they received; None: no best-model selection.
+    key_metric: str | None = "accuracy"
+    # True: lower is better (a loss); the job API's key_metric_mode="min".
     negate_key_metric: bool = False
     params_transfer_type: str = "FULL"
-    # After the last round, send the final global model to the sites as a validate
-    # task so it is scored (and can win best-model selection) like every other.
-    final_validation: bool = True
+    # After the last round, send the final global model to the sites as a validate task so it
+    # is scored (and can win best-model selection) like every other. NVFlare's FedAvg sends no
+    # such task, so it is off unless asked for.
+    final_validation: bool = False
+    # Sites that take part in each round (a seeded random sample); None: every site.
+    clients_per_round: int | None = None
+    # Seed of the per-round sample (the same job samples the same sites).
+    seed: int = 0
+    # Sites that must join and answer every round; the job fails without them.
+    mandatory_clients: list[str] = field(default_factory=list)
+    # Per-site factor on the FedAvg weight (NUM_STEPS_CURRENT_ROUND); 1.0 for sites not listed.
+    aggregation_weights: dict[str, float] = field(default_factory=dict)
+    # Number of the first round (NVFlare's FedAvg start_round): rounds are start_round..start_round+num_rounds-1.
+    start_round: int = 0
+    # Run the garbage collector on the server after every N-th round (0: never).
+    server_memory_gc_rounds: int = 0
+    cross_site_eval: CrossSiteEvalConfig | None = None
+    # Experiment tracking receivers on the server: [{"type": "tensorboard"|"mlflow"|"wandb", "config": {...}}].
+    tracking: list[dict[str, Any]] = field(default_factory=list)
+    # Receivers each site runs itself, writing into its own folder; an entry may name its
+    # "clients" (default: every site).
+    client_tracking: list[dict[str, Any]] = field(default_factory=list)
     # How long to wait for the expected sites to join before starting with min_clients.
     join_timeout_s: float = 300.0
     # Longest a round may take; sites that have not answered by then are dropped.
@@ -33,20 +96,54 @@ class WorkflowConfig:
     heartbeat_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.num_rounds < 1:
-            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if self.min_clients < 1:
-            raise ConfigError(f"min_clients must be >= 1, got {self.min_clients}")
+        if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds!r}")
+        if not isinstance(self.min_clients, int) or self.min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {self.min_clients!r}")
+        if not isinstance(self.start_round, int) or self.start_round < 0:
+            raise ConfigError(f"start_round must be >= 0, got {self.start_round!r}")
+        if self.clients_per_round is not None:
+            if not isinstance(self.clients_per_round, int) or self.clients_per_round < 1:
+                raise ConfigError(f"clients_per_round must be >= 1, got {self.clients_per_round!r}")
+            if self.clients_per_round < self.min_clients:
+                raise ConfigError(f"clients_per_round={self.clients_per_round} is less than min_clients="
+                                  f"{self.min_clients}: a round could never get enough answers")
         try:
-            self.params_transfer_type = ParamsType(self.params_transfer_type).value
+            self.params_transfer_type = ParamsType(getattr(self.params_transfer_type, "value",
+                                                           self.params_transfer_type)).value
         except ValueError:
             raise ConfigError(
                 f"params_transfer_type must be FULL or DIFF, got {self.params_transfer_type!r}"
             ) from None
-        if not self.key_metric:
-            raise ConfigError("key_metric must be a non-empty metric name")
+        if self.key_metric is not None and (not isinstance(self.key_metric, str) or not self.key_metric):
+            raise ConfigError("key_metric must be a non-empty metric name, or None for no best-model selection")
+        self.mandatory_clients = [check_site_name(s) for s in self.mandatory_clients]
+        weights = {}
+        for site, weight in dict(self.aggregation_weights).items():
+            check_site_name(site)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight <= 0:
+                raise ConfigError(f"aggregation_weights[{site!r}] must be a positive number, got {weight!r}")
+            weights[site] = float(weight)
+        self.aggregation_weights = weights
+        if isinstance(self.cross_site_eval, dict):
+            try:
+                self.cross_site_eval = CrossSiteEvalConfig(**self.cross_site_eval)
+            except TypeError as exc:
+                raise ConfigError(f"cross_site_eval: {exc}") from None
+        self.tracking = [_check_tracking(spec) for spec in self.tracking]
+        self.client_tracking = [_check_tracking(spec, allow_clients=True) for spec in self.client_tracking]
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("heartbeat_timeout_s must be larger than heartbeat_interval_s")
+
+    @property
+    def last_round(self) -> int:
+        return self.start_round + self.num_rounds - 1
+
+    def client_tracking_for(self, site: str) -> list[dict[str, Any]]:
+        """The receivers ``site`` runs itself (as the site's join reply carries them)."""
+        return [{"type": s["type"], "config": s["config"]} for s in self.client_tracking
+                if s.get("clients") is None or site in s["clients"]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,3 +155,20 @@ class WorkflowConfig:
         if unknown:
             raise ConfigError(f"unknown workflow settings: {sorted(unknown)} (known: {sorted(known)})")
         return cls(**data)
+
+
+def _check_tracking(spec: Any, allow_clients: bool = False) -> dict[str, Any]:
+    if not isinstance(spec, dict) or spec.get("type") not in TRACKING_TYPES:
+        raise ConfigError(f"tracking entries must be {{'type': one of {TRACKING_TYPES}, 'config': {{...}}}}, "
+                          f"got {spec!r}")
+    config = spec.get("config") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"tracking config of {spec['type']} must be a dict, got {type(config).__name__}")
+    unknown = set(spec) - {"type", "config", *(("clients",) if allow_clients else ())}
+    if unknown:
+        raise ConfigError(f"tracking entry has unknown keys {sorted(unknown)}")
+    out = {"type": spec["type"], "config": config}
+    if allow_clients:
+        clients = spec.get("clients")
+        out["clients"] = None if clients is None else [check_site_name(c) for c in clients]
+    return out

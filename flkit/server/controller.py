@@ -3,11 +3,18 @@
 One Controller runs one job. Its ``run`` method is the whole workflow; the gRPC
 service calls ``submit`` from its own threads. Both meet in the SiteRegistry's
 condition variable.
+
+Every task goes through one path (``_dispatch``): assign it to some sites, collect their
+answers with a deadline, and hand each accepted answer to the task's own handler. Training
+rounds, the optional final validation and cross-site evaluation differ only in the task,
+the sites, the handler and how many answers they need.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -17,6 +24,7 @@ from typing import Any
 from flkit.errors import ValidationError
 from flkit.model import ParamsType
 from flkit.server.config import WorkflowConfig
+from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.persistor import Persistor
 from flkit.server.selector import BestModelSelector
 from flkit.server.sites import JobEnd, SiteRegistry, SiteStatus, Task
@@ -28,6 +36,7 @@ log = logging.getLogger("flkit.server")
 
 TRAIN = "train"
 VALIDATE = "validate"
+SUBMIT_MODEL = "submit_model"
 
 Event = dict[str, Any]
 
@@ -52,6 +61,27 @@ class RoundRecord:
     seconds: float = 0.0
 
 
+@dataclass
+class Answer:
+    """One accepted answer to a task (params decoded and checked, when the task wants them)."""
+
+    site: str
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+    params: Params | None = None
+    params_type: ParamsType = ParamsType.FULL
+    payload: bytes | None = None  # the params as received (safetensors), for saving without re-encoding
+
+
+@dataclass
+class _OpenTask:
+    task: Task
+    record: RoundRecord
+    # What the answer must carry: "required" (train), "optional" (submit_model), "ignored".
+    params: str
+    on_answer: Callable[[Answer], None]
+
+
 class Controller:
     """Runs FedAvg-style rounds over the sites in ``registry`` with a pluggable Strategy."""
 
@@ -71,11 +101,12 @@ class Controller:
         self.selector = BestModelSelector(config.key_metric, config.negate_key_metric)
         self.global_params = initial_params
         self.history: list[RoundRecord] = []
+        self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event
-        self._task: Task | None = None
-        self._record: RoundRecord | None = None
+        self._open: _OpenTask | None = None
         # The global model encoded once per round: saved to disk and sent to every site.
-        self._global_blob: bytes | None = None
+        self._global_blob: bytes = encode_params(initial_params, {"round": "initial"})
+        self._model_bytes = len(self._global_blob)
 
     # -- events -------------------------------------------------------------
 
@@ -105,24 +136,36 @@ class Controller:
         return outcome
 
     def _run(self) -> JobEnd:
+        cfg = self.config
         end = self._wait_for_sites()
         if end is not None:
             return end
-        for round_num in range(self.config.num_rounds):
+        for round_num in range(cfg.start_round, cfg.last_round + 1):
             end = self._run_round(round_num, TRAIN)
             if end is not None:
                 return end
-        if self.config.final_validation:
-            end = self._run_round(self.config.num_rounds, VALIDATE)
+        if cfg.final_validation:
+            end = self._run_round(cfg.last_round + 1, VALIDATE)
+            if end is not None:
+                return end
+        if cfg.cross_site_eval is not None:
+            end = self._run_cross_site_eval()
             if end is not None:
                 return end
         best = self.selector.best
-        best_txt = f"; best {self.config.key_metric}={best.value:.4g} in round {best.round}" if best else ""
-        return JobEnd(failed=False, reason=f"completed {self.config.num_rounds} round(s){best_txt}")
+        best_txt = f"; best {cfg.key_metric}={best.value:.4g} in round {best.round}" if best else ""
+        return JobEnd(failed=False, reason=f"completed {cfg.num_rounds} round(s){best_txt}")
 
     def _failures_locked(self) -> str:
         failed = {s.name: s.failure for s in self.registry.sites.values() if s.status == SiteStatus.FAILED}
         return "; ".join(f"{name}: {_first_line(why)}" for name, why in failed.items())
+
+    def _mandatory_failed_locked(self) -> str | None:
+        for name in self.config.mandatory_clients:
+            state = self.registry.sites.get(name)
+            if state is not None and state.status == SiteStatus.FAILED:
+                return f"mandatory site {name} failed: {_first_line(state.failure)}"
+        return None
 
     def _wait_for_sites(self) -> JobEnd | None:
         cfg, reg = self.config, self.registry
@@ -132,9 +175,14 @@ class Controller:
                 if reg.end is not None:
                     return reg.end
                 reg.reap_dead_locked()
+                why = self._mandatory_failed_locked()
+                if why:
+                    return JobEnd(True, why)
                 joined = reg.active_sites_locked()
                 waiting = [s.name for s in reg.sites.values() if s.status == SiteStatus.EXPECTED]
-                if not waiting or (time.monotonic() >= deadline and len(joined) >= cfg.min_clients):
+                mandatory_missing = [s for s in cfg.mandatory_clients if s in waiting]
+                if not waiting or (time.monotonic() >= deadline and len(joined) >= cfg.min_clients
+                                   and not mandatory_missing):
                     break
                 if len(joined) + len(waiting) < cfg.min_clients:
                     return JobEnd(True, f"fewer than min_clients={cfg.min_clients} sites can take part: "
@@ -146,38 +194,38 @@ class Controller:
                 reg.cond.wait(min(1.0, max(0.01, deadline - time.monotonic())))
         return None
 
+    def _sample(self, round_num: int, active: list[str]) -> list[str]:
+        """The round's sites: all, or a seeded sample of clients_per_round (mandatory sites always in)."""
+        k = self.config.clients_per_round
+        if k is None or k >= len(active):
+            return active
+        mandatory = [s for s in self.config.mandatory_clients if s in active]
+        others = sorted(s for s in active if s not in mandatory)
+        rng = random.Random(f"{self.config.seed}:{round_num}")
+        picked = set(mandatory) | set(rng.sample(others, max(0, k - len(mandatory))))
+        return [s for s in active if s in picked]
+
     def _run_round(self, round_num: int, task_name: str) -> JobEnd | None:
         cfg, reg = self.config, self.registry
         started = time.monotonic()
-        payload = self._global_blob or encode_params(self.global_params, {"round": "initial"})
         with reg.cond:
             reg.reap_dead_locked()
-            sites = reg.active_sites_locked()
-            if len(sites) < cfg.min_clients:
-                return JobEnd(True, f"round {round_num}: only {len(sites)} site(s) available, "
+            active = reg.active_sites_locked()
+            if len(active) < cfg.min_clients:
+                return JobEnd(True, f"round {round_num}: only {len(active)} site(s) available, "
                                     f"min_clients={cfg.min_clients} ({self._failures_locked() or 'sites left'})")
-            task = Task(
-                task_id=secrets.token_hex(8),
-                name=task_name,
-                round=round_num,
-                total_rounds=cfg.num_rounds,
-                params_type=ParamsType.FULL.value,
-                payload=payload,
-            )
-            if task_name == TRAIN:
-                self.strategy.start_round(round_num, self.global_params)
-            self._task = task
-            self._record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
-            reg.assign_locked(task, sites)
-        del payload
+        sites = self._sample(round_num, active) if task_name == TRAIN else active
+        record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
+        if task_name == TRAIN:
+            self.strategy.start_round(round_num, self.global_params)
+            handler, params = self._fold_in, "required"
+        else:
+            handler, params = (lambda answer: None), "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
                    "total_rounds": cfg.num_rounds})
-
-        end = self._collect(task, sites, started)
-        record = self._record
-        with reg.cond:
-            self._task = None
-            self._record = None
+        end = self._dispatch(task_name, round_num, sites, self._global_blob, {}, record, params, handler,
+                             min_answers=min(cfg.min_clients, len(sites)), timeout_s=cfg.round_timeout_s,
+                             timeout_label="round_timeout_s", started=started)
         if end is not None:
             return end
 
@@ -193,14 +241,86 @@ class Controller:
             self.persistor.save_global(self._global_blob)
         record.seconds = time.monotonic() - started
         self.history.append(record)
+        n = cfg.server_memory_gc_rounds
+        if n > 0 and task_name == TRAIN and (round_num - cfg.start_round + 1) % n == 0:
+            gc.collect()
         self._save_state(None)
         self.emit({"type": "round_finished", "round": round_num, "task": task_name, "record": record,
                    "key_metric": cfg.key_metric})
         return None
 
-    def _collect(self, task: Task, sites: list[str], started: float) -> JobEnd | None:
-        """Wait until every site answered or failed; fail fast when min_clients is out of reach."""
-        cfg, reg = self.config, self.registry
+    def _fold_in(self, answer: Answer) -> None:
+        weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
+        self.strategy.add_result(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
+
+    def _run_cross_site_eval(self) -> JobEnd | None:
+        """Every participating site scores the final and best global models and each site's own model."""
+        cse = self.config.cross_site_eval
+        with self.registry.cond:
+            self.registry.reap_dead_locked()
+            active = self.registry.active_sites_locked()
+        sites = [s for s in active if cse.participating_clients is None or s in cse.participating_clients]
+        evaluation = CrossSiteEvaluation(self.persistor.directory, sites)
+        self.cross_site = evaluation
+        if not sites:
+            log.warning("cross-site evaluation: no participating site is still in the job")
+            evaluation.save()
+            return None
+        round_num = self.config.last_round
+        self.emit({"type": "cross_site_started", "sites": sites})
+        if cse.submit_model:
+            record = RoundRecord(round=round_num, task=SUBMIT_MODEL, sites=list(sites))
+            end = self._dispatch(SUBMIT_MODEL, round_num, sites, b"", {}, record, "optional",
+                                 evaluation.add_site_model, min_answers=0, timeout_s=cse.submit_model_timeout_s,
+                                 timeout_label="submit_model_timeout_s")
+            if end is not None:
+                return end
+            evaluation.note_failures(record.failed)
+        models = [(name, path.read_bytes)
+                  for name, path in self.persistor.server_models(self.selector.best is not None)]
+        models += [(site, path.read_bytes) for site, path in evaluation.site_models()]
+        for model_name, read in models:
+            record = RoundRecord(round=round_num, task=VALIDATE, sites=list(sites))
+            end = self._dispatch(VALIDATE, round_num, sites, read(), {"model_name": model_name}, record, "ignored",
+                                 evaluation.scorer(model_name), min_answers=0,
+                                 timeout_s=cse.validation_timeout_s, timeout_label="validation_timeout_s")
+            if end is not None:
+                return end
+            evaluation.note_failures(record.failed, model_name)
+        evaluation.save()
+        self.emit({"type": "cross_site_finished", "results": evaluation.results, "path": evaluation.path})
+        return None
+
+    # -- one task, assigned and collected ------------------------------------
+
+    def _dispatch(self, task_name: str, round_num: int, sites: list[str], payload: bytes, meta: dict[str, Any],
+                  record: RoundRecord, params: str, on_answer: Callable[[Answer], None], min_answers: int,
+                  timeout_s: float | None, timeout_label: str, started: float | None = None) -> JobEnd | None:
+        """Give ``sites`` the task and wait until each answered or failed (or ``timeout_s`` passed)."""
+        reg = self.registry
+        task = Task(
+            task_id=secrets.token_hex(8),
+            name=task_name,
+            round=round_num,
+            total_rounds=self.config.last_round + 1,
+            params_type=ParamsType.FULL.value if payload else "",
+            payload=payload,
+            meta=meta,
+        )
+        with reg.cond:
+            self._open = _OpenTask(task, record, params, on_answer)
+            reg.assign_locked(task, sites)
+        try:
+            return self._collect(task, sites, record, min_answers, timeout_s, timeout_label,
+                                 time.monotonic() if started is None else started)
+        finally:
+            with reg.cond:
+                self._open = None
+
+    def _collect(self, task: Task, sites: list[str], record: RoundRecord, min_answers: int,
+                 timeout_s: float | None, timeout_label: str, started: float) -> JobEnd | None:
+        """Wait until every site answered or failed; fail fast when min_answers is out of reach."""
+        reg = self.registry
         with reg.cond:
             while True:
                 if reg.end is not None:
@@ -211,19 +331,24 @@ class Controller:
                 done = [s for s in states if s.task is task and s.task_outcome == "done"]
                 for s in states:
                     if s.task is task and s.task_outcome not in (None, "done"):
-                        self._record.failed[s.name] = s.task_outcome
-                if len(done) + len(pending) < cfg.min_clients:
-                    why = "; ".join(f"{k}: {_first_line(v)}" for k, v in self._record.failed.items())
-                    return JobEnd(True, f"round {task.round}: fewer than min_clients={cfg.min_clients} sites "
+                        record.failed[s.name] = s.task_outcome
+                if min_answers:  # cross-site evaluation (min_answers=0) never fails the job
+                    why = self._mandatory_failed_locked()
+                    if why:
+                        return JobEnd(True, f"round {task.round}: {why}")
+                if len(done) + len(pending) < min_answers:
+                    why = "; ".join(f"{k}: {_first_line(v)}" for k, v in record.failed.items())
+                    return JobEnd(True, f"round {task.round}: fewer than min_clients={min_answers} sites "
                                         f"can answer ({why})")
                 if not pending:
                     return None
                 wait = 1.0
-                if cfg.round_timeout_s is not None:
-                    left = started + cfg.round_timeout_s - time.monotonic()
+                if timeout_s is not None:
+                    left = started + timeout_s - time.monotonic()
                     if left <= 0:
                         for s in pending:
-                            s.task_outcome = f"no answer within round_timeout_s={cfg.round_timeout_s:g}"
+                            s.task_outcome = f"no answer within {timeout_label}={timeout_s:g}"
+                        reg.cond.notify_all()
                         continue
                     wait = min(wait, left)
                 reg.cond.wait(wait)
@@ -232,32 +357,33 @@ class Controller:
 
     def max_result_bytes(self) -> int:
         """Upper bound for a valid result payload: about the size of the global model."""
-        task = self._task
-        return (0 if task is None else 2 * len(task.payload)) + (1 << 20)
+        return 2 * self._model_bytes + (1 << 20)
 
     def submit(self, session_id: str, task_id: str, params_type: str, payload: bytes | None,
                metrics: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Validate and fold in one result. Raises ValidationError naming the site and the tensor."""
+        """Validate and hand over one result. Raises ValidationError naming the site and the tensor."""
         reg = self.registry
         with reg.cond:
             if reg.end is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
             state = reg.touch_locked(session_id)
             site = state.name
-            task = self._task
+            open_task = self._open
+            task = None if open_task is None else open_task.task
             if task is None or state.task is not task or task.task_id != task_id or state.task_outcome is not None:
                 raise ValidationError(f"site {site}: result for a task that is no longer open (task {task_id})")
             expected = self.global_params
         try:
-            metrics = check_metrics(site, metrics)
-            result = None
-            if task.name == TRAIN:
-                if payload is None:
-                    raise ValidationError(f"site {site}: a train task must be answered with params")
-                kind = ParamsType(params_type) if params_type else ParamsType.FULL
-                params = decode_params(payload)
-                check_params(site, params, expected)
-                result = SiteResult(site, params, kind, weight_of(site, meta), metrics)
+            answer = Answer(site, check_metrics(site, metrics), meta)
+            if open_task.params == "required" and payload is None:
+                raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
+            if open_task.params != "ignored" and payload is not None:
+                answer.params_type = ParamsType(params_type) if params_type else ParamsType.FULL
+                if task.name == SUBMIT_MODEL and answer.params_type != ParamsType.FULL:
+                    raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
+                answer.params = decode_params(payload)
+                answer.payload = payload
+                check_params(site, answer.params, expected)
         except ValidationError as exc:
             log.error("rejected result: %s", exc)
             reg.fail_site(site, f"result rejected: {exc}")
@@ -265,14 +391,14 @@ class Controller:
         with reg.cond:
             if reg.end is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
-            if self._task is not task or state.task_outcome is not None:
+            if self._open is not open_task or state.task_outcome is not None:
                 raise ValidationError(f"site {site}: result arrived after its task was closed")
-            if result is not None:
-                self.strategy.add_result(result)
-            self._record.metrics[site] = metrics
+            open_task.on_answer(answer)
+            open_task.record.metrics[site] = answer.metrics
             state.task_outcome = "done"
             reg.cond.notify_all()
-        self.emit({"type": "result", "round": task.round, "site": site, "metrics": metrics})
+        self.emit({"type": "result", "round": task.round, "task": task.name, "site": site,
+                   "metrics": answer.metrics, "model_name": task.meta.get("model_name")})
 
     # -- state --------------------------------------------------------------
 
@@ -288,4 +414,6 @@ class Controller:
             "status": "running" if outcome is None else ("failed" if outcome.failed else "completed"),
             "reason": None if outcome is None else outcome.reason,
         }
+        if self.cross_site is not None:
+            state["cross_site_results"] = str(self.cross_site.path)
         self.persistor.save_state(state)

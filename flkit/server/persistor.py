@@ -44,6 +44,12 @@ def write_blob(path: Path, blob: bytes) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(blob))
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, replacing ``path`` atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    _atomic_write(Path(path), lambda fh: fh.write(text))
+
+
 def load_params(path: Path) -> Params:
     return safetensors.torch.load_file(str(path))
 
@@ -77,5 +83,10 @@ class Persistor:
         )
 
     def save_state(self, state: dict[str, Any]) -> None:
-        text = json.dumps(state, indent=2, sort_keys=True).encode()
-        _atomic_write(self.state_path, lambda fh: fh.write(text))
+        write_json(self.state_path, state)
+
+    def server_models(self, include_best: bool) -> list[tuple[str, Path]]:
+        """The server's models for cross-site evaluation, named ``SRV_<file name>`` as NVFlare does:
+        the final global model, then the best one (when this run selected one)."""
+        paths = [self.global_model_path] + ([self.best_model_path] if include_best else [])
+        return [(f"SRV_{path.name}", path) for path in paths]

@@ -20,10 +20,11 @@ class BestModelSelector:
 
     A round's score is the mean of ``key_metric`` over the sites that reported it.
     Sites report metrics of the model they *received*, so round r's score belongs
-    to the global model that was sent out in round r.
+    to the global model that was sent out in round r. ``key_metric=None`` selects nothing
+    (NVFlare's ``key_metric=None``: no model selector).
     """
 
-    def __init__(self, key_metric: str, negate: bool = False) -> None:
+    def __init__(self, key_metric: str | None, negate: bool = False) -> None:
         self.key_metric = key_metric
         self.negate = negate
         self.best: Score | None = None
@@ -31,6 +32,8 @@ class BestModelSelector:
 
     def round_score(self, round_num: int, metrics_by_site: dict[str, dict[str, float]]) -> Score | None:
         """The round's score, or None when no site reported the key metric (warned once per site)."""
+        if self.key_metric is None:
+            return None
         values = []
         for site, metrics in metrics_by_site.items():
             if self.key_metric in metrics:

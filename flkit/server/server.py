@@ -18,6 +18,7 @@ from flkit.server.persistor import Persistor
 from flkit.server.service import FLKitService
 from flkit.server.sites import JobEnd, SiteRegistry
 from flkit.server.strategy import FedAvg, Strategy
+from flkit.server.tracking import TrackingHub
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, to_cpu_params
 from flkit.wire.grpc_options import OPTIONS
@@ -29,7 +30,8 @@ class FLServer:
     """Serves one job on ``address`` ("host:port"; port 0 picks a free one).
 
     ``token`` authenticates sites (one is generated when not given);
-    ``on_event`` receives progress events (dicts) from the controller thread.
+    ``on_event`` receives progress events (dicts) from the controller thread;
+    ``max_active_tasks`` caps how many sites hold a task at once (the simulator's threads).
     """
 
     def __init__(
@@ -43,11 +45,19 @@ class FLServer:
         token: str | None = None,
         strategy: Strategy | None = None,
         on_event: Callable[[Event], None] | None = None,
+        max_active_tasks: int | None = None,
+        job_name: str | None = None,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
         if workflow.min_clients > len(sites):
             raise ConfigError(f"min_clients={workflow.min_clients} is more than the job's {len(sites)} site(s)")
+        unknown = [s for s in workflow.mandatory_clients if s not in sites]
+        if unknown:
+            raise ConfigError(f"mandatory_clients {unknown} are not sites of this job (sites: {', '.join(sites)})")
+        if workflow.clients_per_round is not None and workflow.clients_per_round > len(sites):
+            raise ConfigError(f"{workflow.clients_per_round} clients per round (the recipe's min_clients) is more "
+                              f"than the job's {len(sites)} site(s)")
         self.workflow = workflow
         self.job_id = job_id
         self.token = token or secrets.token_urlsafe(24)
@@ -63,9 +73,13 @@ class FLServer:
                 "total_rounds": workflow.num_rounds,
                 "params_transfer_type": workflow.params_transfer_type,
                 "key_metric": workflow.key_metric,
+                "tracking": bool(workflow.tracking),
             },
+            max_active_tasks=max_active_tasks,
         )
         self.persistor = Persistor(output_dir)
+        # Built now: a tracking library that is missing fails here, before any site starts.
+        self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.controller = Controller(
             workflow,
             self.registry,
@@ -89,7 +103,7 @@ class FLServer:
         """Bind, serve, and start the round loop; returns the "host:port" sites should dial."""
         workers = max(16, 2 * len(self.registry.sites) + 8)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
-        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.registry, self.controller), self._grpc)
+        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.registry, self.controller, self.tracking), self._grpc)
         try:
             self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:
@@ -129,6 +143,7 @@ class FLServer:
             self._grpc.stop(grace).wait(grace + 1)
         if self._thread is not None:
             self._thread.join(grace + 5)
+        self.tracking.close()
         self.registry.on_site_failed = None  # break the registry <-> controller cycle so memory frees now
 
     def __enter__(self) -> FLServer:

@@ -10,10 +10,12 @@ import grpc
 from flkit.errors import ValidationError
 from flkit.server.controller import Controller, JobEndedError
 from flkit.server.sites import AccessError, JobEnd, SiteRegistry, Task
+from flkit.server.tracking import TrackingHub
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import iter_chunks, json_to_dict
 from flkit.wire.grpc_options import MAX_TASK_WAIT_S, PROTOCOL_VERSION
+from flkit.wire.tracking_records import check_records
 
 log = logging.getLogger("flkit.server")
 
@@ -23,9 +25,10 @@ def _abort(context: grpc.ServicerContext, exc: AccessError) -> None:
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, registry: SiteRegistry, controller: Controller) -> None:
+    def __init__(self, registry: SiteRegistry, controller: Controller, tracking: TrackingHub | None = None) -> None:
         self.registry = registry
         self.controller = controller
+        self.tracking = tracking
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if request.protocol_version != PROTOCOL_VERSION:
@@ -38,7 +41,8 @@ class FLKitService(pb_grpc.FLKitServicer):
         except AccessError as exc:
             log.warning("refused join of site %r: %s", request.site_name, exc)
             _abort(context, exc)
-        cfg = dict(self.registry.client_config, site_name=request.site_name)
+        cfg = dict(self.registry.client_config, site_name=request.site_name,
+                   client_tracking=self.controller.config.client_tracking_for(request.site_name))
         log.info("site %s joined", request.site_name)
         self.controller.emit({"type": "site_joined", "site": request.site_name})
         return pb.JoinReply(
@@ -50,7 +54,7 @@ class FLKitService(pb_grpc.FLKitServicer):
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext):
         wait = min(max(request.wait_s, 0.0), MAX_TASK_WAIT_S)
         try:
-            outcome = self.registry.next_task(request.session_id, wait)
+            outcome = self.registry.next_task(request.session_id, wait, header_only=request.header_only)
         except AccessError as exc:
             _abort(context, exc)
         if outcome is None:
@@ -144,4 +148,18 @@ class FLKitService(pb_grpc.FLKitServicer):
             self.registry.leave(request.session_id, request.reason)
         except AccessError as exc:
             _abort(context, exc)
+        return pb.Ack()
+
+    def LogMetrics(self, request: pb.MetricsBatch, context: grpc.ServicerContext) -> pb.Ack:
+        try:
+            site = self.registry.site_of(request.session_id)
+        except AccessError as exc:
+            _abort(context, exc)
+        try:
+            records = check_records(request.records_json)
+        except ValidationError as exc:
+            log.warning("site %s: tracking records refused: %s", site, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.tracking is not None and self.tracking.enabled:
+            self.tracking.write(site, records)
         return pb.Ack()

@@ -53,6 +53,7 @@ class SiteState:
     last_seen: float = 0.0
     task: Task | None = None
     task_outcome: str | None = None  # None while pending, "done" or a failure message
+    fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
     failure: str | None = None
 
 
@@ -72,7 +73,13 @@ class SiteRegistry:
         token: str,
         heartbeat_timeout_s: float,
         client_config: dict[str, Any],
+        max_active_tasks: int | None = None,
     ) -> None:
+        """``max_active_tasks``: at most this many sites hold a task at once (the simulator's
+        ``threads``); the others wait for a slot with their scripts alive, as in NVFlare."""
+        if max_active_tasks is not None and max_active_tasks < 1:
+            raise ValueError(f"max_active_tasks must be >= 1, got {max_active_tasks}")
+        self.max_active_tasks = max_active_tasks
         self.job_id = job_id
         self.token = token
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -126,19 +133,31 @@ class SiteRegistry:
         state.last_seen = time.monotonic()
         return state
 
+    def site_of(self, session_id: str) -> str:
+        """The name of the site holding ``session_id`` (marked as just seen)."""
+        with self.cond:
+            return self.touch_locked(session_id).name
+
     def heartbeat(self, session_id: str) -> bool:
         with self.cond:
             self.touch_locked(session_id)
             return self.end is None
 
-    def next_task(self, session_id: str, wait_s: float) -> Task | JobEnd | None:
-        """The site's pending task, or JobEnd, or None if nothing came within wait_s."""
+    def next_task(self, session_id: str, wait_s: float, header_only: bool = False) -> Task | JobEnd | None:
+        """The site's pending task, or JobEnd, or None if nothing came within wait_s.
+
+        ``header_only`` (a launcher asking whether a task waits) takes no concurrency slot.
+        """
         deadline = time.monotonic() + max(0.0, wait_s)
         with self.cond:
             while True:
                 state = self.touch_locked(session_id)
                 if state.task is not None and state.task_outcome is None:
-                    return state.task
+                    if header_only:
+                        return state.task
+                    if state.fetched or self._slot_free_locked():
+                        state.fetched = True
+                        return state.task
                 if self.end is not None:
                     return self.end
                 remaining = deadline - time.monotonic()
@@ -196,6 +215,12 @@ class SiteRegistry:
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
                 )
 
+    def _slot_free_locked(self) -> bool:
+        if self.max_active_tasks is None:
+            return True
+        holding = sum(1 for s in self.sites.values() if s.task is not None and s.task_outcome is None and s.fetched)
+        return holding < self.max_active_tasks
+
     def active_sites_locked(self) -> list[str]:
         return [s.name for s in self.sites.values() if s.status == SiteStatus.JOINED]
 
@@ -204,6 +229,7 @@ class SiteRegistry:
             state = self.sites[name]
             state.task = task
             state.task_outcome = None
+            state.fetched = False
         self.cond.notify_all()
 
     def finish(self, failed: bool, reason: str) -> None:

@@ -151,6 +151,14 @@ class LeaveRequest(_message.Message):
     reason: str
     def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class MetricsBatch(_message.Message):
+    __slots__ = ("session_id", "records_json")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    records_json: str
+    def __init__(self, session_id: _Optional[str] = ..., records_json: _Optional[str] = ...) -> None: ...
+
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

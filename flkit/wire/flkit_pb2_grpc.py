@@ -64,6 +64,11 @@ class FLKitStub:
                 request_serializer=flkit__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=flkit__pb2.Ack.FromString,
                 _registered_method=True)
+        self.LogMetrics = channel.unary_unary(
+                '/flkit.v1.FLKit/LogMetrics',
+                request_serializer=flkit__pb2.MetricsBatch.SerializeToString,
+                response_deserializer=flkit__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FLKitServicer:
@@ -112,6 +117,14 @@ class FLKitServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogMetrics(self, request, context):
+        """Experiment-tracking records the site's script logged (flare.log, SummaryWriter...),
+        sent in batches for the job's tracking receivers (TensorBoard, MLflow, W&B).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FLKitServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_FLKitServicer_to_server(servicer, server):
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
                     request_deserializer=flkit__pb2.LeaveRequest.FromString,
+                    response_serializer=flkit__pb2.Ack.SerializeToString,
+            ),
+            'LogMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogMetrics,
+                    request_deserializer=flkit__pb2.MetricsBatch.FromString,
                     response_serializer=flkit__pb2.Ack.SerializeToString,
             ),
     }
@@ -307,6 +325,33 @@ class FLKit:
             target,
             '/flkit.v1.FLKit/Leave',
             flkit__pb2.LeaveRequest.SerializeToString,
+            flkit__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flkit.v1.FLKit/LogMetrics',
+            flkit__pb2.MetricsBatch.SerializeToString,
             flkit__pb2.Ack.FromString,
             options,
             channel_credentials,

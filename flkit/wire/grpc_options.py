@@ -17,6 +17,6 @@ OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # The server holds a GetTask call open at most this long; clients ask again.
 MAX_TASK_WAIT_S = 30.0
