@@ -32,24 +32,34 @@ def main() -> None:
 @click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-n", "--n-clients", "n_clients", type=int, default=None,
               help="Number of sites (site-1..site-N) for jobs built with to_clients(); default: the job's.")
+@click.option("-c", "--clients", default=None,
+              help="Comma-separated site names instead of site-1..site-N (e.g. hospital-a,hospital-b).")
 @click.option("-t", "--threads", type=int, default=None,
-              help="Sites run at once; must be >= the number of sites (each script runs for the whole job).")
+              help="At most this many sites hold a task at once (default: all); every site's script stays alive.")
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
               help="Output folder: server/ holds the global and best models, site-N/ each site's files.")
-@click.option("--gpu", default=None, help="Comma-separated CUDA device ids, given to sites round-robin.")
+@click.option("--gpu", default=None,
+              help="CUDA devices given to sites round-robin: '0,1', or groups '[0,1],[2,3]'. Without CUDA: a "
+                   "warning, and the sites run on the CPU.")
+@click.option("-l", "--log-config", "log_config", default=None,
+              help="A level (DEBUG, INFO...), an NVFlare log mode (concise, full, verbose) or a logging config "
+                   "file (JSON dictConfig).")
 @click.option("-q", "--quiet", is_flag=True, help="Only print failures and the final summary.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def simulate(job_dir: Path, n_clients: int | None, threads: int | None, workspace: Path, gpu: str | None,
-             quiet: bool, verbose: int) -> None:
-    """Run the job in JOB_DIR on this machine: the real server on loopback, sites as threads.
+def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads: int | None, workspace: Path,
+             gpu: str | None, log_config: str | None, quiet: bool, verbose: int) -> None:
+    """Run the job in JOB_DIR on this machine: the real server on loopback, in-process sites as
+    threads, external ones as processes.
 
     Exits 0 when the job completed, 1 when it failed.
     """
     from flkit.sim.simulator import simulate as run
 
     _logging(verbose)
+    names = None if clients is None else [c.strip() for c in clients.split(",") if c.strip()]
     try:
-        result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet)
+        result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
+                     clients=names, log_config=log_config)
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if result.ok else 1)
@@ -74,7 +84,7 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace
     """Serve the job in JOB_DIR to remote sites (insecure gRPC; TLS comes later)."""
     from flkit.job.config import load_job
     from flkit.server.server import FLServer
-    from flkit.sim.progress import ProgressPrinter, summary_table
+    from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
     _logging(max(verbose, 1))
     console = Console(highlight=False, soft_wrap=True)
@@ -83,7 +93,7 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace
         sites = job.resolve_sites(n_clients)
         srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
-                       on_event=ProgressPrinter(console))
+                       on_event=ProgressPrinter(console), job_name=job.name)
         address = srv.start()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
@@ -98,7 +108,10 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace
         outcome = None
     finally:
         srv.stop()
-    console.print(summary_table(srv.controller.history, job.workflow["key_metric"]))
+    console.print(summary_table(srv.controller.history, job.workflow.get("key_metric")))
+    if srv.controller.cross_site is not None:
+        console.print(cross_site_table(srv.controller.cross_site.results))
+        console.print(f"cross-site results -> {srv.controller.cross_site.path}")
     if outcome is None or outcome.failed:
         console.print(f"job failed: {outcome.reason if outcome else 'interrupted'}")
         sys.exit(1)
@@ -127,16 +140,18 @@ def client(job_dir: Path, server_address: str, site: str, job_id: str | None, to
     _logging(verbose)
     run = None
     try:
+        from flkit.server.config import check_site_name
+
         job = load_job(job_dir)
         sites = job.resolve_sites()
-        runner = sites.get(site) or job.clients
+        runner = sites.get(check_site_name(site)) or job.clients
         if runner is None:
             raise FLKitError(f"site {site} has no runner in job {job.name} (sites: {', '.join(sites)})")
         settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name, token=token,
                                 workspace=str((workspace or Path("workspace") / site).resolve()),
                                 connect_timeout_s=connect_timeout)
         with sigterm_as_exit():  # SIGTERM/Ctrl-C still end every process the site launched
-            run = site_for(settings, runner, job.script_path(runner))
+            run = site_for(settings, runner, job.script_path(runner), job_root=job.root)
             run.start()
             run.join()
     except FLKitError as exc:

@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ports",
         default=None,
         help=f"comma-separated ports, one per site (site-1 gets the first), filled into "
-        f"{PORT_PLACEHOLDER} of --launch_command, e.g. torchrun's --master_port; only with --launch_process "
-        "(default: a free port per site)",
+        f"{PORT_PLACEHOLDER} of --launch_command, e.g. torchrun's --master_port; unused (with a note) unless "
+        f"--launch_process is set and --launch_command has {PORT_PLACEHOLDER} (default: a free port per site)",
     )
     parser.add_argument(
         "--export_only",
@@ -163,13 +163,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--ports: {e}")
 
     wants_port = PORT_PLACEHOLDER in args.launch_command
-    if not args.launch_process and (args.ports or wants_port):
-        parser.error(
-            f"--ports and {PORT_PLACEHOLDER} in --launch_command only apply to an external process: "
-            "add --launch_process"
-        )
-    if args.ports and not wants_port:
-        parser.error(f"--ports is given but --launch_command has no {PORT_PLACEHOLDER} to put the port in")
+    if not args.launch_process and wants_port:
+        parser.error(f"{PORT_PLACEHOLDER} in --launch_command only applies to an external process: add --launch_process")
+    if args.ports and not (args.launch_process and wants_port):
+        # As NVFlare's job script: the ports are only used where the launch command asks for them.
+        why = "--launch_process is not set" if not args.launch_process else \
+            f"--launch_command has no {PORT_PLACEHOLDER}"
+        print(f"note: --ports {','.join(map(str, args.ports))} is not used ({why})", file=sys.stderr)
+        args.ports = []
     if args.ports and len(args.ports) < args.n_clients:
         parser.error(
             f"--ports gives {len(args.ports)} port(s) for {args.n_clients} clients: "

@@ -1,6 +1,7 @@
-"""The job folder format: ``job.json`` + ``initial_model.safetensors`` + copied scripts.
+"""The job folder format: ``job.json`` + ``initial_model.safetensors`` + ``custom/`` (the code).
 
 No pickled objects: the config is JSON, the model is safetensors, the scripts are files.
+Script paths are relative to the folder and are checked never to leave it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from flkit.errors import ConfigError
-from flkit.runner.script_runner import ScriptRunner
-from flkit.server.config import WorkflowConfig
+from flkit.runner.script_runner import BaseScriptRunner, ScriptRunner
+from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.wire.codec import Params
 
 JOB_FILE = "job.json"
@@ -32,11 +33,26 @@ class JobConfig:
     workflow: dict[str, Any]
     n_clients: int
     root: Path
-    sites: dict[str, ScriptRunner] = field(default_factory=dict)
-    clients: ScriptRunner | None = None  # the runner every site-N uses (job.to_clients)
+    sites: dict[str, BaseScriptRunner] = field(default_factory=dict)
+    clients: BaseScriptRunner | None = None  # the runner every site-N uses (job.to_clients)
 
-    def resolve_sites(self, n_clients: int | None = None) -> dict[str, ScriptRunner]:
-        """Site name -> runner; ``n_clients`` may change the count of a to_clients() job."""
+    def resolve_sites(self, n_clients: int | None = None,
+                      clients: list[str] | None = None) -> dict[str, BaseScriptRunner]:
+        """Site name -> runner. ``n_clients`` changes the count of a to_clients() job (sites
+        site-1..site-N); ``clients`` names the sites instead (NVFlare's ``clients=``)."""
+        if clients is not None:
+            if n_clients is not None and n_clients != len(clients):
+                raise ConfigError(f"n_clients={n_clients} but {len(clients)} client names were given")
+            out = {}
+            for name in clients:
+                runner = self.sites.get(check_site_name(name)) or self.clients
+                if runner is None:
+                    raise ConfigError(f"site {name} has no runner in job '{self.name}' "
+                                      f"(sites: {', '.join(self.sites)})")
+                out[name] = runner
+            if not out:
+                raise ConfigError("clients=[] names no site")
+            return out
         if self.clients is None:
             if n_clients is not None and n_clients != len(self.sites):
                 raise ConfigError(
@@ -56,11 +72,14 @@ class JobConfig:
     def workflow_config(self, num_sites: int) -> WorkflowConfig:
         data = dict(self.workflow)
         if data.get("min_clients") is None:
-            data["min_clients"] = num_sites
+            data["min_clients"] = num_sites if data.get("clients_per_round") is None else data["clients_per_round"]
         return WorkflowConfig.from_dict(data)
 
-    def script_path(self, runner: ScriptRunner) -> Path:
-        return (self.root / runner.script).resolve()
+    def script_path(self, runner: BaseScriptRunner) -> Path:
+        path = (self.root / runner.script).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ConfigError(f"job '{self.name}': script {runner.script!r} is outside the job folder")
+        return path
 
     def initial_params(self) -> Params:
         from flkit.server.persistor import load_params
@@ -90,20 +109,21 @@ def load_job(job_dir: Path) -> JobConfig:
         raise ConfigError(f"{root} is not a flkit job folder (no {JOB_FILE})")
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
-    if data.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: unsupported job format {data.get('format')!r} (expected {FORMAT_VERSION})")
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: invalid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ConfigError(f"{path}: unsupported job format {found!r} (expected {FORMAT_VERSION})")
     try:
         job = JobConfig(
             name=data["name"],
             workflow=data["workflow"],
             n_clients=int(data["n_clients"]),
             root=root.resolve(),
-            sites={k: ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
+            sites={check_site_name(k): ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
             clients=None if data.get("clients") is None else ScriptRunner.from_dict(data["clients"]),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: malformed job config ({exc})") from None
     for name, runner in job.resolve_sites().items():
         if not job.script_path(runner).is_file():

@@ -1,169 +1,400 @@
-"""Job builder with NVFlare's names: FedAvgJob(...).to(runner, site), export_job, simulator_run."""
+"""Job builder with NVFlare's names: FedJob, BaseFedJob, FedAvgJob; to(), export_job, simulator_run.
+
+A job is the server's workflow (rounds, model selection, tracking, cross-site evaluation),
+an initial model and the runner of each site. ``to(obj, target)`` takes NVFlare's objects:
+runners for sites; a FedAvg controller, a model, a selector, receivers or a cross-site
+evaluation for the server. ``export_job`` writes plain JSON, safetensors and the scripts
+(with the local modules they import) into a folder that ``flkit simulate`` and
+``flkit server``/``flkit client`` run.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from pathlib import Path
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
+from flkit.job.code import CODE_DIR, copy_script, script_destination
+from flkit.job.components import (
+    RECEIVERS,
+    CrossSiteModelEval,
+    FedAvg,
+    IntimeModelSelector,
+    PTModel,
+    ValidationJsonGenerator,
+    model_params,
+)
 from flkit.job.config import JOB_FILE, MODEL_FILE, JobConfig
-from flkit.runner.script_runner import ScriptRunner
-from flkit.server.config import WorkflowConfig
+from flkit.runner.script_runner import BaseScriptRunner
+from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.server.persistor import save_params
-from flkit.wire.codec import to_cpu_params
+from flkit.wire.codec import Params
 
-# Files copied with a script: the code and small configs next to it, never data.
-_COPY_SUFFIXES = {".py", ".json", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".sh"}
-_SKIP_DIRS = {"__pycache__", "data", "workspace", "lightning_logs", "wandb", "mlruns"}
+log = logging.getLogger("flkit.job")
+
+ALL_SITES = "@ALL"
+SERVER = "server"
+# Settings of flkit's workflow a job may set directly (the rest come from components).
+_OPTIONS = {f.name for f in fields(WorkflowConfig)} - {"num_rounds", "min_clients", "key_metric",
+                                                       "negate_key_metric", "tracking", "cross_site_eval"}
+
+
+def key_metric_direction(key_metric_mode: str | None, negate_key_metric: bool | None) -> bool:
+    """True when lower is better. ``key_metric_mode`` ("max"/"min") is the name; ``negate_key_metric``
+    is kept as an alias and must agree when both are given."""
+    negate = None
+    if key_metric_mode is not None:
+        mode = str(getattr(key_metric_mode, "value", key_metric_mode)).lower()
+        if mode not in ("max", "min"):
+            raise ConfigError(f"key_metric_mode must be 'max' or 'min', got {key_metric_mode!r}")
+        negate = mode == "min"
+    if negate_key_metric is not None:
+        if negate is not None and negate != bool(negate_key_metric):
+            raise ConfigError(f"key_metric_mode={key_metric_mode!r} and negate_key_metric={negate_key_metric} "
+                              "disagree (negate_key_metric is an alias: give one)")
+        negate = bool(negate_key_metric)
+    return bool(negate)
 
 
 class FedJob:
-    """A federated job: a workflow, an initial model, and the runner of each site."""
+    """A federated job (NVFlare's FedJob): put components on the server and runners on sites with ``to``.
 
-    def __init__(self, name: str, initial_model: torch.nn.Module | dict[str, Any], n_clients: int,
-                 workflow: dict[str, Any]) -> None:
-        if not name or "/" in name:
+    ``min_clients``: the fewest sites the job needs (the controller decides how many answer
+    each round); ``mandatory_clients``: sites the job cannot run without. ``fail_fast=True``
+    fails the job as soon as any site fails. Further keywords set flkit's workflow directly
+    (``params_transfer_type``, ``final_validation``, ``join_timeout_s``, ``round_timeout_s``,
+    ``heartbeat_interval_s``, ``heartbeat_timeout_s``, ``seed``).
+    """
+
+    def __init__(self, name: str = "fed_job", min_clients: int = 1, mandatory_clients: list[str] | None = None,
+                 *, meta_props: dict[str, Any] | None = None, fail_fast: bool = False,
+                 **workflow_options: Any) -> None:
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ConfigError(f"job name must be a non-empty folder name, got {name!r}")
-        if n_clients < 1:
-            raise ConfigError(f"n_clients must be >= 1, got {n_clients}")
-        if isinstance(initial_model, torch.nn.Module):
-            params = initial_model.state_dict()
-        elif isinstance(initial_model, dict):
-            params = initial_model
+        if not isinstance(min_clients, int) or min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {min_clients!r}")
+        if meta_props:
+            warn_ignored(type(self).__name__, "meta_props", "flkit jobs have no meta.json; job.json holds the job")
+        unknown = sorted(set(workflow_options) - _OPTIONS)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} got unknown argument(s) {unknown}; flkit workflow settings "
+                              f"are {sorted(_OPTIONS)}")
+        self.name = name
+        self.min_clients = min_clients
+        self.fail_fast = bool(fail_fast)
+        self.options: dict[str, Any] = dict(workflow_options)
+        self.options["mandatory_clients"] = [check_site_name(s) for s in mandatory_clients or []]
+        self.initial_params: Params | None = None
+        self.controller: FedAvg | None = None
+        self.rounds: dict[str, Any] | None = None  # num_rounds/min_clients set by FedAvgJob or a controller
+        self.selector: IntimeModelSelector | None = None
+        self.tracking: dict[str, dict[str, Any]] = {}  # type -> receiver config
+        self.cross_site_eval: dict[str, Any] | None = None
+        self._sites: dict[str, BaseScriptRunner] = {}
+        self._clients: BaseScriptRunner | None = None
+        self._resources: dict[str, list[Path]] = {}  # target -> files and folders copied into custom/
+
+    # -- placing components ---------------------------------------------------
+
+    def to(self, obj: Any, target: str, id: str | None = None, **kwargs: Any) -> Any:  # noqa: A002 - NVFlare's name
+        """Put ``obj`` on ``target``: "server", a site name, or "@ALL" (every site).
+
+        Sites take a ScriptRunner (or a file/folder path to ship with the code); the server
+        takes a FedAvg controller, the initial model (nn.Module, state_dict or PTModel), an
+        IntimeModelSelector, a TensorBoard/MLflow/W&B receiver, or a CrossSiteModelEval.
+        Returns ``id`` (or the component's kind) as NVFlare returns a component id.
+        """
+        if target == SERVER:
+            return self._to_server(obj, id, kwargs)
+        if target != ALL_SITES:
+            check_site_name(target)
+        if isinstance(obj, (str, Path)):
+            path = Path(obj)
+            if not path.exists():
+                raise ConfigError(f"job.to({str(obj)!r}, {target!r}): no such file or folder")
+            self._resources.setdefault(target, []).append(path.resolve())
+            return None
+        if not isinstance(obj, BaseScriptRunner):
+            raise ConfigError(f"job.to(..., {target!r}) takes a ScriptRunner (or a file path) for a site, got "
+                              f"{type(obj).__name__}; server components go to 'server'")
+        tasks = kwargs.pop("tasks", None)
+        if kwargs:
+            raise ConfigError(f"job.to(ScriptRunner, ...) got unknown argument(s) {sorted(kwargs)}")
+        if tasks not in (None, ["*"], ("*",)):
+            warn_ignored("FedJob.to", "tasks", "a site's script answers every task it is given (train, validate, "
+                                               "submit_model)")
+        _check_script(obj)
+        if target == ALL_SITES:
+            self._clients = obj
+        else:
+            self._sites[target] = obj
+        return {}
+
+    def to_server(self, obj: Any, id: str | None = None, **kwargs: Any) -> Any:  # noqa: A002
+        return self.to(obj, SERVER, id, **kwargs)
+
+    def to_clients(self, obj: Any, id: str | None = None, **kwargs: Any) -> Any:  # noqa: A002
+        """Run ``obj`` at every site (site-1..site-N, or the names the simulator is given)."""
+        return self.to(obj, ALL_SITES, id, **kwargs)
+
+    def as_id(self, obj: Any) -> str:
+        """NVFlare's component reference; flkit components are referenced by what they are."""
+        return type(obj).__name__
+
+    def _to_server(self, obj: Any, id: str | None, kwargs: dict[str, Any]) -> Any:  # noqa: A002
+        if kwargs:
+            raise ConfigError(f"job.to(..., 'server') got unknown argument(s) {sorted(kwargs)}")
+        if isinstance(obj, FedAvg):
+            self.controller = obj
+            if obj.initial_params is not None:
+                self.initial_params = obj.initial_params
+            kind = "controller"
+        elif isinstance(obj, (torch.nn.Module, dict)):
+            self.initial_params = model_params(obj)
+            kind = "persistor"
+        elif isinstance(obj, PTModel):
+            self.initial_params = obj.params
+            return {"persistor_id": "persistor", "locator_id": "locator"}
+        elif isinstance(obj, IntimeModelSelector):
+            self.selector = obj
+            kind = "model_selector"
+        elif isinstance(obj, tuple(RECEIVERS.values())):
+            self.tracking[obj.tracking_type] = obj.config
+            kind = "receiver"
+        elif isinstance(obj, CrossSiteModelEval):
+            self.cross_site_eval = obj.config
+            kind = "controller"
+        elif isinstance(obj, ValidationJsonGenerator):
+            kind = "json_generator"
+        elif isinstance(obj, BaseScriptRunner):
+            raise ConfigError("a ScriptRunner runs at a site, not on the server: job.to(runner, 'site-1')")
         else:
             raise ConfigError(
-                f"initial_model must be a torch.nn.Module or a state_dict, got {type(initial_model).__name__}"
+                f"job.to({type(obj).__name__}(...), 'server'): flkit's server takes a FedAvg controller, the initial "
+                "model (nn.Module, state_dict, PTModel), IntimeModelSelector, TBAnalyticsReceiver, MLflowReceiver, "
+                "WandBReceiver, CrossSiteModelEval or ValidationJsonGenerator"
             )
-        self.name = name
-        self.n_clients = n_clients
-        self.initial_params = to_cpu_params(params)
-        # Check the settings now, not when the job runs.
-        WorkflowConfig.from_dict({**workflow, "min_clients": workflow.get("min_clients") or 1})
-        self.workflow = workflow
-        self._sites: dict[str, ScriptRunner] = {}
-        self._clients: ScriptRunner | None = None
+        return id or kind
 
-    def to(self, obj: ScriptRunner, target: str) -> None:
-        """Run ``obj`` at site ``target`` (e.g. "site-1")."""
-        if not isinstance(obj, ScriptRunner):
-            raise ConfigError(f"job.to() takes a ScriptRunner, got {type(obj).__name__}")
-        if target == "server":
-            raise ConfigError("the server side of a FedAvgJob is built in; send only ScriptRunners to sites")
-        _check_script(obj)
-        self._sites[target] = obj
+    # -- what the job is --------------------------------------------------------
 
-    def to_clients(self, obj: ScriptRunner) -> None:
-        """Run ``obj`` at every site (site-1 .. site-N)."""
-        if not isinstance(obj, ScriptRunner):
-            raise ConfigError(f"job.to_clients() takes a ScriptRunner, got {type(obj).__name__}")
-        _check_script(obj)
-        self._clients = obj
+    def workflow(self, num_sites: int | None = None) -> dict[str, Any]:
+        """The workflow settings job.json gets (checked now, not when the job runs)."""
+        if self.rounds is not None:
+            data = dict(self.rounds)
+        elif self.controller is not None:
+            data = self.controller.workflow()
+        else:
+            raise ConfigError(f"job '{self.name}' has no workflow on the server: job.to(FedAvg(num_clients=..., "
+                              "num_rounds=...), 'server'), or use FedAvgJob")
+        if self.fail_fast:
+            data["min_clients"] = None  # every site must answer
+        data["key_metric"] = None if self.selector is None else self.selector.key_metric
+        data["negate_key_metric"] = False if self.selector is None else self.selector.negate_key_metric
+        data["tracking"] = [{"type": kind, "config": config} for kind, config in self.tracking.items()]
+        data["cross_site_eval"] = self.cross_site_eval
+        data.update(self.options)
+        check = dict(data)
+        if check.get("min_clients") is None:
+            check["min_clients"] = num_sites or check.get("clients_per_round") or 1
+        WorkflowConfig.from_dict(check)
+        return data
 
-    def export_job(self, job_root: str | Path) -> Path:
-        """Write ``<job_root>/<name>/`` (job.json, initial model, scripts) and return its path."""
+    def _runners(self) -> tuple[dict[str, BaseScriptRunner], BaseScriptRunner | None]:
+        return dict(self._sites), self._clients
+
+    def export_job(self, job_root: str | Path, n_clients: int | None = None) -> Path:
+        """Write ``<job_root>/<name>/`` (job.json, initial model, the scripts under custom/) and return it."""
+        if self.initial_params is None:
+            raise ConfigError(f"job '{self.name}' has no initial model: give initial_model=..., or "
+                              "job.to(model, 'server')")
+        sites, clients = self._runners()
+        if not sites and clients is None:
+            raise ConfigError(f"job '{self.name}' has no sites: use job.to(runner, 'site-1') or to_clients()")
+        count = n_clients or (len(sites) if clients is None else max(len(sites), 1))
+        if self.min_clients > count:
+            raise ConfigError(f"job '{self.name}' needs min_clients={self.min_clients} sites but has {count}")
+        workflow = self.workflow(count)
         out = Path(job_root) / self.name
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        copied: dict[Path, str] = {}
+        placed: dict[PurePosixPath, Path] = {}
 
-        def place(runner: ScriptRunner) -> ScriptRunner:
+        def place(runner: BaseScriptRunner) -> BaseScriptRunner:
             script = Path(runner.script).resolve()
-            src_dir = script.parent
-            if src_dir not in copied:
-                dest_name = src_dir.name or "scripts"
-                while dest_name in copied.values():
-                    dest_name += "_"
-                _copy_code(src_dir, out / "custom" / dest_name)
-                copied[src_dir] = dest_name
-            data = runner.to_dict()
-            data["script"] = f"custom/{copied[src_dir]}/{script.name}"
-            return ScriptRunner.from_dict(data)
+            dest = script_destination(runner.script)
+            if placed.get(dest, script) != script:
+                raise ConfigError(f"two different scripts would both be {dest} in the job folder: "
+                                  f"{placed[dest]} and {script}")
+            if dest not in placed:
+                copy_script(script, out, dest)
+                placed[dest] = script
+            return runner.replace(script=str(dest))
 
         job = JobConfig(
             name=self.name,
-            workflow=self.workflow,
-            n_clients=self.n_clients,
+            workflow=workflow,
+            n_clients=count,
             root=out,
-            sites={site: place(r) for site, r in self._sites.items()},
-            clients=None if self._clients is None else place(self._clients),
+            sites={site: place(r) for site, r in sites.items()},
+            clients=None if clients is None else place(clients),
         )
-        job.resolve_sites()  # a job with no runner at all fails here, at export time
+        for paths in self._resources.values():
+            for path in paths:
+                target = out / CODE_DIR / path.name
+                if path.is_dir():
+                    shutil.copytree(path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
         save_params(out / MODEL_FILE, self.initial_params, {"job": self.name})
         (out / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
         return out
 
     def simulator_run(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
-                      gpu: str | None = None, quiet: bool = False):
-        """Export to ``<workspace>/job`` and run it with the local simulator.
+                      gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
+                      quiet: bool = False):
+        """Export to ``<workspace>/job`` and run it with the simulator (NVFlare 2.6's argument order).
 
-        Returns a SimulationResult; raises JobFailedError (after printing the summary) if the job failed.
+        ``n_clients``: sites site-1..site-N of a to_clients() job; ``clients``: their names instead.
+        ``threads``: at most this many sites hold a task at once (every site's script stays
+        alive). ``gpu``: CUDA devices given to the sites round-robin ("0,1", or groups
+        "[0,1],[2,3]"); without CUDA a warning, and the sites run on the CPU. ``log_config``:
+        a level name, NVFlare's mode ("concise", "full", "verbose"...) or a logging config
+        file (JSON). Returns a SimulationResult; raises JobFailedError (after printing the
+        summary) if the job failed.
         """
         from flkit.errors import JobFailedError
         from flkit.sim.simulator import simulate
 
         workspace = Path(workspace)
-        job_dir = self.export_job(workspace / "job")
-        result = simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet)
+        named = clients if clients is not None else None
+        job_dir = self.export_job(workspace / "job", n_clients=n_clients or (len(named) if named else None))
+        result = simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
+                          clients=named, log_config=log_config)
         if not result.ok:
             raise JobFailedError(f"job {self.name} failed: {result.reason}")
         return result
 
 
-class FedAvgJob(FedJob):
-    """FedAvg over ``n_clients`` sites for ``num_rounds`` rounds, keeping the best model by ``key_metric``.
+class BaseFedJob(FedJob):
+    """NVFlare's BaseFedJob: a FedJob with a model selector by ``key_metric`` and the initial
+    model on the server; add a controller with ``job.to(FedAvg(...), "server")``.
 
-    ``min_clients`` defaults to every site. ``params_transfer_type="DIFF"`` makes sites
-    send ``trained - received``. ``final_validation`` scores the last global model too.
+    ``key_metric=None`` (or "") selects no best model; ``key_metric_mode="min"`` (alias
+    ``negate_key_metric=True``) when lower is better. ``analytics_receiver=True`` (or a receiver
+    object) writes what sites log as TensorBoard files (or MLflow/W&B runs).
     """
 
     def __init__(
         self,
+        initial_model: Any = None,
         name: str = "fed_job",
-        initial_model: torch.nn.Module | dict[str, Any] | None = None,
+        min_clients: int = 1,
+        mandatory_clients: list[str] | None = None,
+        key_metric: str | None = "accuracy",
+        validation_json_generator: Any = None,
+        intime_model_selector: IntimeModelSelector | None = None,
+        convert_to_fed_event: Any = None,
+        analytics_receiver: Any = None,
+        model_persistor: Any = None,
+        model_locator: Any = None,
+        *,
+        model_selector: IntimeModelSelector | None = None,
+        metrics_artifact_writer: Any = None,
+        key_metric_mode: str | None = None,
+        negate_key_metric: bool | None = None,
+        **workflow_options: Any,
+    ) -> None:
+        super().__init__(name, min_clients, mandatory_clients, **workflow_options)
+        owner = type(self).__name__
+        warn_if_set(owner, {"convert_to_fed_event": convert_to_fed_event, "model_persistor": model_persistor,
+                            "model_locator": model_locator, "metrics_artifact_writer": metrics_artifact_writer},
+                    {"convert_to_fed_event": None, "model_persistor": None, "model_locator": None,
+                     "metrics_artifact_writer": None}, {
+            "convert_to_fed_event": "logged records always reach the server's receivers",
+            "model_persistor": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "model_locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "metrics_artifact_writer": "each round's metrics are in <workspace>/server/round_state.json",
+        })
+        selector = intime_model_selector or model_selector
+        if selector is not None:
+            if not isinstance(selector, IntimeModelSelector):
+                raise ConfigError(f"{owner}: the model selector must be an IntimeModelSelector, got "
+                                  f"{type(selector).__name__}")
+            self.selector = selector
+        elif key_metric:
+            self.selector = IntimeModelSelector(key_metric=key_metric,
+                                                negate_key_metric=key_metric_direction(key_metric_mode,
+                                                                                       negate_key_metric))
+        if validation_json_generator is not None:
+            self.to_server(validation_json_generator)
+        if analytics_receiver is True:
+            self.tracking["tensorboard"] = {}
+        elif analytics_receiver not in (None, False):
+            self.to_server(analytics_receiver)
+        if initial_model is not None:
+            self.to_server(initial_model if isinstance(initial_model, PTModel) else PTModel(initial_model))
+
+
+class FedAvgJob(BaseFedJob):
+    """FedAvg over ``n_clients`` sites for ``num_rounds`` rounds (NVFlare's FedAvgJob arguments and order).
+
+    Every site takes part in every round. ``min_clients``: the fewest answers a round needs
+    (default: every site, as NVFlare's FedAvg waits for all); ``mandatory_clients``: sites that
+    must join and answer. ``key_metric`` picks the best global model (``key_metric_mode="min"``
+    for losses; ``None``: no selection). flkit's own keywords: ``params_transfer_type``
+    ("DIFF": sites send ``trained - received``), ``final_validation`` (score the last global model
+    with one more task; off, as NVFlare sends none), ``cross_site_eval`` (after training every
+    site scores every model), ``tracking`` ("tensorboard", "mlflow", "wandb"), the timeouts
+    (``join_timeout_s``, ``round_timeout_s``, ``heartbeat_interval_s``, ``heartbeat_timeout_s``).
+    """
+
+    def __init__(
+        self,
+        initial_model: Any = None,
         n_clients: int = 2,
         num_rounds: int = 1,
-        key_metric: str = "accuracy",
-        negate_key_metric: bool = False,
+        name: str = "fed_job",
         min_clients: int | None = None,
-        params_transfer_type: str = "FULL",
-        final_validation: bool = True,
+        mandatory_clients: list[str] | None = None,
+        key_metric: str | None = "accuracy",
+        key_metric_mode: str | None = None,
+        *,
+        convert_to_fed_event: Any = None,
+        analytics_receiver: Any = None,
+        negate_key_metric: bool | None = None,
+        cross_site_eval: bool = False,
         **workflow_options: Any,
     ) -> None:
         if initial_model is None:
             raise ConfigError("FedAvgJob needs initial_model (an nn.Module or a state_dict)")
+        if not isinstance(n_clients, int) or n_clients < 1:
+            raise ConfigError(f"n_clients must be >= 1, got {n_clients!r}")
         if min_clients is not None and min_clients > n_clients:
             raise ConfigError(f"min_clients={min_clients} is more than n_clients={n_clients}")
-        workflow = {
-            "num_rounds": num_rounds,
-            "min_clients": min_clients,
-            "key_metric": key_metric,
-            "negate_key_metric": negate_key_metric,
-            "params_transfer_type": getattr(params_transfer_type, "value", params_transfer_type),
-            "final_validation": final_validation,
-            **workflow_options,
-        }
-        super().__init__(name, initial_model, n_clients, workflow)
+        super().__init__(initial_model, name, min_clients or 1, mandatory_clients, key_metric,
+                         convert_to_fed_event=convert_to_fed_event, analytics_receiver=analytics_receiver,
+                         key_metric_mode=key_metric_mode, negate_key_metric=negate_key_metric,
+                         **workflow_options)
+        self.n_clients = n_clients
+        self.rounds = {"num_rounds": num_rounds, "min_clients": min_clients}
+        if cross_site_eval:
+            self.to_server(CrossSiteModelEval())
+
+    def export_job(self, job_root: str | Path, n_clients: int | None = None) -> Path:
+        return super().export_job(job_root, n_clients or self.n_clients)
 
 
-def _check_script(runner: ScriptRunner) -> None:
+
+def _check_script(runner: BaseScriptRunner) -> None:
     if not Path(runner.script).is_file():
         raise ConfigError(f"script {runner.script} not found (relative paths are from {Path.cwd()})")
-
-
-def _copy_code(src: Path, dest: Path) -> None:
-    dest = dest.resolve()
-    files = [p for p in src.rglob("*") if p.is_file() and p.suffix in _COPY_SUFFIXES]
-    for path in files:
-        rel = path.relative_to(src)
-        if any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]):
-            continue
-        if path.resolve().is_relative_to(dest):
-            continue  # the export folder itself may sit inside the script's folder
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)

@@ -1,9 +1,13 @@
 """Run a site's script as an external process (``python3 -u``, ``torch.distributed.run``...).
 
+The process runs in the site's folder ``<workspace>/<site>``, which holds ``custom/``, a copy
+of the job's code, as NVFlare's app folder does: ``python3 -u custom/src/train.py`` works as
+written, and relative paths such as ``./model.pth`` never collide between sites.
+
 The launched script's rank 0 talks to the server itself; it finds its job through FLKIT_*
 environment variables (``SiteSettings.to_env``), never through pickle. This module watches
 the process: a non-zero exit of any rank (torchrun exits non-zero then), or a script that
-never calls ``flkit.init()`` within ``init_timeout_s``, fails the site's task at once, with
+never calls ``flkit.init()`` within ``launch_timeout``, fails the site's task at once, with
 the exit status and the last lines of stderr. Stopping the site ends every process the
 command started.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,11 +34,14 @@ from flkit.errors import ConfigError, FLKitError
 from flkit.runner import processes
 from flkit.runner.outcome import SiteOutcome, report_site_failure
 from flkit.runner.ports import PORT_PLACEHOLDER, fill_port, free_port
+from flkit.runner.script_runner import BaseScriptRunner
 
 log = logging.getLogger("flkit.runner")
 
 STOP_GRACE_S = 10.0
 INIT_POLL_S = 0.2
+CLEAN_UP_TIMEOUT_S = 120.0
+CODE_DIR = "custom"
 # torch.distributed variables of the launcher itself must not leak into the script's ranks.
 _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
@@ -42,14 +50,19 @@ _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RAN
 class ExternalSite:
     """One site's script as a process tree, watched until it ends (see the module doc)."""
 
-    def __init__(self, settings: SiteSettings, script: Path, argv: list[str], command: str,
-                 launch_once: bool = True, init_timeout_s: float = 300.0, gpu: int | None = None) -> None:
+    def __init__(self, settings: SiteSettings, runner: BaseScriptRunner, script: Path,
+                 job_root: Path | None = None, gpu: str | None = None) -> None:
+        """``script``: the script in the job folder ``job_root``; its ``custom/`` is copied into
+        the site's folder, and the script runs from there."""
         self.settings = settings
+        self.runner = runner
         self.script = Path(script).resolve()
-        self.argv = list(argv)
-        self.command = command
-        self.launch_once = launch_once
-        self.init_timeout_s = init_timeout_s
+        self.job_root = None if job_root is None else Path(job_root).resolve()
+        self.argv = runner.argv
+        self.command = runner.command
+        self.launch_once = runner.launch_once
+        self.launch_timeout = runner.launch_timeout
+        self.shutdown_timeout = runner.shutdown_timeout
         self.gpu = gpu
         self.workspace = Path(settings.workspace).resolve()
         self.outcome: SiteOutcome | None = None
@@ -66,10 +79,32 @@ class ExternalSite:
     def start(self) -> None:
         if not self.script.is_file():
             raise FLKitError(f"site {self.site}: script {self.script} does not exist")
-        if not shlex.split(self.command):
+        if not shlex.split(self.runner.launch_command_line or self.command):
             raise ConfigError(f"site {self.site}: the launch command is empty")
         self.workspace.mkdir(parents=True, exist_ok=True)
+        self._copy_code()
         self._thread.start()
+
+    def _copy_code(self) -> None:
+        """The job's ``custom/`` into the site's folder (NVFlare's app layout)."""
+        if self.job_root is None or not (self.job_root / CODE_DIR).is_dir():
+            return
+        if self.workspace == self.job_root:
+            return
+        shutil.copytree(self.job_root / CODE_DIR, self.workspace / CODE_DIR, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+
+    def _script_arg(self) -> str:
+        """The script as the command names it: ``custom/...`` relative to the site's folder when it is
+        part of the job's code, else its absolute path."""
+        if self.job_root is not None:
+            try:
+                rel = self.script.relative_to(self.job_root / CODE_DIR)
+            except ValueError:
+                return str(self.script)
+            if (self.workspace / CODE_DIR / rel).is_file():
+                return str(Path(CODE_DIR) / rel)
+        return str(self.script)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the site to finish; True if it has."""
@@ -154,6 +189,7 @@ class ExternalSite:
             for pump in pumps:
                 pump.join(5)
             processes.reap_group(proc.pid)
+            self._clean_up(log_file)
         initialised = marker.exists()
         marker.unlink(missing_ok=True)
         if self._stopping.is_set():
@@ -168,27 +204,46 @@ class ExternalSite:
             return f"script {self.script.name} ended without calling flkit.init()"
         return None
 
+    def _clean_up(self, log_file) -> None:
+        """The launcher's clean_up_script, after the process ended (a failure is logged, not fatal)."""
+        line = self.runner.clean_up_script
+        if not line:
+            return
+        argv = processes.python_command(shlex.split(line))
+        log_file.write(f"=== flkit clean-up: {shlex.join(argv)}\n")
+        log_file.flush()
+        try:
+            done = subprocess.run(argv, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=log_file,
+                                  stderr=subprocess.STDOUT, timeout=CLEAN_UP_TIMEOUT_S)
+            if done.returncode != 0:
+                log.warning("site %s: clean-up command %s %s", self.site, shlex.join(argv),
+                            processes.describe_exit(done.returncode))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("site %s: clean-up command %s failed: %s", self.site, shlex.join(argv), exc)
+
     def _watch(self, proc: subprocess.Popen, marker: Path) -> str | None:
-        """Wait for the process; end it if flkit.init() does not come within init_timeout_s."""
-        deadline = time.monotonic() + self.init_timeout_s
+        """Wait for the process; end it if flkit.init() does not come within launch_timeout."""
+        deadline = None if self.launch_timeout is None else time.monotonic() + self.launch_timeout
         while not marker.exists():
             try:
                 proc.wait(timeout=INIT_POLL_S)
                 return None
             except subprocess.TimeoutExpired:
                 pass
-            if time.monotonic() > deadline and not marker.exists():
+            if deadline is not None and time.monotonic() > deadline and not marker.exists():
                 processes.end_process_tree(proc, STOP_GRACE_S)
-                return (f"script {self.script.name} did not call flkit.init() within {self.init_timeout_s:g} s "
-                        "(ScriptRunner init_timeout_s); its processes were stopped")
+                return (f"script {self.script.name} did not call flkit.init() within {self.launch_timeout:g} s "
+                        "(ScriptRunner launch_timeout); its processes were stopped")
         proc.wait()
         return None
 
     def _argv(self) -> list[str]:
-        command = self.command
-        if PORT_PLACEHOLDER in command:
-            command = fill_port(command, free_port())
-        return [*processes.python_command(shlex.split(command)), str(self.script), *self.argv]
+        line = self.runner.launch_command_line
+        if line is None:
+            line = shlex.join([*shlex.split(self.command), self._script_arg(), *self.argv])
+        if PORT_PLACEHOLDER in line:
+            line = fill_port(line, free_port())
+        return processes.python_command(shlex.split(line))
 
     def _env(self, marker: Path, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("FLKIT_")}
@@ -201,5 +256,6 @@ class ExternalSite:
             **extra,
         })
         if self.gpu is not None:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         return env

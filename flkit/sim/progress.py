@@ -41,21 +41,23 @@ class ProgressPrinter:
                 self.console.print(f"[bold]{label}[/]: {event['task']} on {len(event['sites'])} site(s)")
             elif kind == "result":
                 metrics = ", ".join(f"{k}={v:.4g}" for k, v in event["metrics"].items()) or "no metrics"
-                self.console.print(f"  {event['site']}: {metrics}", highlight=False)
+                scored = f" scored {event['model_name']}" if event.get("model_name") else ""
+                self.console.print(f"  {event['site']}{scored}: {metrics}", highlight=False)
+            elif kind == "cross_site_started":
+                self.console.print(f"[bold]cross-site evaluation[/] on {len(event['sites'])} site(s)")
             elif kind == "round_finished":
                 rec: RoundRecord = event["record"]
                 best = " [green]new best[/]" if rec.best else ""
-                self.console.print(
-                    f"  done in {rec.seconds:.1f} s: {event['key_metric']}={_fmt(rec.score)}{best}", highlight=False
-                )
+                score = f": {event['key_metric']}={_fmt(rec.score)}{best}" if event["key_metric"] else ""
+                self.console.print(f"  done in {rec.seconds:.1f} s{score}", highlight=False)
 
 
-def summary_table(rounds: list[RoundRecord], key_metric: str) -> Table:
+def summary_table(rounds: list[RoundRecord], key_metric: str | None) -> Table:
     table = Table(title="flkit job summary")
     table.add_column("round", justify="right")
     table.add_column("task")
     table.add_column("sites", justify="right")
-    table.add_column(f"{key_metric} (received model)", justify="right")
+    table.add_column(f"{key_metric} (received model)" if key_metric else "score (no key_metric)", justify="right")
     table.add_column("best")
     table.add_column("seconds", justify="right")
     for rec in rounds:
@@ -63,4 +65,17 @@ def summary_table(rounds: list[RoundRecord], key_metric: str) -> Table:
             str(rec.round), rec.task, str(len(rec.metrics)), _fmt(rec.score), "*" if rec.best else "",
             f"{rec.seconds:.1f}",
         )
+    return table
+
+
+def cross_site_table(results: dict[str, dict[str, dict[str, float]]]) -> Table:
+    """The cross-site matrix: one row per evaluating site, one column per model, every metric."""
+    models = sorted({m for scores in results.values() for m in scores})
+    table = Table(title="cross-site evaluation (rows: evaluating site)")
+    table.add_column("site")
+    for model in models:
+        table.add_column(model, justify="right")
+    for site, scores in results.items():
+        cells = [", ".join(f"{k}={v:.4g}" for k, v in scores[m].items()) if m in scores else "-" for m in models]
+        table.add_row(site, *cells)
     return table

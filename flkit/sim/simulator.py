@@ -1,4 +1,5 @@
-"""simulate(): run an exported job on this machine, every site a thread of this process.
+"""simulate(): run an exported job on this machine: the server and every site in this process
+(sites a ScriptRunner launches externally are processes of their own).
 
 The server is the real gRPC server on loopback, so the simulator exercises the
 same code paths as a deployment.
@@ -6,11 +7,17 @@ same code paths as a deployment.
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.config
+import re
 import secrets
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,8 +28,9 @@ from flkit.job.config import load_job
 from flkit.runner import site_for
 from flkit.runner.processes import sigterm_as_exit
 from flkit.server.controller import RoundRecord
+from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
-from flkit.sim.progress import ProgressPrinter, summary_table
+from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
 log = logging.getLogger("flkit.sim")
 
@@ -42,37 +50,80 @@ class SimulationResult:
     best_model_path: Path
     workspace: Path
     site_errors: dict[str, str] = field(default_factory=dict)
+    # {evaluator_site: {model_name: {metric: value}}} when the job ran cross-site evaluation.
+    cross_site_results: dict[str, Any] | None = None
+    cross_site_path: Path | None = None
 
 
-def _parse_gpus(gpu: str | None) -> list[int]:
+def parse_gpus(gpu: str | None) -> list[str]:
+    """NVFlare's gpu string: "0,1" (one device per site, round-robin) or groups "[0,1],[2,3]"
+    (a group per site). Without CUDA: a warning, and the sites run on the CPU."""
     if gpu is None or str(gpu).strip() == "":
         return []
-    try:
-        ids = [int(x) for x in str(gpu).split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"gpu must be a comma-separated list of device ids, got {gpu!r}") from None
+    text = str(gpu).replace(" ", "")
+    groups = re.findall(r"\[([0-9,]+)\]", text) if "[" in text else text.split(",")
+    rest = re.sub(r"\[[0-9,]+\]", "", text).strip(",") if "[" in text else ""
+    if rest or not groups or not all(re.fullmatch(r"[0-9]+(,[0-9]+)*", g) for g in groups):
+        raise ConfigError(f"gpu must be device ids like '0,1' or groups like '[0,1],[2,3]', got {gpu!r}")
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"gpu={gpu!r} was given but CUDA is not available on this machine")
-    return ids
+        warnings.warn(f"gpu={gpu!r} was given but CUDA is not available on this machine; the sites run on the CPU",
+                      stacklevel=3)
+        return []
+    count = torch.cuda.device_count()
+    bad = sorted({int(d) for g in groups for d in g.split(",") if int(d) >= count})
+    if bad:
+        raise ConfigError(f"gpu={gpu!r}: device(s) {bad} do not exist (this machine has {count} CUDA device(s))")
+    return groups
+
+
+# NVFlare's log modes, as levels of flkit's loggers.
+_LOG_MODES = {"concise": logging.WARNING, "msg_only": logging.WARNING, "full": logging.INFO,
+              "verbose": logging.DEBUG}
+
+
+def apply_log_config(log_config: str | None) -> None:
+    """A level name ("DEBUG", "INFO"...), NVFlare's mode ("concise", "msg_only", "full",
+    "verbose") or a logging dictConfig file (JSON), as NVFlare's simulator takes."""
+    if not log_config:
+        return
+    text = str(log_config)
+    level = _LOG_MODES.get(text.lower(), logging.getLevelName(text.upper()))
+    if isinstance(level, int):
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("flkit").setLevel(level)
+        return
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"log_config {text!r} is no level, no NVFlare log mode ({', '.join(_LOG_MODES)}) and "
+                          "no file")
+    try:
+        logging.config.dictConfig(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise ConfigError(f"log_config {path}: not a usable logging dictConfig (JSON): {exc}") from None
 
 
 def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None = None,
              threads: int | None = None, gpu: str | None = None, quiet: bool = False,
-             console: Console | None = None) -> SimulationResult:
-    """Run the job in ``job_dir`` with its sites as threads; outputs go under ``workspace``."""
+             console: Console | None = None, clients: list[str] | None = None,
+             log_config: str | None = None) -> SimulationResult:
+    """Run the job in ``job_dir``; outputs go under ``workspace`` (``server/`` and one folder per site).
+
+    ``threads``: at most this many sites hold a task at once; every site's script stays alive
+    (NVFlare's meaning). See ``FedJob.simulator_run`` for the other arguments.
+    """
     console = console or Console(highlight=False, soft_wrap=True)
+    apply_log_config(log_config)
     job = load_job(Path(job_dir))
-    sites = job.resolve_sites(n_clients)
+    sites = job.resolve_sites(n_clients, clients)
     workflow = job.workflow_config(len(sites))
-    if threads is not None and threads < len(sites):
-        raise ConfigError(
-            f"threads={threads} is fewer than the {len(sites)} sites: every site's script runs for the whole job "
-            "(launch_once=True), so each needs its own thread"
-        )
-    gpus = _parse_gpus(gpu)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    cap = threads if threads is not None and threads < len(sites) else None
+    gpus = parse_gpus(gpu)
     workspace = Path(workspace).resolve()
+    _clear_previous_run(workspace, list(sites), console, quiet)
     job_id = f"{job.name}-{secrets.token_hex(4)}"
     server = FLServer(
         workflow,
@@ -81,10 +132,13 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         workspace / "server",
         job_id=job_id,
         on_event=ProgressPrinter(console, quiet),
+        max_active_tasks=cap,
+        job_name=job.name,
     )
     address = server.start()
     if not quiet:
-        console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s), "
+        at_once = f", at most {cap} at a time" if cap else ""
+        console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s){at_once}, "
                       f"{workflow.num_rounds} round(s), server on {address}")
     runs = []
     try:
@@ -92,21 +146,23 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
             for i, (name, runner) in enumerate(sites.items()):
                 settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
                                         workspace=str(workspace / name))
-                run = site_for(settings, runner, job.script_path(runner), gpu=gpus[i % len(gpus)] if gpus else None)
+                run = site_for(settings, runner, job.script_path(runner), job_root=job.root,
+                               gpu=gpus[i % len(gpus)] if gpus else None)
                 run.start()
                 runs.append(run)
             outcome = server.wait()
-            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            grace = max([SHUTDOWN_GRACE_S, *(run.shutdown_timeout for run in runs)])
+            deadline = time.monotonic() + grace
             for run in runs:
                 if not run.join(max(0.0, deadline - time.monotonic())):
-                    log.warning("site %s is still running %.0f s after the job ended; stopping it", run.site,
-                                SHUTDOWN_GRACE_S)
+                    log.warning("site %s is still running %.0f s after the job ended; stopping it", run.site, grace)
     finally:
         for run in runs:
             run.stop()
         server.stop()
     errors = {r.site: r.outcome.error for r in runs if r.outcome is not None and not r.outcome.ok}
     best = server.controller.selector.best
+    cross_site = server.controller.cross_site
     result = SimulationResult(
         ok=not outcome.failed,
         reason=outcome.reason,
@@ -118,14 +174,33 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         best_model_path=server.persistor.best_model_path,
         workspace=workspace,
         site_errors=errors,
+        cross_site_results=None if cross_site is None else cross_site.results,
+        cross_site_path=None if cross_site is None else cross_site.path,
     )
     _print_summary(console, result)
     return result
 
 
+def _clear_previous_run(workspace: Path, sites: list[str], console: Console, quiet: bool) -> None:
+    """A workspace an earlier simulation wrote (it has server/round_state.json) starts clean: its
+    server folder and this job's site folders go, so tracking files, logs and results of two runs
+    never mix. Nothing is removed from a folder flkit did not write."""
+    if not (workspace / "server" / STATE_FILE).is_file():
+        return
+    for name in ["server", *sites]:
+        folder = workspace / name
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+    if not quiet:
+        console.print(f"cleared the previous run's results in {workspace}")
+
+
 def _print_summary(console: Console, result: SimulationResult) -> None:
     if result.rounds:
         console.print(summary_table(result.rounds, result.key_metric))
+    if result.cross_site_results:
+        console.print(cross_site_table(result.cross_site_results))
+        console.print(f"cross-site results -> {result.cross_site_path}")
     for site, error in result.site_errors.items():
         console.print(f"[bold red]{site} error:[/] {escape(error)}", highlight=False)
     if result.ok:

@@ -1,0 +1,264 @@
+"""NVFlare's recipe API (2.7+): a recipe is a job built from a few arguments, run in an env.
+
+``FedAvgRecipe(...)`` builds a ``FedJob`` (a FedAvg controller, the initial model, a model
+selector, one ScriptRunner for every site) and ``recipe.execute(env)`` deploys it in a
+``SimEnv`` or ``PocEnv``. Recipes are a thin layer over the job builder: everything they
+set is a job component, and ``recipe.job`` is the job.
+
+The recipe's ``min_clients`` is NVFlare's: the number of sites each round uses (a seeded
+sample when the env has more sites), all of which must answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flkit.compat import warn_if_set, warn_ignored
+from flkit.errors import ConfigError
+from flkit.job.components import FedAvg, IntimeModelSelector, PTModel, check_stop_cond, later
+from flkit.job.fed_job import FedJob, key_metric_direction
+from flkit.runner.script_runner import ExchangeFormat, FrameworkType, ScriptRunner, TransferType
+from flkit.server.config import check_site_name
+
+if TYPE_CHECKING:
+    from flkit.job.envs import ExecEnv, Run
+
+# The runner settings set_per_site_config may change, with their ScriptRunner names.
+_PER_SITE_KEYS = {"train_script": "script", "train_args": "script_args", "launch_external_process": None,
+                  "command": None, "framework": None, "server_expected_format": None, "params_transfer_type": None,
+                  "launch_once": None, "launch_timeout": None, "shutdown_timeout": None}
+
+
+class Recipe:
+    """A job plus the NVFlare recipe methods: ``execute(env)``, ``export(job_dir)``."""
+
+    def __init__(self, job: FedJob) -> None:
+        self.job = job
+        self.name = job.name
+        self.min_clients = job.min_clients
+
+    def execute(self, env: ExecEnv, server_exec_params: dict[str, Any] | None = None,
+                client_exec_params: dict[str, Any] | None = None) -> Run:
+        """Deploy the job in ``env`` and return its Run (SimEnv: after the simulation finished;
+        PocEnv: at once, with the server and sites running as processes)."""
+        from flkit.job.envs import Run
+
+        _exec_params(type(self).__name__, server_exec_params, client_exec_params)
+        self.finalize()
+        job_id = env.deploy(self.job)
+        return Run(env, job_id)
+
+    def run(self, env: ExecEnv, server_exec_params: dict[str, Any] | None = None,
+            client_exec_params: dict[str, Any] | None = None) -> Run:
+        """The same as ``execute`` (NVFlare 2.8's name)."""
+        return self.execute(env, server_exec_params, client_exec_params)
+
+    def export(self, job_dir: str | Path, server_exec_params: dict[str, Any] | None = None,
+               client_exec_params: dict[str, Any] | None = None, env: ExecEnv | None = None) -> Path:
+        """Write the job folder ``<job_dir>/<name>/`` that ``flkit simulate`` runs (``-n`` sets the
+        number of sites; default: the env's, else min_clients)."""
+        _exec_params(type(self).__name__, server_exec_params, client_exec_params)
+        self.finalize()
+        n = None if env is None else env.num_sites
+        return self.job.export_job(job_dir, n_clients=n or self.min_clients)
+
+    def finalize(self) -> None:
+        """Hook for recipes that complete their job at the last moment (nothing to do for FedAvg)."""
+
+    def process_env(self, env: ExecEnv) -> None:
+        """NVFlare's hook to adapt a job to its env; flkit jobs run unchanged in every env."""
+
+    def enable_log_streaming(self, *file_names: str) -> None:
+        warn_ignored(type(self).__name__, "enable_log_streaming()",
+                     "each site's output is printed with a [site] prefix and external sites keep "
+                     "<workspace>/<site>/output.log")
+
+    def set_per_site_config(self, config: dict[str, dict[str, Any]]) -> None:
+        """Different runner settings per site (``train_script``, ``train_args``, ``command``...); the
+        named sites are then the job's sites."""
+        set_per_site(self, config)
+
+
+def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
+    base = recipe.job._clients
+    if base is None:
+        raise ConfigError(f"{type(recipe).__name__} has no runner to vary per site")
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("per-site config must be {site: {setting: value}} with at least one site")
+    if len(config) < recipe.min_clients:
+        raise ConfigError(f"per-site config names {len(config)} site(s); min_clients={recipe.min_clients} needs "
+                          "at least that many")
+    for site, overrides in config.items():
+        check_site_name(site)
+        if site in ("server", "@ALL"):
+            raise ConfigError(f"per-site config is for sites, not {site!r}")
+        unknown = sorted(set(overrides) - set(_PER_SITE_KEYS))
+        if unknown:
+            raise ConfigError(f"per-site config of {site}: unknown setting(s) {unknown} "
+                              f"(known: {sorted(_PER_SITE_KEYS)})")
+        kwargs = {(_PER_SITE_KEYS[k] or k): v for k, v in overrides.items()}
+        server_format = kwargs.pop("server_expected_format", None)
+        if server_format is not None:
+            warn_if_set(site, {"server_expected_format": server_format},
+                        {"server_expected_format": ExchangeFormat.NUMPY},
+                        {"server_expected_format": "flkit's server always holds torch tensors"})
+        runner = base.replace(**kwargs)
+        recipe.job.to(runner, site)
+    recipe.job._clients = None  # the named sites are the job's sites
+
+
+def _exec_params(owner: str, server: dict[str, Any] | None, client: dict[str, Any] | None) -> None:
+    for name, value in (("server_exec_params", server), ("client_exec_params", client)):
+        if value:
+            warn_ignored(owner, name, "flkit's server and sites take no extra app configuration")
+
+
+def infer_key_metric_mode(key_metric: str | None, key_metric_mode: str | None, stop_cond: str | None) -> str:
+    """NVFlare's rule: without a mode, a stop_cond on the key metric says the direction
+    (``<``/``<=``: lower is better); a mode that contradicts it is an error."""
+    parsed = check_stop_cond(stop_cond)
+    implied = None
+    if parsed is not None and parsed[0] == key_metric and parsed[1] != "=":
+        implied = "min" if parsed[1] in ("<", "<=") else "max"
+    if key_metric_mode is None:
+        return implied or "max"
+    mode = str(getattr(key_metric_mode, "value", key_metric_mode)).lower()
+    if implied is not None and mode != implied:
+        raise ConfigError(f"key_metric_mode={mode!r} contradicts stop_cond={stop_cond!r}")
+    return mode
+
+
+class FedAvgRecipe(Recipe):
+    """FedAvg with NVFlare's FedAvgRecipe arguments (keyword-only, as in NVFlare).
+
+    ``min_clients`` sites take part in each round, each of which must answer. ``model``: an
+    nn.Module, a state_dict, or ``{"class_path": ..., "args": {...}}`` (2.7.0's
+    ``initial_model=`` is accepted too); ``initial_ckpt``: weights to start from (.safetensors,
+    or a tensors-only torch checkpoint). ``train_script``/``train_args``: what every site runs
+    (``per_site_config`` varies it per site). ``key_metric``/``key_metric_mode`` pick the best
+    global model. ``aggregation_weights``: a factor per site on FedAvg's weight.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "fedavg",
+        model: Any = None,
+        initial_ckpt: str | None = None,
+        min_clients: int,
+        num_rounds: int = 2,
+        train_script: str,
+        train_args: str = "",
+        aggregator: Any = None,
+        aggregator_data_kind: Any = None,
+        launch_external_process: bool = False,
+        command: str = "python3 -u",
+        framework: str = FrameworkType.PYTORCH,
+        server_expected_format: str = ExchangeFormat.NUMPY,
+        params_transfer_type: str = TransferType.FULL,
+        model_persistor: Any = None,
+        model_locator: Any = None,
+        per_site_config: dict[str, dict[str, Any]] | None = None,
+        launch_once: bool = True,
+        launch_timeout: float | None = 300.0,
+        shutdown_timeout: float = 0.0,
+        key_metric: str | None = "accuracy",
+        key_metric_mode: str | None = None,
+        stop_cond: str | None = None,
+        patience: int | None = None,
+        best_model_filename: str | None = None,
+        save_filename: str | None = None,
+        exclude_vars: str | None = None,
+        aggregation_weights: dict[str, float] | None = None,
+        server_memory_gc_rounds: int = 0,
+        enable_tensor_disk_offload: bool = False,
+        client_memory_gc_rounds: int = 0,
+        cuda_empty_cache: bool = False,
+        initial_model: Any = None,
+    ) -> None:
+        owner = type(self).__name__
+        if aggregator is not None:
+            raise ConfigError(f"{owner}(aggregator=...): {later('custom aggregators')}; FedAvg's weighted mean is "
+                              "built in")
+        if initial_model is not None:
+            if model is not None:
+                raise ConfigError(f"{owner}: give model= or initial_model= (2.7.0's name), not both")
+            model = initial_model
+        if model is None and initial_ckpt is None:
+            why = " (a custom model_persistor cannot stand in for it in flkit)" if model_persistor else ""
+            raise ConfigError(f"{owner} needs model=... or initial_ckpt=...{why}")
+        mode = infer_key_metric_mode(key_metric, key_metric_mode, stop_cond)
+        warn_if_set(owner, locals(), {
+            "aggregator_data_kind": None, "server_expected_format": ExchangeFormat.NUMPY, "model_persistor": None,
+            "model_locator": None, "stop_cond": None, "patience": None, "best_model_filename": None,
+            "save_filename": None, "exclude_vars": None, "enable_tensor_disk_offload": False,
+        }, {
+            "aggregator_data_kind": "each result's params_type (FULL or DIFF) says what it holds",
+            "server_expected_format": "flkit's server always holds torch tensors",
+            "model_persistor": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "model_locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "stop_cond": later("early stopping") + "; all num_rounds rounds run",
+            "patience": later("early stopping") + "; all num_rounds rounds run",
+            "best_model_filename": "the best model is saved as best_FL_global_model.safetensors",
+            "save_filename": "the best model is saved as best_FL_global_model.safetensors",
+            "exclude_vars": "every tensor of the model is aggregated",
+            "enable_tensor_disk_offload": "results are folded into the running mean as they arrive",
+        })
+        if not isinstance(min_clients, int) or min_clients < 1:
+            raise ConfigError(f"{owner}: min_clients must be >= 1, got {min_clients!r}")
+        job = FedJob(name=name, min_clients=min_clients)
+        job.to_server(PTModel(model, initial_ckpt=initial_ckpt))
+        job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, aggregation_weights=aggregation_weights,
+                             memory_gc_rounds=server_memory_gc_rounds))
+        if key_metric:
+            job.to_server(IntimeModelSelector(key_metric=key_metric,
+                                              negate_key_metric=key_metric_direction(mode, None)))
+        job.to_clients(ScriptRunner(
+            script=train_script, script_args=train_args, launch_external_process=launch_external_process,
+            command=command, framework=framework, params_transfer_type=params_transfer_type,
+            launch_once=launch_once, launch_timeout=launch_timeout, shutdown_timeout=shutdown_timeout,
+            memory_gc_rounds=client_memory_gc_rounds, cuda_empty_cache=cuda_empty_cache,
+        ))
+        super().__init__(job)
+        if per_site_config:
+            self.set_per_site_config(per_site_config)
+
+
+class _Later(Recipe):
+    """A recipe NVFlare has whose algorithm flkit does not have yet: the name imports, and
+    building it says so (instead of running something else)."""
+
+    algorithm = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError(f"{type(self).__name__}: {later(self.algorithm)}; FedAvgRecipe is available")
+
+
+class FedProxRecipe(_Later):
+    algorithm = "FedProx"
+
+
+class ScaffoldRecipe(_Later):
+    algorithm = "SCAFFOLD"
+
+
+class FedOptRecipe(_Later):
+    algorithm = "FedOpt (FedAdam, FedYogi, FedAdagrad)"
+
+
+class CyclicRecipe(_Later):
+    algorithm = "cyclic weight transfer"
+
+
+class FedEvalRecipe(_Later):
+    algorithm = "an evaluate-only run of a saved model"
+
+
+class FedAvgRecipeWithHE(_Later):
+    algorithm = "homomorphic encryption"
+
+
+class SwarmLearningRecipe(_Later):
+    algorithm = "swarm learning"
+
