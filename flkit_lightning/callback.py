@@ -28,7 +28,7 @@ log = logging.getLogger("flkit.lightning")
 
 # A LightningModule may carry extra meta for the server here (NVFlare's name for it).
 FL_META_ATTR = "__fl_meta__"
-TRAIN, VALIDATE = "train", "validate"
+TRAIN, VALIDATE, SUBMIT_MODEL = "train", "validate", "submit_model"
 
 
 class FLCallback(Callback):
@@ -68,8 +68,17 @@ class FLCallback(Callback):
                 return
             self._start_round(trainer, pl_module, model)
         name = self.task[1]
+        if name == SUBMIT_MODEL:
+            # Cross-site evaluation asks for this site's own model: the module as trained so far.
+            if trainer.is_global_zero:
+                self._answer(FLModel(params=pl_module.state_dict()))
+            else:
+                self._answer(FLModel(metrics={}))  # ranks > 0: closes the task, sends nothing
+            if fitting:
+                self._skip_fit(trainer, "this round's task 'submit_model' was answered with the local model")
+            return
         if name not in (TRAIN, VALIDATE):
-            raise FLKitError(f"flkit_lightning answers 'train' and 'validate' tasks, got '{name}'")
+            raise FLKitError(f"flkit_lightning answers 'train', 'validate' and 'submit_model' tasks, got '{name}'")
         if fitting and name == VALIDATE:
             log.warning("site %s, round %s: task 'validate' reached fit() before any validate(); it is answered "
                         "with no metrics. Call trainer.validate() before fit() in the loop to report them.",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flkit.client.settings import SiteSettings, set_context_settings
 from flkit.errors import FLKitError
-from flkit.runner import thread_io
+from flkit.runner import site_console, thread_io
 from flkit.runner.outcome import SiteOutcome, report_site_failure
 
 log = logging.getLogger("flkit.runner")
@@ -25,7 +25,10 @@ class InProcessSite:
     traceback goes to the server at once, so the job never waits on a dead site.
     """
 
-    def __init__(self, settings: SiteSettings, script: Path, argv: list[str], gpu: int | None = None) -> None:
+    # Seconds the simulator waits for the script to end by itself after the job ended.
+    shutdown_timeout = 0.0
+
+    def __init__(self, settings: SiteSettings, script: Path, argv: list[str], gpu: str | None = None) -> None:
         self.settings = settings
         self.script = Path(script).resolve()
         self.argv = [str(self.script), *argv]
@@ -47,6 +50,7 @@ class InProcessSite:
         if script_dir not in sys.path:
             sys.path.insert(0, script_dir)  # like `python script.py`, so sibling modules import
         thread_io.install()
+        site_console.install()
         self._thread.start()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -63,13 +67,14 @@ class InProcessSite:
 
         set_context_settings(self.settings)
         thread_io.set_site_io(self.argv, f"[{self.site}] ")
+        site_console.use_own_console()
         Path(self.settings.workspace).mkdir(parents=True, exist_ok=True)
         error = None
         try:
             if self.gpu is not None:
                 import torch
 
-                torch.cuda.set_device(self.gpu)
+                torch.cuda.set_device(int(str(self.gpu).split(",")[0]))  # this thread's current device
             runpy.run_path(str(self.script), run_name="__main__")
         except SystemExit as exc:
             if exc.code not in (None, 0):
@@ -77,6 +82,7 @@ class InProcessSite:
         except BaseException as exc:
             error = self._describe(exc)
         finally:
+            site_console.uninstall()
             thread_io.uninstall()
         if error:
             log.debug("site %s failed: %s", self.site, error)
