@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,50 @@ from flkit.server.config import WorkflowConfig
 from flkit.server.server import FLServer
 
 SCRIPTS = Path(__file__).parent / "scripts"
+NVFLARE_JOBS = Path(__file__).parent / "nvflare_jobs"
 REPO = Path(__file__).resolve().parent.parent
+
+# NVFlare import -> flkit import, as the README's table gives them (module prefixes; the imported
+# names stay the same).
+NVFLARE_IMPORTS = {
+    "import nvflare.client as flare": "import flkit as flare",
+    "import nvflare.client.lightning as flare": "import flkit_lightning as flare",
+    "from nvflare.client.tracking import": "from flkit.tracking import",
+    "from nvflare.app_opt.pt.job_config.fed_avg import": "from flkit.job import",
+    "from nvflare.app_opt.pt.job_config.base_fed_job import": "from flkit.job import",
+    "from nvflare.job_config.script_runner import": "from flkit.job import",
+    "from nvflare.job_config.api import": "from flkit.job import",
+    "from nvflare.app_common.launchers.subprocess_launcher import": "from flkit.job import",
+    "from nvflare.app_common.workflows.fedavg import": "from flkit.job import",
+    "from nvflare.app_common.widgets.intime_model_selector import": "from flkit.job import",
+    "from nvflare.app_opt.pt.recipes.fedavg import": "from flkit.job import",
+    "from nvflare.app_opt.pt.recipes import": "from flkit.job import",
+    "from nvflare.recipe.sim_env import": "from flkit.job import",
+    "from nvflare.recipe.poc_env import": "from flkit.job import",
+    "from nvflare.recipe.utils import": "from flkit.job import",
+    "from nvflare.recipe import": "from flkit.job import",
+}
+
+
+def nvflare_to_flkit(folder: Path, dest: Path) -> Path:
+    """Copy an NVFlare-shaped job folder to ``dest`` with only its nvflare import lines changed."""
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("__pycache__", "README.md"))
+    changed_any = False
+    for path in dest.rglob("*.py"):
+        lines = path.read_text().splitlines(keepends=True)
+        out = []
+        for line in lines:
+            new = line
+            for old, repl in NVFLARE_IMPORTS.items():
+                if line.startswith(old + " ") or line.rstrip("\n") == old:
+                    new = repl + line[len(old):]
+                    break
+            assert not re.match(r"\s*(import|from)\s+nvflare", new), f"{path.name}: no flkit import for {line!r}"
+            changed_any |= new != line
+            out.append(new)
+        path.write_text("".join(out))
+    assert changed_any, f"{folder} has no nvflare import to change"
+    return dest
 
 
 def with_flkit_import(script: Path, folder: Path) -> Path:

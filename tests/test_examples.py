@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -167,8 +168,8 @@ def test_job_help_explains_every_option(tmp_path):
         # more clients than ports
         (["--n_clients", "3", "--launch_process", "--launch_command", "torchrun --master_port={PORT}",
           "--ports", "7777,8888"], "2 port(s) for 3 clients"),
-        # ports without an external process
-        (["--ports", "7777,8888"], "--launch_process"),
+        # {PORT} without an external process
+        (["--launch_command", "torchrun --master_port={PORT}"], "--launch_process"),
         (["--launch_process", "--launch_command", "torchrun --master_port={PORT}", "--ports", "7777,x"],
          "'x' is not a port"),
     ],
@@ -179,3 +180,16 @@ def test_job_rejects_bad_ports_before_starting(tmp_path, args, message):
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "ws").exists() and not (tmp_path / "jobs").exists(), "something was started"
+
+
+@pytest.mark.parametrize("extra", [["--launch_process"], []])
+def test_job_runs_with_ports_its_launch_command_does_not_use(tmp_path, extra):
+    """NVFlare's job script has --ports 7777,8888 by default and uses them only where the launch
+    command has {PORT}: the mission's `--launch_process --ports 7777,8888` runs, with one note."""
+    proc = _run_job("--script", "src/cifar10_fl.py", *extra, "--ports", "7777,8888", "--export_only",
+                    tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("--ports 7777,8888 is not used") == 1, proc.stderr
+    job = json.loads((tmp_path / "jobs" / "cifar10_fedavg" / "job.json").read_text())
+    runner = job["clients"]
+    assert runner["launch_external_process"] == bool(extra) and runner["command"] == "python3 -u"

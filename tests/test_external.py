@@ -163,7 +163,7 @@ def test_script_that_never_calls_init_in_time_fails_the_site(tmp_path):
 def test_launch_once_false_launches_the_script_once_per_task(tmp_path):
     script = with_flkit_import(SCRIPTS / "nvflare_cifar10_fl.py", tmp_path / "code")
     torch.manual_seed(0)
-    job = FedAvgJob(name="per_task", initial_model=SmallNet(), n_clients=2, num_rounds=2)
+    job = FedAvgJob(name="per_task", initial_model=SmallNet(), n_clients=2, num_rounds=2, final_validation=True)
     job.to_clients(ScriptRunner(script=str(script), script_args="--epochs 1", launch_external_process=True,
                                 launch_once=False))
     result = job.simulator_run(tmp_path / "ws", quiet=True)

@@ -10,7 +10,7 @@ from conftest import REPO
 
 def test_ruff_clean():
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "flkit", "flkit_lightning", "tests", "tools", "bench", "examples"],
+        [sys.executable, "-m", "ruff", "check", "flkit", "flkit_lightning", "tests", "tools", "bench", "examples", "jobs"],
         cwd=REPO, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -109,7 +109,7 @@ def test_script_that_never_joins_fails_the_job_at_once(tmp_path):
 
 
 def test_client_api_answers_during_a_job(tmp_path):
-    job = FedAvgJob(name="api", initial_model=torch.nn.Linear(2, 2), n_clients=2, num_rounds=2)
+    job = FedAvgJob(name="api", initial_model=torch.nn.Linear(2, 2), n_clients=2, num_rounds=2, final_validation=True)
     job.to_clients(ScriptRunner(script=str(SCRIPTS / "api_surface.py"), script_args="--flag 'two words'"))
     result = job.simulator_run(tmp_path / "ws", quiet=True)
     assert result.ok

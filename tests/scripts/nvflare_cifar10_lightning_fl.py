@@ -4,6 +4,7 @@
 # fit(). The data is scikit-learn's digits instead of a CIFAR-10 download. The test replaces
 # only the nvflare import line with flkit_lightning's.
 import argparse
+from pathlib import Path
 
 import nvflare.client.lightning as flare
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
@@ -41,7 +42,8 @@ def main():
 
     model = LitSmall()
     # NVFlare's script passes devices=None on CPU, which Lightning >= 2.0 rejects; 1 is its meaning.
-    trainer = Trainer(max_epochs=args.epochs, devices=1, enable_progress_bar=False)
+    # The progress bar is left as Lightning chooses it (RichProgressBar when rich is installed).
+    trainer = Trainer(max_epochs=args.epochs, devices=1)
 
     # (2) patch the lightning trainer
     flare.patch(trainer)
@@ -60,6 +62,9 @@ def main():
         # perform local training starting with the received global model
         print("--- train new model ---")
         trainer.fit(model, datamodule=dm)
+
+    # For the test: the progress bar each trainer ended with.
+    Path(flare.get_config()["workspace"], "progress_bar.txt").write_text(type(trainer.progress_bar_callback).__name__)
 
 
 if __name__ == "__main__":
