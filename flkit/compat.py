@@ -10,12 +10,16 @@ can silence them by category.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# flkit's own packages: frames in them are not the user's (a separator ends each, so a user's
+# folder that merely starts with the same name, e.g. flkit_examples/, is the user's).
+_PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep
+                      for name in ("flkit", "flkit_lightning"))
 
 
 class IgnoredArgumentWarning(UserWarning):
@@ -25,7 +29,7 @@ class IgnoredArgumentWarning(UserWarning):
 def _user_stacklevel() -> int:
     """The stacklevel of the first caller outside flkit, so the warning points at the user's line."""
     level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
         frame = frame.f_back
         level += 1
     return level

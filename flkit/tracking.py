@@ -12,26 +12,15 @@ Create a writer after ``flare.init()`` (or ``flare.patch(trainer)`` with Lightni
 
 from __future__ import annotations
 
-import json
-import threading
-from pathlib import Path
 from typing import Any
 
 from flkit.wire.tracking_records import AnalyticsDataType, make_record
 
-_write_lock = threading.Lock()
-
 __all__ = ["AnalyticsDataType", "MLflowWriter", "SummaryWriter", "WandBWriter", "write_record"]
 
 
-def tracking_file(session) -> Path:
-    path = Path(session.settings.workspace) / "tracking.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
-    """Check one record, keep it locally and queue it for the server's receivers.
+    """Check one record and hand it to the site's RecordQueue (its tracking.jsonl, its receivers).
 
     ``global_step`` (or ``step``) in kwargs is the record's step; ``path`` names a text
     artifact (MLflow's ``log_text``). Any other keyword is refused: nothing is dropped silently.
@@ -41,11 +30,7 @@ def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs:
     if kwargs:
         raise TypeError(f"flare.log() got unexpected keyword argument(s) {sorted(kwargs)}; "
                         "known: global_step (or step), path")
-    record = make_record(key, value, data_type, step=step, path=path)
-    line = json.dumps({**record, "site": session.settings.site_name})
-    with _write_lock, open(tracking_file(session), "a") as fh:
-        fh.write(line + "\n")
-    session.queue_record(record)
+    session.queue_record(make_record(key, value, data_type, step=step, path=path))
 
 
 def _session():

@@ -27,6 +27,13 @@ NVFLARE_IMPORTS = {
     "from nvflare.client.tracking import": "from flkit.tracking import",
     "from nvflare.app_opt.pt.job_config.fed_avg import": "from flkit.job import",
     "from nvflare.app_opt.pt.job_config.base_fed_job import": "from flkit.job import",
+    "from nvflare.app_opt.pt.job_config.model import": "from flkit.job import",
+    "from nvflare.client.config import": "from flkit.job import",
+    "from nvflare.app_common.workflows.cross_site_model_eval import": "from flkit.job import",
+    "from nvflare.app_common.widgets.validation_json_generator import": "from flkit.job import",
+    "from nvflare.app_opt.tracking.tb.tb_receiver import": "from flkit.job import",
+    "from nvflare.app_opt.tracking.mlflow.mlflow_receiver import": "from flkit.job import",
+    "from nvflare.app_opt.tracking.wandb.wandb_receiver import": "from flkit.job import",
     "from nvflare.job_config.script_runner import": "from flkit.job import",
     "from nvflare.job_config.api import": "from flkit.job import",
     "from nvflare.app_common.launchers.subprocess_launcher import": "from flkit.job import",
@@ -38,6 +45,7 @@ NVFLARE_IMPORTS = {
     "from nvflare.recipe.poc_env import": "from flkit.job import",
     "from nvflare.recipe.utils import": "from flkit.job import",
     "from nvflare.recipe import": "from flkit.job import",
+    "from nvflare.apis.dxo import": "from flkit.job import",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from flkit.client import ranks
 from flkit.client.grpc_transport import TaskMessage
+from flkit.client.records import RecordQueue
 from flkit.client.session import task_model
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, ConfigError, FLKitError
@@ -46,6 +47,9 @@ class FollowerSession:
         self._ended = False
         self.end_reason = ""
         self.job_failed = False
+        self.records = RecordQueue(settings.site_name, settings.workspace, settings.job_id,
+                                   file_name=f"tracking.rank{rank}.jsonl")
+        self.records.configure({})  # only the file: rank 0 sends the site's records
 
     def _require_link(self) -> ranks.RankLink:
         if self._link is None:
@@ -129,7 +133,9 @@ class FollowerSession:
         return False
 
     def queue_record(self, record: dict[str, Any]) -> None:
-        """Tracking records of ranks > 0 stay in the local tracking.jsonl; rank 0 speaks for the site."""
+        """Tracking records of ranks > 0 stay in their own file; rank 0 speaks for the site."""
+        self.records.add(record)
 
     def close(self, failure: str | None = None, silent: bool = False) -> None:
-        """Nothing to tell the server: rank 0 speaks for the site."""
+        """Nothing to tell the server (rank 0 speaks for the site); the record file is closed."""
+        self.records.close()

@@ -1,10 +1,13 @@
-"""A site's tracking records on their way: to its own receivers and in batches to the server.
+"""A site's tracking records on their way: its own file, its own receivers, the server.
 
-Records are logged from the training loop, so logging must cost a list append, not a
-network round trip. What happens to them depends on the job, which the site learns when it
-joins: the server's receivers (``add_experiment_tracking``, server side) get them in batches
-of ``RECORD_BATCH`` at the next ``send()``, heartbeat or close; receivers the site runs itself
-(client side) get each one at once. Records logged before the site joined wait for that.
+Records are logged from the training loop, so logging must cost a buffered line and a list
+append, not a file open or a network round trip. Every record goes to the site's
+``tracking.jsonl`` (one file handle for the whole job, flushed at each send, heartbeat and the
+end). The rest depends on the job, which the site learns when it joins: the server's receivers
+(``add_experiment_tracking``, server side) get records in batches of ``RECORD_BATCH`` at the next
+``send()``, heartbeat or close; receivers the site runs itself (client side) get each one at
+once. Records logged before the site joined wait for that. A full batch wakes a sender
+thread, so the training loop never waits for the network.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ log = logging.getLogger("flkit.client")
 
 RECORD_BATCH = 1000
 MAX_QUEUED_RECORDS = 100_000
+# The sender thread also sends what is queued this often, so records show up while a round runs.
+SEND_INTERVAL_S = 5.0
 
 Sender = Callable[[str], None]  # sends one JSON array of records; raises CommunicationError to retry later
 
@@ -29,10 +34,12 @@ Sender = Callable[[str], None]  # sends one JSON array of records; raises Commun
 class RecordQueue:
     """The tracking records of one site (see the module doc)."""
 
-    def __init__(self, site: str, workspace: str, job_id: str) -> None:
+    def __init__(self, site: str, workspace: str, job_id: str, file_name: str = "tracking.jsonl") -> None:
         self.site = site
         self.workspace = Path(workspace)
         self.job_id = job_id
+        self.path = self.workspace / file_name
+        self._file = None  # opened at the first record
         self._configured = False
         self._to_server = False
         self._local = None  # TrackingHub of the site's own receivers
@@ -41,14 +48,22 @@ class RecordQueue:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # one sender at a time, so no batch goes twice
         self._warned = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def configure(self, job_config: dict[str, Any]) -> None:
-        """The job's settings from the join reply: where records go."""
+    def configure(self, job_config: dict[str, Any], sender: Sender | None = None) -> None:
+        """The job's settings from the join reply: where records go. ``sender`` sends a batch to
+        the server (from a thread of this queue's own)."""
         with self._lock:
             if self._configured:
                 return
             self._configured = True
-            self._to_server = bool(job_config.get("tracking"))
+            self._to_server = bool(job_config.get("tracking")) and sender is not None
+            if self._to_server:
+                self._thread = threading.Thread(target=self._send_loop, args=(sender,), daemon=True,
+                                                name=f"flkit-records-{self.site}")
+                self._thread.start()
             specs = job_config.get("client_tracking") or []
             if specs:
                 from flkit.server.tracking import TrackingHub
@@ -58,15 +73,27 @@ class RecordQueue:
         for record in early:
             self._route(record)
 
-    def add(self, record: dict[str, Any], send_now: Callable[[], None]) -> None:
-        """Take one checked record; ``send_now`` is called when a batch is full."""
+    def add(self, record: dict[str, Any]) -> None:
+        """Take one checked record (a full batch wakes the sender thread)."""
+        line = json.dumps({**record, "site": self.site}) + "\n"
         with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the job, closed in close()
+            self._file.write(line)
             if not self._configured:
                 self._early.append(record)
                 del self._early[:-MAX_QUEUED_RECORDS]
                 return
         if self._route(record) >= RECORD_BATCH:
-            send_now()
+            self._wake.set()
+
+    def _send_loop(self, sender: Sender) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(SEND_INTERVAL_S)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.send(sender)
 
     def _route(self, record: dict[str, Any]) -> int:
         if self._local is not None:
@@ -83,8 +110,14 @@ class RecordQueue:
                                 "newest %d", self.site, MAX_QUEUED_RECORDS)
             return len(self._queue)
 
+    def flush_file(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
     def send(self, sender: Sender) -> None:
         """Send what is queued, in batches (best effort: kept for the next try if the server is away)."""
+        self.flush_file()
         if not self._to_server:
             return
         with self._send_lock:
@@ -105,5 +138,14 @@ class RecordQueue:
                     del self._queue[: len(batch)]
 
     def close(self) -> None:
+        """Stop the sender thread and close the file (send what is left first: ``send``)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
         if self._local is not None:
             self._local.close()

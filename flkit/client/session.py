@@ -127,7 +127,7 @@ class Session:
             )
             self._session_id, self.job_config = sid, config
             self._heartbeat_interval = interval or self._heartbeat_interval
-            self.records.configure(config)
+            self.records.configure(config, self._send_records)
             log.info("site %s joined job %s at %s", s.site_name, s.job_id, s.server)
             if self._heartbeat_thread is None:
                 self._heartbeat_thread = threading.Thread(
@@ -141,7 +141,6 @@ class Session:
             sid = self._session_id
             if sid is None:
                 continue
-            self.flush_records()
             try:
                 running = self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
                 if not running and not self._ended:
@@ -158,13 +157,17 @@ class Session:
 
     def queue_record(self, record: dict[str, Any]) -> None:
         """A checked tracking record for the job's receivers (sent in batches, see RecordQueue)."""
-        self.records.add(record, self.flush_records)
+        self.records.add(record)
+
+    def _send_records(self, records_json: str) -> None:
+        sid = self._session_id
+        if sid is None:
+            raise ServerUnreachable("not joined (yet, or again)")
+        self.transport.log_metrics(sid, records_json, self.settings.transfer_timeout_s)
 
     def flush_records(self) -> None:
         """Send the queued tracking records to the server now (best effort)."""
-        sid = self._session_id
-        if sid is not None:
-            self.records.send(lambda text: self.transport.log_metrics(sid, text, self.settings.transfer_timeout_s))
+        self.records.send(self._send_records)
 
     # -- the Client API -----------------------------------------------------
 

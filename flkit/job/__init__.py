@@ -8,6 +8,7 @@ Every name an NVFlare job script imports from ``nvflare.job_config``,
 from flkit.compat import IgnoredArgumentWarning
 from flkit.job.components import (
     CrossSiteModelEval,
+    DataKind,
     FedAvg,
     IntimeModelSelector,
     MLflowReceiver,
@@ -52,6 +53,7 @@ __all__ = [
     "BaseScriptRunner",
     "CrossSiteModelEval",
     "CyclicRecipe",
+    "DataKind",
     "ExchangeFormat",
     "ExecEnv",
     "FedAvg",

@@ -74,14 +74,21 @@ def _up(folder: Path, levels: int) -> Path:
     return folder
 
 
-def copy_script(script: Path, job_dir: Path, destination: PurePosixPath) -> None:
+def copy_script(script: Path, job_dir: Path, destination: PurePosixPath, placed: dict[Path, Path]) -> None:
     """Copy the script to ``job_dir/destination`` and its local modules beside it, keeping their
-    layout relative to the script's folder."""
+    layout relative to the script's folder. ``placed`` (target -> source, shared by every script
+    of the job) refuses two different files for one place: two sites' ``helper.py`` from two
+    folders must not overwrite each other silently."""
     source_root = script.resolve().parent
     dest_root = job_dir.joinpath(*destination.parts).parent
     for path in local_modules(script):
         target = dest_root / path.relative_to(source_root)
         if path == script.resolve():
             target = job_dir.joinpath(*destination.parts)
+        earlier = placed.get(target)
+        if earlier is not None and earlier != path:
+            raise ConfigError(f"{earlier} and {path} would both be {target.relative_to(job_dir)} in the job "
+                              "folder; put the scripts in one folder or give their modules different names")
+        placed[target] = path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,22 @@ from flkit.compat import warn_if_set
 from flkit.errors import ConfigError
 from flkit.server.config import check_site_name
 from flkit.wire.codec import Params, to_cpu_params
+
+
+class DataKind(str, Enum):
+    """NVFlare's DXO data kinds. flkit needs none of them: each result's params_type (FULL or
+    DIFF) says what it holds. The name exists so job scripts that pass it keep running."""
+
+    FL_MODEL = "FL_MODEL"
+    WEIGHTS = "WEIGHTS"
+    WEIGHT_DIFF = "WEIGHT_DIFF"
+    METRICS = "METRICS"
+    ANALYTIC = "ANALYTIC"
+    COLLECTION = "COLLECTION"
+    STATISTICS = "STATISTICS"
+    RAW = "RAW"
+    APP_DEFINED = "APP_DEFINED"
+
 
 STOP_COND = re.compile(r"^(\S+) (>=|<=|>|<|=) (\S+)$")
 

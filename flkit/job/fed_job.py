@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from dataclasses import fields
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -151,6 +151,10 @@ class FedJob:
     def _to_server(self, obj: Any, id: str | None, kwargs: dict[str, Any]) -> Any:  # noqa: A002
         if kwargs:
             raise ConfigError(f"job.to(..., 'server') got unknown argument(s) {sorted(kwargs)}")
+        if isinstance(obj, (str, Path)):
+            warn_ignored("FedJob.to", f"the file {str(obj)!r} for the server", "flkit's server runs no job code "
+                                                                               "or files; only sites get custom/")
+            return None
         if isinstance(obj, FedAvg):
             self.controller = obj
             if obj.initial_params is not None:
@@ -218,7 +222,8 @@ class FedJob:
         sites, clients = self._runners()
         if not sites and clients is None:
             raise ConfigError(f"job '{self.name}' has no sites: use job.to(runner, 'site-1') or to_clients()")
-        count = n_clients or (len(sites) if clients is None else max(len(sites), 1))
+        needed = [self.min_clients, self.controller.num_clients if self.controller else 1]
+        count = n_clients or (len(sites) if clients is None else max(len(sites), *needed))
         if self.min_clients > count:
             raise ConfigError(f"job '{self.name}' needs min_clients={self.min_clients} sites but has {count}")
         workflow = self.workflow(count)
@@ -226,17 +231,11 @@ class FedJob:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        placed: dict[PurePosixPath, Path] = {}
+        placed: dict[Path, Path] = {}  # file in the job folder -> its source
 
         def place(runner: BaseScriptRunner) -> BaseScriptRunner:
-            script = Path(runner.script).resolve()
             dest = script_destination(runner.script)
-            if placed.get(dest, script) != script:
-                raise ConfigError(f"two different scripts would both be {dest} in the job folder: "
-                                  f"{placed[dest]} and {script}")
-            if dest not in placed:
-                copy_script(script, out, dest)
-                placed[dest] = script
+            copy_script(Path(runner.script), out, dest, placed)
             return runner.replace(script=str(dest))
 
         job = JobConfig(
@@ -316,6 +315,8 @@ class BaseFedJob(FedJob):
     ) -> None:
         super().__init__(name, min_clients, mandatory_clients, **workflow_options)
         owner = type(self).__name__
+        if convert_to_fed_event is True:  # NVFlare's meaning of True is its default
+            convert_to_fed_event = None
         warn_if_set(owner, {"convert_to_fed_event": convert_to_fed_event, "model_persistor": model_persistor,
                             "model_locator": model_locator, "metrics_artifact_writer": metrics_artifact_writer},
                     {"convert_to_fed_event": None, "model_persistor": None, "model_locator": None,
@@ -325,6 +326,8 @@ class BaseFedJob(FedJob):
             "model_locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
             "metrics_artifact_writer": "each round's metrics are in <workspace>/server/round_state.json",
         })
+        if intime_model_selector is not None and model_selector is not None:
+            raise ConfigError(f"{owner}: give intime_model_selector (2.6's name) or model_selector (main's), not both")
         selector = intime_model_selector or model_selector
         if selector is not None:
             if not isinstance(selector, IntimeModelSelector):
@@ -354,7 +357,7 @@ class FedAvgJob(BaseFedJob):
     for losses; ``None``: no selection). flkit's own keywords: ``params_transfer_type``
     ("DIFF": sites send ``trained - received``), ``final_validation`` (score the last global model
     with one more task; off, as NVFlare sends none), ``cross_site_eval`` (after training every
-    site scores every model), ``tracking`` ("tensorboard", "mlflow", "wandb"), the timeouts
+    site scores every model), ``analytics_receiver`` (True: TensorBoard files; or a receiver), the timeouts
     (``join_timeout_s``, ``round_timeout_s``, ``heartbeat_interval_s``, ``heartbeat_timeout_s``).
     """
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
-from flkit.job.components import FedAvg, IntimeModelSelector, PTModel, check_stop_cond, later
+from flkit.job.components import DataKind, FedAvg, IntimeModelSelector, PTModel, check_stop_cond, later
 from flkit.job.fed_job import FedJob, key_metric_direction
 from flkit.runner.script_runner import ExchangeFormat, FrameworkType, ScriptRunner, TransferType
 from flkit.server.config import check_site_name
@@ -37,6 +37,7 @@ class Recipe:
         self.job = job
         self.name = job.name
         self.min_clients = job.min_clients
+        self.runner = job._clients  # what every site runs; per-site settings vary it
 
     def execute(self, env: ExecEnv, server_exec_params: dict[str, Any] | None = None,
                 client_exec_params: dict[str, Any] | None = None) -> Run:
@@ -81,7 +82,8 @@ class Recipe:
 
 
 def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
-    base = recipe.job._clients
+    """Replace the job's sites by the named ones, each running ``recipe.runner`` with its overrides."""
+    base = recipe.runner
     if base is None:
         raise ConfigError(f"{type(recipe).__name__} has no runner to vary per site")
     if not isinstance(config, dict) or not config:
@@ -89,6 +91,7 @@ def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
     if len(config) < recipe.min_clients:
         raise ConfigError(f"per-site config names {len(config)} site(s); min_clients={recipe.min_clients} needs "
                           "at least that many")
+    runners = {}
     for site, overrides in config.items():
         check_site_name(site)
         if site in ("server", "@ALL"):
@@ -103,7 +106,9 @@ def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
             warn_if_set(site, {"server_expected_format": server_format},
                         {"server_expected_format": ExchangeFormat.NUMPY},
                         {"server_expected_format": "flkit's server always holds torch tensors"})
-        runner = base.replace(**kwargs)
+        runners[site] = base.replace(**kwargs)
+    recipe.job._sites.clear()  # a second call replaces the first
+    for site, runner in runners.items():
         recipe.job.to(runner, site)
     recipe.job._clients = None  # the named sites are the job's sites
 
@@ -151,7 +156,7 @@ class FedAvgRecipe(Recipe):
         train_script: str,
         train_args: str = "",
         aggregator: Any = None,
-        aggregator_data_kind: Any = None,
+        aggregator_data_kind: Any = DataKind.WEIGHTS,
         launch_external_process: bool = False,
         command: str = "python3 -u",
         framework: str = FrameworkType.PYTORCH,
@@ -190,7 +195,8 @@ class FedAvgRecipe(Recipe):
             raise ConfigError(f"{owner} needs model=... or initial_ckpt=...{why}")
         mode = infer_key_metric_mode(key_metric, key_metric_mode, stop_cond)
         warn_if_set(owner, locals(), {
-            "aggregator_data_kind": None, "server_expected_format": ExchangeFormat.NUMPY, "model_persistor": None,
+            "aggregator_data_kind": DataKind.WEIGHTS, "server_expected_format": ExchangeFormat.NUMPY,
+            "model_persistor": None,
             "model_locator": None, "stop_cond": None, "patience": None, "best_model_filename": None,
             "save_filename": None, "exclude_vars": None, "enable_tensor_disk_offload": False,
         }, {

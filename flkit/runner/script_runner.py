@@ -133,6 +133,8 @@ class BaseScriptRunner:
         init_timeout_s: float | None = None,
     ) -> None:
         owner = type(self).__name__
+        if pipe_connect_type is not None and str(getattr(pipe_connect_type, "value", pipe_connect_type)) == "via_cp":
+            pipe_connect_type = None  # NVFlare's default, whichever way it is spelled
         warn_if_set(owner, {"server_expected_format": server_expected_format, "pipe_connect_type": pipe_connect_type,
                             "task_pipe": task_pipe, "metric_pipe": metric_pipe, "metric_relay": metric_relay,
                             "executor": executor}, _IGNORED_DEFAULTS, _IGNORED)
