@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             n_clients=args.n_clients,
             num_rounds=args.num_rounds,
             key_metric=args.key_metric,
+            final_validation=True,  # score the final global model too (one more validate task)
         )
         if args.ports:  # each site's own port in its launch command, e.g. its DDP rendezvous port
             for i, port in enumerate(args.ports[: args.n_clients], start=1):

@@ -160,11 +160,16 @@ class Controller:
         failed = {s.name: s.failure for s in self.registry.sites.values() if s.status == SiteStatus.FAILED}
         return "; ".join(f"{name}: {_first_line(why)}" for name, why in failed.items())
 
-    def _mandatory_failed_locked(self) -> str | None:
+    def _mandatory_failed_locked(self, started: bool = True) -> str | None:
+        """Why the job cannot go on without a mandatory site (failed, or left once rounds started)."""
         for name in self.config.mandatory_clients:
             state = self.registry.sites.get(name)
-            if state is not None and state.status == SiteStatus.FAILED:
+            if state is None:
+                continue
+            if state.status == SiteStatus.FAILED:
                 return f"mandatory site {name} failed: {_first_line(state.failure)}"
+            if started and state.status == SiteStatus.LEFT:
+                return f"mandatory site {name} left the job before it ended"
         return None
 
     def _wait_for_sites(self) -> JobEnd | None:
@@ -175,7 +180,7 @@ class Controller:
                 if reg.end is not None:
                     return reg.end
                 reg.reap_dead_locked()
-                why = self._mandatory_failed_locked()
+                why = self._mandatory_failed_locked(started=False)
                 if why:
                     return JobEnd(True, why)
                 joined = reg.active_sites_locked()
@@ -211,6 +216,9 @@ class Controller:
         with reg.cond:
             reg.reap_dead_locked()
             active = reg.active_sites_locked()
+            why = self._mandatory_failed_locked()
+            if why:
+                return JobEnd(True, f"round {round_num}: {why}")
             if len(active) < cfg.min_clients:
                 return JobEnd(True, f"round {round_num}: only {len(active)} site(s) available, "
                                     f"min_clients={cfg.min_clients} ({self._failures_locked() or 'sites left'})")
@@ -222,7 +230,7 @@ class Controller:
         else:
             handler, params = (lambda answer: None), "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
-                   "total_rounds": cfg.num_rounds})
+                   "total_rounds": cfg.num_rounds, "first_round": cfg.start_round})
         end = self._dispatch(task_name, round_num, sites, self._global_blob, {}, record, params, handler,
                              min_answers=min(cfg.min_clients, len(sites)), timeout_s=cfg.round_timeout_s,
                              timeout_label="round_timeout_s", started=started)
@@ -308,6 +316,10 @@ class Controller:
             meta=meta,
         )
         with reg.cond:
+            # Only sites still in the job get the task: one that failed or left since the caller
+            # chose them (e.g. between two models of cross-site evaluation) would never answer.
+            sites = [s for s in sites if reg.sites[s].status == SiteStatus.JOINED]
+            record.sites = list(sites)
             self._open = _OpenTask(task, record, params, on_answer)
             reg.assign_locked(task, sites)
         try:

@@ -70,7 +70,7 @@ class FLServer:
             client_config={
                 "job_id": job_id,
                 "num_sites": len(sites),
-                "total_rounds": workflow.num_rounds,
+                "total_rounds": workflow.last_round + 1,  # as every task says (start_round + num_rounds)
                 "params_transfer_type": workflow.params_transfer_type,
                 "key_metric": workflow.key_metric,
                 "tracking": bool(workflow.tracking),

@@ -429,6 +429,12 @@ class WandBReceiver(TrackingReceiver):
     def close(self) -> None:
         runs, self._runs = self._runs, {}
         _end_each(self.tracking_type, "finish the run", runs, lambda run: run.finish())
+        if runs:
+            # finish() can return before W&B's service process has written a run's transaction log
+            # (seen offline with several runs); teardown waits for the service to finish and exit.
+            import wandb
+
+            wandb.teardown()
 
 
 RECEIVERS: dict[str, type[TrackingReceiver]] = {

@@ -36,7 +36,8 @@ class ProgressPrinter:
                 label = (
                     f"final validation (after {event['total_rounds']} rounds)"
                     if event["task"] == "validate"
-                    else f"round {event['round']} ({event['round'] + 1}/{event['total_rounds']})"
+                    else f"round {event['round']} "
+                    f"({event['round'] - event.get('first_round', 0) + 1}/{event['total_rounds']})"
                 )
                 self.console.print(f"[bold]{label}[/]: {event['task']} on {len(event['sites'])} site(s)")
             elif kind == "result":

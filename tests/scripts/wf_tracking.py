@@ -1,6 +1,6 @@
 """Logs through every NVFlare-named writer each round; bad values are tried once and must raise.
 
-What each bad call raised goes to <site workspace>/refused.json ({"nan": "ValidationError: ..."}).
+One more scalar is logged after the job ended. What each bad call raised goes to <site workspace>/refused.json ({"nan": "ValidationError: ..."}).
 """
 import json
 from pathlib import Path
@@ -38,4 +38,5 @@ while flare.is_running():
         attempt("text", lambda: tb.add_scalar("x", "high"))
         attempt("kwarg", lambda: flare.log("x", 1.0, colour="red"))
     flare.send(flare.FLModel(params=model.params, metrics={"accuracy": 0.5}))
+tb.add_scalar("after_job", offset + 7.0, global_step=9)  # logged after the last send: sent at the end
 (Path(flare.get_config()["workspace"]) / "refused.json").write_text(json.dumps(refused))
