@@ -137,3 +137,23 @@ def test_lightning_ddp_example_runs_as_users_type_it(tmp_path):
     assert all(sorted(r["metrics"]) == ["site-1", "site-2"] for r in state["history"])
     for site in ("site-1", "site-2"):
         assert "[rank: 1]" in (ws / site / "output.log").read_text()  # Lightning started the second rank
+
+
+@pytest.mark.slow
+def test_mission_command_runs_with_external_processes_and_unused_ports(tmp_path):
+    """`python job.py --script src/cifar10_fl.py --launch_process --ports 7777,8888`, as users type it
+    (with the offline data): the launch command has no {PORT}, so the ports are noted as unused."""
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        [sys.executable, "job.py", "--script", "src/cifar10_fl.py", "--launch_process", "--ports", "7777,8888",
+         "--script_args", "--dataset digits --epochs 1", "--num_rounds", "1", "--workspace", str(ws)],
+        cwd=EXAMPLE, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("--ports 7777,8888 is not used (--launch_command has no {PORT})") == 1
+    state = json.loads((ws / "server" / "round_state.json").read_text())
+    assert state["status"] == "completed" and state["completed_rounds"] == 1
+    for site in ("site-1", "site-2"):
+        log = (ws / site / "output.log").read_text()
+        assert "custom/src/cifar10_fl.py --dataset digits --epochs 1" in log.splitlines()[0]
