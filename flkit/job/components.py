@@ -45,6 +45,15 @@ def later(feature: str) -> str:
     return f"{feature} is not available in this version of flkit yet"
 
 
+# Why NVFlare arguments have no effect here (one wording, whichever class takes them).
+KEEPS_MODELS = "flkit's server keeps the models itself (<workspace>/server/*.safetensors)"
+HOLDS_TENSORS = "flkit's server always holds torch tensors"
+NO_EARLY_STOP = later("early stopping") + "; all num_rounds rounds run"
+ALL_AGGREGATED = "every tensor of the model is aggregated"
+STREAMED = "results are folded into the running mean as they arrive"
+BEST_FILE = "the best model is saved as best_FL_global_model.safetensors"
+
+
 def check_stop_cond(stop_cond: str | None) -> tuple[str, str, float] | None:
     """NVFlare's ``"<metric> <op> <value>"`` (single spaces), parsed; ConfigError when malformed."""
     if stop_cond is None:
@@ -98,15 +107,15 @@ class FedAvg:
             "save_filename": "FL_global_model.pt", "task_name": "train", "exclude_vars": None,
             "enable_tensor_disk_offload": False, "stop_cond": None, "patience": None,
         }, {
-            "persistor_id": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "persistor_id": KEEPS_MODELS,
             "allow_empty_global_weights": "an empty result is always refused with a clear error",
             "task_check_period": "the server is woken by each answer; there is no polling period",
             "save_filename": "the global model is saved as FL_global_model.safetensors",
             "task_name": "training tasks are always named 'train' (flare.is_train())",
-            "exclude_vars": "every tensor of the model is aggregated",
-            "enable_tensor_disk_offload": "results are folded into the running mean as they arrive",
-            "stop_cond": later("early stopping") + "; all num_rounds rounds run",
-            "patience": later("early stopping") + "; all num_rounds rounds run",
+            "exclude_vars": ALL_AGGREGATED,
+            "enable_tensor_disk_offload": STREAMED,
+            "stop_cond": NO_EARLY_STOP,
+            "patience": NO_EARLY_STOP,
         })
         self.num_clients = num_clients
         self.num_rounds = num_rounds
@@ -154,10 +163,10 @@ class PTModel:
                  best_model_filename: str | None = None) -> None:
         warn_if_set("PTModel", locals(), {"persistor": None, "locator": None, "allow_numpy_conversion": True,
                                           "best_model_filename": None}, {
-            "persistor": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
-            "locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "persistor": KEEPS_MODELS,
+            "locator": KEEPS_MODELS,
             "allow_numpy_conversion": "the server always holds torch tensors",
-            "best_model_filename": "the best model is saved as best_FL_global_model.safetensors",
+            "best_model_filename": BEST_FILE,
         })
         if model is None and initial_ckpt is None:
             raise ConfigError("PTModel needs a model or an initial_ckpt")

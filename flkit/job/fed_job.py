@@ -23,6 +23,7 @@ from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
 from flkit.job.code import CODE_DIR, copy_script, script_destination
 from flkit.job.components import (
+    KEEPS_MODELS,
     RECEIVERS,
     CrossSiteModelEval,
     FedAvg,
@@ -322,8 +323,8 @@ class BaseFedJob(FedJob):
                     {"convert_to_fed_event": None, "model_persistor": None, "model_locator": None,
                      "metrics_artifact_writer": None}, {
             "convert_to_fed_event": "logged records always reach the server's receivers",
-            "model_persistor": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
-            "model_locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
+            "model_persistor": KEEPS_MODELS,
+            "model_locator": KEEPS_MODELS,
             "metrics_artifact_writer": "each round's metrics are in <workspace>/server/round_state.json",
         })
         if intime_model_selector is not None and model_selector is not None:

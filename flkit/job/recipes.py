@@ -16,7 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
-from flkit.job.components import DataKind, FedAvg, IntimeModelSelector, PTModel, check_stop_cond, later
+from flkit.job.components import (
+    ALL_AGGREGATED,
+    BEST_FILE,
+    HOLDS_TENSORS,
+    KEEPS_MODELS,
+    NO_EARLY_STOP,
+    STREAMED,
+    DataKind,
+    FedAvg,
+    IntimeModelSelector,
+    PTModel,
+    check_stop_cond,
+    later,
+)
 from flkit.job.fed_job import FedJob, key_metric_direction
 from flkit.runner.script_runner import ExchangeFormat, FrameworkType, ScriptRunner, TransferType
 from flkit.server.config import check_site_name
@@ -105,7 +118,7 @@ def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
         if server_format is not None:
             warn_if_set(site, {"server_expected_format": server_format},
                         {"server_expected_format": ExchangeFormat.NUMPY},
-                        {"server_expected_format": "flkit's server always holds torch tensors"})
+                        {"server_expected_format": HOLDS_TENSORS})
         runners[site] = base.replace(**kwargs)
     recipe.job._sites.clear()  # a second call replaces the first
     for site, runner in runners.items():
@@ -201,15 +214,15 @@ class FedAvgRecipe(Recipe):
             "save_filename": None, "exclude_vars": None, "enable_tensor_disk_offload": False,
         }, {
             "aggregator_data_kind": "each result's params_type (FULL or DIFF) says what it holds",
-            "server_expected_format": "flkit's server always holds torch tensors",
-            "model_persistor": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
-            "model_locator": "flkit's server keeps the models itself (<workspace>/server/*.safetensors)",
-            "stop_cond": later("early stopping") + "; all num_rounds rounds run",
-            "patience": later("early stopping") + "; all num_rounds rounds run",
-            "best_model_filename": "the best model is saved as best_FL_global_model.safetensors",
-            "save_filename": "the best model is saved as best_FL_global_model.safetensors",
-            "exclude_vars": "every tensor of the model is aggregated",
-            "enable_tensor_disk_offload": "results are folded into the running mean as they arrive",
+            "server_expected_format": HOLDS_TENSORS,
+            "model_persistor": KEEPS_MODELS,
+            "model_locator": KEEPS_MODELS,
+            "stop_cond": NO_EARLY_STOP,
+            "patience": NO_EARLY_STOP,
+            "best_model_filename": BEST_FILE,
+            "save_filename": BEST_FILE,
+            "exclude_vars": ALL_AGGREGATED,
+            "enable_tensor_disk_offload": STREAMED,
         })
         if not isinstance(min_clients, int) or min_clients < 1:
             raise ConfigError(f"{owner}: min_clients must be >= 1, got {min_clients!r}")
