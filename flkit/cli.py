@@ -70,6 +70,8 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8002, show_default=True, help="Port to listen on (0 picks a free one).")
 @click.option("-n", "--n-clients", "n_clients", type=int, default=None, help="Number of sites (to_clients jobs).")
+@click.option("-c", "--clients", default=None,
+              help="Comma-separated site names instead of site-1..site-N (to_clients jobs).")
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace/server"),
               show_default=True, help="Where the global model, best model and round state are written.")
 @click.option("--job-id", default=None, help="Job id the sites must present (default: the job name).")
@@ -79,8 +81,8 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
               help="Seconds to keep serving after the job ends so busy sites learn it and leave "
                    "(default: two heartbeat intervals + 5 s).")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace: Path, job_id: str | None,
-           token: str | None, linger: float | None, verbose: int) -> None:
+def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: str | None, workspace: Path,
+           job_id: str | None, token: str | None, linger: float | None, verbose: int) -> None:
     """Serve the job in JOB_DIR to remote sites (insecure gRPC; TLS comes later)."""
     from flkit.job.config import load_job
     from flkit.server.server import FLServer
@@ -90,7 +92,8 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, workspace
     console = Console(highlight=False, soft_wrap=True)
     try:
         job = load_job(job_dir)
-        sites = job.resolve_sites(n_clients)
+        names = None if clients is None else [c.strip() for c in clients.split(",") if c.strip()]
+        sites = job.resolve_sites(n_clients, names)
         srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
                        on_event=ProgressPrinter(console), job_name=job.name)

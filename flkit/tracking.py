@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flkit.compat import warn_ignored
 from flkit.wire.tracking_records import AnalyticsDataType, make_record
 
 __all__ = ["AnalyticsDataType", "MLflowWriter", "SummaryWriter", "WandBWriter", "write_record"]
@@ -22,15 +23,16 @@ __all__ = ["AnalyticsDataType", "MLflowWriter", "SummaryWriter", "WandBWriter", 
 def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
     """Check one record and hand it to the site's RecordQueue (its tracking.jsonl, its receivers).
 
-    ``global_step`` (or ``step``) in kwargs is the record's step; ``path`` names a text
-    artifact (MLflow's ``log_text``). Any other keyword is refused: nothing is dropped silently.
+    ``global_step`` (or ``step``) in kwargs is the record's step, ``walltime`` its time; ``path``
+    names a text artifact (MLflow's ``log_text``). Other keywords (NVFlare hands them to the
+    receiver's writer, e.g. torch's ``new_style``) are named in an IgnoredArgumentWarning.
     """
     step = kwargs.pop("global_step", kwargs.pop("step", None))
     path = kwargs.pop("path", None)
-    if kwargs:
-        raise TypeError(f"flare.log() got unexpected keyword argument(s) {sorted(kwargs)}; "
-                        "known: global_step (or step), path")
-    session.queue_record(make_record(key, value, data_type, step=step, path=path))
+    when = kwargs.pop("walltime", None)
+    for name in sorted(kwargs):
+        warn_ignored("flare.log", name, "the receivers write each record as it is")
+    session.queue_record(make_record(key, value, data_type, step=step, path=path, when=when))
 
 
 def _session():

@@ -68,7 +68,8 @@ def test_26_client_api_job_runs_in_process_with_gpu_0_on_cpu(tmp_path):
     job = nvflare_to_flkit(ML_TO_FL, tmp_path / "job")
     ws = tmp_path / "ws"
     proc = _run(job, "pt_client_api_job.py", "--workdir", str(ws))
-    assert "gpu='0' was given but CUDA is not available" in proc.stderr
+    if not torch.cuda.is_available():  # with CUDA, the sites use device 0
+        assert "gpu='0' was given but CUDA is not available" in proc.stderr
     state = _state(ws)
     assert state["status"] == "completed"
     # NVFlare's FedAvg: train rounds only, no extra validation task.

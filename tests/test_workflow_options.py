@@ -586,20 +586,23 @@ def test_in_process_job_streams_every_writer_to_tensorboard_and_keeps_local_reco
             "acc": [(0, off + 0.5), (1, off + 0.75)],
             "f1": [(0, off + 0.25), (1, off + 0.5)],
             "custom": [(0, off), (1, off + 2.0)],
+            "walltime_kw": [(0, off)],
             "after_job": [(9, off + 7.0)],
         }, site
         records = [json.loads(line) for line in (ws / site / "tracking.jsonl").read_text().splitlines()]
         assert all(r["site"] == site for r in records)
-        assert [(r["key"], r["type"], r["step"]) for r in records] == [
-            (key, kind, step) for rnd in (0, 1) for key, kind, step in (
-                ("loss", "SCALAR", rnd), ("acc", "METRIC", rnd), ("params", "PARAMETERS", None),
-                ("stage", "TAG", None), ("metrics", "METRICS", rnd), ("custom", "SCALAR", rnd))
-        ] + [("after_job", "SCALAR", 9)]
+        per_round = [(key, kind, step) for rnd in (0, 1) for key, kind, step in (
+            ("loss", "SCALAR", rnd), ("acc", "METRIC", rnd), ("params", "PARAMETERS", None),
+            ("stage", "TAG", None), ("metrics", "METRICS", rnd), ("custom", "SCALAR", rnd))]
+        assert [(r["key"], r["type"], r["step"]) for r in records] == \
+            per_round[:6] + [("walltime_kw", "SCALAR", 0)] + per_round[6:] + [("after_job", "SCALAR", 9)]
+        assert records[6]["time"] == 1234.5  # SummaryWriter's walltime is the record's time
         assert records[2]["value"] == {"lr": 0.1, "opt": "sgd"} and records[3]["value"] == "round-0"
         refused = json.loads((ws / site / "refused.json").read_text())
         assert refused["nan"] == "ValidationError: tracking record 'x' value must be a finite number, got nan"
         assert refused["text"] == "ValidationError: tracking record 'x' value must be a finite number, got 'high'"
-        assert refused["kwarg"].startswith("TypeError: flare.log() got unexpected keyword argument(s) ['colour']")
+        assert refused["kwarg_warnings"] == ["flare.log: new_style is accepted but has no effect in flkit: the "
+                                             "receivers write each record as it is"]
 
 
 def _raw_log_metrics(server: FLServer, session_id: str, records_json: str) -> None:

@@ -1,13 +1,14 @@
 """A site's tracking records on their way: its own file, its own receivers, the server.
 
-Records are logged from the training loop, so logging must cost a buffered line and a list
+Records are logged from the training loop, so logging must cost a JSON line and a list
 append, not a file open or a network round trip. Every record goes to the site's
-``tracking.jsonl`` (one file handle for the whole job, flushed at each send, heartbeat and the
+``tracking.jsonl`` (one file handle for the whole job, flushed at each ``send()`` and at the
 end). The rest depends on the job, which the site learns when it joins: the server's receivers
-(``add_experiment_tracking``, server side) get records in batches of ``RECORD_BATCH`` at the next
-``send()``, heartbeat or close; receivers the site runs itself (client side) get each one at
-once. Records logged before the site joined wait for that. A full batch wakes a sender
-thread, so the training loop never waits for the network.
+(``add_experiment_tracking``, server side) get records in batches (at most ``RECORD_BATCH``
+records and ``BATCH_BYTES`` bytes, so a batch always fits a gRPC message) from a sender thread,
+woken by a full batch, every ``SEND_INTERVAL_S``, and flushed at each ``send()`` and at the end;
+receivers the site runs itself (client side) get each one at once. Records logged before the
+site joined wait for that.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flkit.errors import CommunicationError, FLKitError
+from flkit.errors import CommunicationError, FLKitError, ValidationError
 
 log = logging.getLogger("flkit.client")
 
 RECORD_BATCH = 1000
+BATCH_BYTES = 2 * 1024 * 1024  # well under the gRPC message cap (flkit.wire.grpc_options)
+MAX_RECORD_BYTES = 1024 * 1024  # one record, as JSON
 MAX_QUEUED_RECORDS = 100_000
 # The sender thread also sends what is queued this often, so records show up while a round runs.
 SEND_INTERVAL_S = 5.0
@@ -39,12 +43,14 @@ class RecordQueue:
         self.workspace = Path(workspace)
         self.job_id = job_id
         self.path = self.workspace / file_name
+        self._site_json = json.dumps(site)
         self._file = None  # opened at the first record
         self._configured = False
         self._to_server = False
         self._local = None  # TrackingHub of the site's own receivers
-        self._early: list[dict[str, Any]] = []  # logged before the job settings were known
-        self._queue: list[dict[str, Any]] = []
+        self._early: list[tuple[dict[str, Any], str]] = []  # logged before the job settings were known
+        self._queue: deque[tuple[int, str]] = deque()  # (sequence number, record as JSON) not sent yet
+        self._next_seq = 0
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # one sender at a time, so no batch goes twice
         self._warned = False
@@ -70,22 +76,27 @@ class RecordQueue:
 
                 self._local = TrackingHub(specs, self.workspace, self.job_id)
             early, self._early = self._early, []
-        for record in early:
-            self._route(record)
+        for record, text in early:
+            self._route(record, text)
 
     def add(self, record: dict[str, Any]) -> None:
-        """Take one checked record (a full batch wakes the sender thread)."""
-        line = json.dumps({**record, "site": self.site}) + "\n"
+        """Take one checked record (a full batch wakes the sender thread). A record larger than
+        MAX_RECORD_BYTES is refused here, at the line that logged it."""
+        text = json.dumps(record)
+        if len(text) > MAX_RECORD_BYTES:
+            raise ValidationError(f"tracking record '{record['key']}' is {len(text)} bytes as JSON; the limit is "
+                                  f"{MAX_RECORD_BYTES}")
+        line = f'{text[:-1]}, "site": {self._site_json}}}\n'
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the job, closed in close()
             self._file.write(line)
             if not self._configured:
-                self._early.append(record)
+                self._early.append((record, text))
                 del self._early[:-MAX_QUEUED_RECORDS]
                 return
-        if self._route(record) >= RECORD_BATCH:
+        if self._route(record, text) >= RECORD_BATCH:
             self._wake.set()
 
     def _send_loop(self, sender: Sender) -> None:
@@ -95,15 +106,16 @@ class RecordQueue:
             if not self._stop.is_set():
                 self.send(sender)
 
-    def _route(self, record: dict[str, Any]) -> int:
+    def _route(self, record: dict[str, Any], text: str) -> int:
         if self._local is not None:
             self._local.write(self.site, [record])
         if not self._to_server:
             return 0
         with self._lock:
-            self._queue.append(record)
-            if len(self._queue) > MAX_QUEUED_RECORDS:
-                del self._queue[: len(self._queue) - MAX_QUEUED_RECORDS]
+            self._queue.append((self._next_seq, text))
+            self._next_seq += 1
+            while len(self._queue) > MAX_QUEUED_RECORDS:
+                self._queue.popleft()
                 if not self._warned:
                     self._warned = True
                     log.warning("site %s: the server has not taken tracking records for a while; keeping the "
@@ -115,6 +127,24 @@ class RecordQueue:
             if self._file is not None:
                 self._file.flush()
 
+    def _next_batch(self) -> tuple[int, list[str]]:
+        """The oldest queued records that fit one batch, and the sequence number of the last one."""
+        texts, size, last = [], 2, -1
+        with self._lock:
+            for seq, text in self._queue:
+                if texts and (len(texts) >= RECORD_BATCH or size + len(text) + 1 > BATCH_BYTES):
+                    break
+                texts.append(text)
+                size += len(text) + 1
+                last = seq
+        return last, texts
+
+    def _forget_through(self, last: int) -> None:
+        """Drop the records up to sequence ``last`` (trimming may have dropped some already)."""
+        with self._lock:
+            while self._queue and self._queue[0][0] <= last:
+                self._queue.popleft()
+
     def send(self, sender: Sender) -> None:
         """Send what is queued, in batches (best effort: kept for the next try if the server is away)."""
         self.flush_file()
@@ -122,20 +152,18 @@ class RecordQueue:
             return
         with self._send_lock:
             while True:
-                with self._lock:
-                    batch = self._queue[:RECORD_BATCH]
-                if not batch:
+                last, texts = self._next_batch()
+                if not texts:
                     return
                 try:
-                    sender(json.dumps(batch))
+                    sender("[" + ",".join(texts) + "]")
                 except CommunicationError as exc:
                     log.debug("site %s: tracking records not sent yet: %s", self.site, exc)
                     return
                 except FLKitError as exc:  # refused: the batch is dropped, and the site says so
                     log.warning("site %s: %d tracking record(s) refused by the server: %s", self.site,
-                                len(batch), exc)
-                with self._lock:
-                    del self._queue[: len(batch)]
+                                len(texts), exc)
+                self._forget_through(last)
 
     def close(self) -> None:
         """Stop the sender thread and close the file (send what is left first: ``send``)."""

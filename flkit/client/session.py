@@ -78,6 +78,7 @@ class Session:
         self._pending: TaskMessage | None = None  # fetched by is_running(), not yet received
         self._current: TaskMessage | None = None  # received, not yet answered (or kept by clear_cache=False)
         self._current_answered = False
+        self._diff_base: dict[str, torch.Tensor] | None = None  # the received model, for a DIFF
         self._last_task_name = ""
         self._ended = False
         self.end_reason = ""
@@ -159,15 +160,21 @@ class Session:
         """A checked tracking record for the job's receivers (sent in batches, see RecordQueue)."""
         self.records.add(record)
 
-    def _send_records(self, records_json: str) -> None:
+    def _send_records(self, records_json: str, timeout: float | None = None) -> None:
         sid = self._session_id
         if sid is None:
             raise ServerUnreachable("not joined (yet, or again)")
-        self.transport.log_metrics(sid, records_json, self.settings.transfer_timeout_s)
+        try:
+            self.transport.log_metrics(sid, records_json, timeout or self.settings.transfer_timeout_s)
+        except SessionExpired as exc:  # the server forgot this site: the records wait for the re-join
+            with self._lock:
+                if self._session_id == sid:
+                    self._session_id = None
+            raise ServerUnreachable(str(exc)) from None
 
-    def flush_records(self) -> None:
+    def flush_records(self, timeout: float | None = None) -> None:
         """Send the queued tracking records to the server now (best effort)."""
-        self.records.send(self._send_records)
+        self.records.send(lambda text: self._send_records(text, timeout))
 
     # -- the Client API -----------------------------------------------------
 
@@ -290,7 +297,16 @@ class Session:
         self._current, self._pending = self._pending, None
         self._current_answered = False
         self._last_task_name = self._current.task_name
+        self._diff_base = None
+        if self._current.task_name == "train" and self._current.params is not None and self._sends_diff():
+            # The script may change the received tensors in place (numpy views, `p += ...`): a DIFF
+            # must be taken against the model as it arrived, so keep one copy of it.
+            self._diff_base = {k: v.clone() for k, v in self._current.params.items()}
         return task_model(self._current, self.settings)
+
+    def _sends_diff(self) -> bool:
+        transfer = self.settings.params_transfer_type or self.job_config.get("params_transfer_type", "FULL")
+        return transfer == ParamsType.DIFF.value
 
     def is_running(self) -> bool:
         """True while the job has work for this site; waits for the next task to find out."""
@@ -336,9 +352,8 @@ class Session:
                 raise ValidationError(f"task 'train' of round {task.current_round} must be answered with params")
             params = to_cpu_params(model.params)
             params_type = model.params_type.value
-            transfer = self.settings.params_transfer_type or self.job_config.get("params_transfer_type", "FULL")
-            if transfer == ParamsType.DIFF.value and model.params_type == ParamsType.FULL:
-                params = self._diff(params, task)
+            if self._sends_diff() and model.params_type == ParamsType.FULL:
+                params = self._diff(params, self._diff_base if self._diff_base is not None else task.params or {})
                 params_type = ParamsType.DIFF.value
             payload = encode_params(params)
             del params
@@ -381,8 +396,7 @@ class Session:
             torch.cuda.empty_cache()
 
     @staticmethod
-    def _diff(params: dict[str, torch.Tensor], task: TaskMessage) -> dict[str, torch.Tensor]:
-        received = task.params or {}
+    def _diff(params: dict[str, torch.Tensor], received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = sorted(set(received) - set(params))
         if missing:
             raise ValidationError(f"cannot compute a DIFF: params lack {missing[:5]} of the received model")
@@ -410,6 +424,7 @@ class Session:
         self._heartbeat_stop.set()
         s = self.settings
         if silent:
+            self.flush_records(timeout=5.0)  # what the script logged still counts
             self.records.close()
             self.transport.close()
             return

@@ -120,11 +120,15 @@ class SimEnv(ExecEnv):
         return self.num_clients
 
     def deploy(self, job: FedJob) -> str:
-        """Simulate the whole job now; raises JobFailedError (after the summary) if it failed."""
+        """Simulate the whole job now. A failed job is a Run too (its status says so, after the
+        simulator's summary), as with PocEnv; a job that cannot start raises."""
+        from flkit.sim.simulator import simulate
+
         workspace = self.workspace_root / job.name
-        self.results[job.name] = job.simulator_run(workspace, None if self.clients else self.num_clients,
-                                                   self.num_threads, self.gpu_config, self.log_config,
-                                                   clients=self.clients)
+        job_dir = job.export_job(workspace / "job", n_clients=self.num_clients)
+        self.results[job.name] = simulate(job_dir, workspace, n_clients=None if self.clients else self.num_clients,
+                                          threads=self.num_threads, gpu=self.gpu_config, clients=self.clients,
+                                          log_config=self.log_config)
         return job.name
 
     def get_job_status(self, job_id: str) -> str | None:
@@ -267,8 +271,8 @@ class _PocJob:
         flkit = [sys.executable, "-m", "flkit.cli"]
         with self._lock:
             self.server = self._popen([*flkit, "server", str(self.job_dir), "--host", "127.0.0.1", "--port", str(port),
-                                       "--workspace", str(self.root / "server"), "--job-id", self.job_id],
-                                      "server", env)
+                                       "--clients", ",".join(self.sites), "--workspace", str(self.root / "server"),
+                                       "--job-id", self.job_id], "server", env)
             for i, site in enumerate(self.sites):
                 site_env = dict(env)
                 if self.gpus:

@@ -230,7 +230,10 @@ class FedJob:
         workflow = self.workflow(count)
         out = Path(job_root) / self.name
         if out.exists():
-            shutil.rmtree(out)
+            if not (out / JOB_FILE).is_file() and any(out.iterdir()):
+                raise ConfigError(f"{out} exists and is not a job folder flkit exported (no {JOB_FILE}); "
+                                  "refusing to replace it: export elsewhere or give the job another name")
+            shutil.rmtree(out)  # an earlier export of a job (or an empty folder)
         out.mkdir(parents=True)
         placed: dict[Path, Path] = {}  # file in the job folder -> its source
 

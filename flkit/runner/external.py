@@ -205,21 +205,34 @@ class ExternalSite:
         return None
 
     def _clean_up(self, log_file) -> None:
-        """The launcher's clean_up_script, after the process ended (a failure is logged, not fatal)."""
+        """The launcher's clean_up_script, after the process ended (a failure is logged, not fatal).
+        It is supervised like the script: ``stop()`` ends it, and so does its time limit."""
         line = self.runner.clean_up_script
         if not line:
             return
         argv = processes.python_command(shlex.split(line))
         log_file.write(f"=== flkit clean-up: {shlex.join(argv)}\n")
         log_file.flush()
+        with self._proc_lock:
+            if self._stopping.is_set():
+                return
+            try:
+                proc = subprocess.Popen(argv, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                log.warning("site %s: clean-up command %s cannot start: %s", self.site, shlex.join(argv), exc)
+                return
+            self._proc = proc
         try:
-            done = subprocess.run(argv, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=log_file,
-                                  stderr=subprocess.STDOUT, timeout=CLEAN_UP_TIMEOUT_S)
-            if done.returncode != 0:
-                log.warning("site %s: clean-up command %s %s", self.site, shlex.join(argv),
-                            processes.describe_exit(done.returncode))
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("site %s: clean-up command %s failed: %s", self.site, shlex.join(argv), exc)
+            code = proc.wait(CLEAN_UP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            processes.end_process_tree(proc, STOP_GRACE_S)
+            log.warning("site %s: clean-up command %s did not end within %.0f s; stopped", self.site,
+                        shlex.join(argv), CLEAN_UP_TIMEOUT_S)
+            return
+        processes.reap_group(proc.pid)
+        if code != 0 and not self._stopping.is_set():
+            log.warning("site %s: clean-up command %s %s", self.site, shlex.join(argv), processes.describe_exit(code))
 
     def _watch(self, proc: subprocess.Popen, marker: Path) -> str | None:
         """Wait for the process; end it if flkit.init() does not come within launch_timeout."""

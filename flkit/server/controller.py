@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flkit.errors import ValidationError
@@ -71,6 +72,8 @@ class Answer:
     params: Params | None = None
     params_type: ParamsType = ParamsType.FULL
     payload: bytes | None = None  # the params as received (safetensors), for saving without re-encoding
+    saved_to: Path | None = None  # where the task's prepare step stored the params
+    problem: str | None = None  # why the prepare step could not use the answer (not the site's fault)
 
 
 @dataclass
@@ -79,7 +82,9 @@ class _OpenTask:
     record: RoundRecord
     # What the answer must carry: "required" (train), "optional" (submit_model), "ignored".
     params: str
-    on_answer: Callable[[Answer], None]
+    on_answer: Callable[[Answer], None]  # under the registry lock: keep it cheap
+    # Slow work on an accepted answer (e.g. writing a model to disk), outside the registry lock.
+    prepare: Callable[[Answer], None] | None = None
 
 
 class Controller:
@@ -280,7 +285,7 @@ class Controller:
             record = RoundRecord(round=round_num, task=SUBMIT_MODEL, sites=list(sites))
             end = self._dispatch(SUBMIT_MODEL, round_num, sites, b"", {}, record, "optional",
                                  evaluation.add_site_model, min_answers=0, timeout_s=cse.submit_model_timeout_s,
-                                 timeout_label="submit_model_timeout_s")
+                                 timeout_label="submit_model_timeout_s", prepare=evaluation.store_site_model)
             if end is not None:
                 return end
             evaluation.note_failures(record.failed)
@@ -303,7 +308,8 @@ class Controller:
 
     def _dispatch(self, task_name: str, round_num: int, sites: list[str], payload: bytes, meta: dict[str, Any],
                   record: RoundRecord, params: str, on_answer: Callable[[Answer], None], min_answers: int,
-                  timeout_s: float | None, timeout_label: str, started: float | None = None) -> JobEnd | None:
+                  timeout_s: float | None, timeout_label: str, started: float | None = None,
+                  prepare: Callable[[Answer], None] | None = None) -> JobEnd | None:
         """Give ``sites`` the task and wait until each answered or failed (or ``timeout_s`` passed)."""
         reg = self.registry
         task = Task(
@@ -320,7 +326,7 @@ class Controller:
             # chose them (e.g. between two models of cross-site evaluation) would never answer.
             sites = [s for s in sites if reg.sites[s].status == SiteStatus.JOINED]
             record.sites = list(sites)
-            self._open = _OpenTask(task, record, params, on_answer)
+            self._open = _OpenTask(task, record, params, on_answer, prepare)
             reg.assign_locked(task, sites)
         try:
             return self._collect(task, sites, record, min_answers, timeout_s, timeout_label,
@@ -346,7 +352,9 @@ class Controller:
                         record.failed[s.name] = s.task_outcome
                 if min_answers:  # cross-site evaluation (min_answers=0) never fails the job
                     why = self._mandatory_failed_locked()
-                    if why:
+                    missed = [s for s in self.config.mandatory_clients if s in record.failed]
+                    if why or missed:
+                        why = why or f"mandatory site {missed[0]}: {_first_line(record.failed[missed[0]])}"
                         return JobEnd(True, f"round {task.round}: {why}")
                 if len(done) + len(pending) < min_answers:
                     why = "; ".join(f"{k}: {_first_line(v)}" for k, v in record.failed.items())
@@ -400,6 +408,8 @@ class Controller:
             log.error("rejected result: %s", exc)
             reg.fail_site(site, f"result rejected: {exc}")
             raise
+        if open_task.prepare is not None:
+            open_task.prepare(answer)
         with reg.cond:
             if reg.end is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")

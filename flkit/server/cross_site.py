@@ -40,16 +40,28 @@ class CrossSiteEvaluation:
     def path(self) -> Path:
         return self.directory / RESULTS_FILE
 
-    def add_site_model(self, answer: Answer) -> None:
-        """A ``submit_model`` answer: keep the site's model (on disk) to be scored by every site."""
+    def store_site_model(self, answer: Answer) -> None:
+        """A ``submit_model`` answer, before it is accepted: write the site's model to disk (outside
+        the server's lock). A server that cannot write notes it; the site is not blamed."""
         if answer.payload is None:
-            log.warning("cross-site evaluation: site %s answered submit_model without a model; it is not scored",
-                        answer.site)
-            self.errors.setdefault(answer.site, {})["submit_model"] = "answered without params"
             return
         path = self.directory / "models" / f"{answer.site}.safetensors"
-        write_blob(path, answer.payload)
-        self._site_models[answer.site] = path
+        try:
+            write_blob(path, answer.payload)
+        except OSError as exc:
+            log.error("cross-site evaluation: cannot save the model of site %s: %s", answer.site, exc)
+            answer.problem = f"the server could not save it: {exc}"
+            return
+        answer.saved_to = path
+
+    def add_site_model(self, answer: Answer) -> None:
+        """A ``submit_model`` answer, accepted: the site's model is scored by every site."""
+        if answer.saved_to is None:
+            why = answer.problem or "answered without params"
+            log.warning("cross-site evaluation: site %s's model is not scored: %s", answer.site, why)
+            self.errors.setdefault(answer.site, {})["submit_model"] = why
+            return
+        self._site_models[answer.site] = answer.saved_to
 
     def site_models(self) -> list[tuple[str, Path]]:
         return [(site, self._site_models[site]) for site in self.sites if site in self._site_models]

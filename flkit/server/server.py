@@ -78,8 +78,6 @@ class FLServer:
             max_active_tasks=max_active_tasks,
         )
         self.persistor = Persistor(output_dir)
-        # Built now: a tracking library that is missing fails here, before any site starts.
-        self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.controller = Controller(
             workflow,
             self.registry,
@@ -88,6 +86,8 @@ class FLServer:
             to_cpu_params(initial_params),
             on_event,
         )
+        # Built last (it starts a thread), and now: a missing tracking library fails before any site starts.
+        self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.registry.on_site_failed = self.controller.site_failed
         self._grpc: grpc.Server | None = None
         self._thread: threading.Thread | None = None
@@ -107,8 +107,10 @@ class FLServer:
         try:
             self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:
+            self.tracking.close()
             raise CommunicationError(f"cannot listen on {self._bind}: {exc}") from exc
         if not self.port:
+            self.tracking.close()
             raise CommunicationError(f"cannot listen on {self._bind} (address in use?)")
         self._grpc.start()
         self._thread = threading.Thread(target=self._run, name=f"flkit-controller-{self.job_id}", daemon=True)

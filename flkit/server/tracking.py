@@ -38,6 +38,8 @@ log = logging.getLogger("flkit.server")
 MAX_PENDING_BATCHES = 10_000
 # How long close() lets the receivers write what is still queued.
 CLOSE_TIMEOUT_S = 120.0
+# How long a writer waits for room in the queue before its records are dropped (and counted).
+PUT_TIMEOUT_S = 30.0
 
 # The record types (flkit.wire.tracking_records.AnalyticsDataType values), grouped by what
 # their value is. Plain strings here so the receivers need nothing from the wire package.
@@ -395,6 +397,7 @@ class WandBReceiver(TrackingReceiver):
         args.setdefault("project", "flkit")
         self.args = {**args, "settings": settings}
         self._runs: dict[str, Any] = {}
+        _hold_wandb()  # released in close()
         self._unstarted: set[str] = set()  # sites whose wandb.init failed
 
     def _run(self, site: str) -> Any:
@@ -429,12 +432,37 @@ class WandBReceiver(TrackingReceiver):
     def close(self) -> None:
         runs, self._runs = self._runs, {}
         _end_each(self.tracking_type, "finish the run", runs, lambda run: run.finish())
-        if runs:
-            # finish() can return before W&B's service process has written a run's transaction log
-            # (seen offline with several runs); teardown waits for the service to finish and exit.
-            import wandb
+        _release_wandb(bool(runs))
 
-            wandb.teardown()
+
+# W&B receivers alive in this process (the server's and in-process sites' own), and whether any made runs.
+_wandb_lock = threading.Lock()
+_wandb_users = 0
+_wandb_used = False
+
+
+def _hold_wandb() -> None:
+    global _wandb_users
+    with _wandb_lock:
+        _wandb_users += 1
+
+
+def _release_wandb(made_runs: bool) -> None:
+    """The last W&B receiver of the process to close waits for W&B's service process to finish and
+    exit (``wandb.teardown``): ``run.finish()`` can return before the service has written a run's
+    transaction log (seen offline with several runs). An earlier teardown would end the runs of the
+    receivers still open, so it waits for the last one."""
+    global _wandb_users, _wandb_used
+    with _wandb_lock:
+        _wandb_users -= 1
+        _wandb_used |= made_runs
+        last, used = _wandb_users == 0, _wandb_used
+        if last:
+            _wandb_used = False
+    if last and used:
+        import wandb
+
+        wandb.teardown()
 
 
 RECEIVERS: dict[str, type[TrackingReceiver]] = {
@@ -460,6 +488,8 @@ class TrackingHub:
         self._slots: list[_Slot] = []
         self._pending: queue.Queue[tuple[str, list[dict[str, Any]]] | None] = queue.Queue(MAX_PENDING_BATCHES)
         self._worker: threading.Thread | None = None
+        self._dropped = 0
+        self._drop_lock = threading.Lock()
         try:
             for spec in specs:
                 kind = spec.get("type")
@@ -488,9 +518,18 @@ class TrackingHub:
         """
         if self._worker is None or not self._worker.is_alive():
             if self._slots:
-                log.debug("%d tracking record(s) of site %s arrived after close; dropped", len(records), site)
+                log.warning("%d tracking record(s) of site %s arrived after the receivers closed; dropped",
+                            len(records), site)
             return
-        self._pending.put((site, records))
+        try:
+            self._pending.put((site, records), timeout=PUT_TIMEOUT_S)
+        except queue.Full:
+            with self._drop_lock:
+                self._dropped += len(records)
+                first = self._dropped == len(records)
+            if first:
+                log.warning("tracking receivers fell %d batches behind for %.0f s; dropping records (counted, "
+                            "reported at the end)", MAX_PENDING_BATCHES, PUT_TIMEOUT_S)
 
     def _work(self) -> None:
         while True:
@@ -526,14 +565,23 @@ class TrackingHub:
         """Write what is queued, then flush and close every receiver (each even if another fails);
         safe to call twice."""
         worker, self._worker = self._worker, None
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         if worker is not None and worker.is_alive():
-            self._pending.put(None)
-            worker.join(CLOSE_TIMEOUT_S)
+            try:
+                self._pending.put(None, timeout=CLOSE_TIMEOUT_S)
+            except queue.Full:
+                pass
+            worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 log.warning("tracking receivers did not finish writing within %.0f s; closing them anyway",
                             CLOSE_TIMEOUT_S)
+        if self._dropped:
+            log.warning("%d tracking record(s) were dropped because the receivers fell behind", self._dropped)
         for slot in self._slots:
-            with slot.lock:
+            if not slot.lock.acquire(timeout=max(1.0, deadline - time.monotonic())):
+                log.warning("%s: a write is still stuck; the receiver is left open", slot.receiver.tracking_type)
+                continue
+            try:
                 if slot.closed:
                     continue
                 slot.closed = True
@@ -544,3 +592,5 @@ class TrackingHub:
                 for site, count in sorted(slot.failures.items()):
                     log.warning("%s: %d tracking record(s) of site %s could not be written",
                                 slot.receiver.tracking_type, count, site)
+            finally:
+                slot.lock.release()

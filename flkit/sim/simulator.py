@@ -123,6 +123,10 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     cap = threads if threads is not None and threads < len(sites) else None
     gpus = parse_gpus(gpu)
     workspace = Path(workspace).resolve()
+    for name in ("server", *sites):  # a site folder that holds the job itself would be cleared with it
+        if Path(job_dir).resolve().is_relative_to(workspace / name):
+            raise ConfigError(f"the job folder {job_dir} lies in <workspace>/{name}, which the simulator writes "
+                              f"(and clears); put the job elsewhere{' or rename the site' if name in sites else ''}")
     _clear_previous_run(workspace, list(sites), console, quiet)
     job_id = f"{job.name}-{secrets.token_hex(4)}"
     server = FLServer(

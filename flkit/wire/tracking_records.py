@@ -21,6 +21,7 @@ MAX_KEY_CHARS = 256
 MAX_TEXT_CHARS = 1 << 20
 MAX_ENTRIES = 1000
 MAX_BATCH_RECORDS = 10_000
+MAX_STEP = 2**63  # steps are int64 in TensorBoard and MLflow
 
 
 class AnalyticsDataType(str, Enum):
@@ -49,8 +50,12 @@ def _number(where: str, value: Any) -> float:
             value = value.item()
         except (ValueError, RuntimeError):
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError(f"{where} must be a finite number, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValidationError(f"{where} must be a finite number, got {value!r}"[:400])
     return value
 
 
@@ -116,13 +121,13 @@ def make_record(key: Any, value: Any, data_type: Any = None, step: Any = None, p
         if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
             raise ValidationError(f"{where}: TEXT must be a string of at most {MAX_TEXT_CHARS} characters")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, int):
             try:
                 step = int(_number(f"{where} step", step))
             except ValidationError:
-                raise ValidationError(f"{where} step must be a whole number >= 0, got {step!r}") from None
-            if step < 0:
-                raise ValidationError(f"{where} step must be a whole number >= 0, got {step!r}")
+                raise ValidationError(f"{where} step must be a whole number >= 0, got {step!r}"[:400]) from None
+        if not 0 <= step < MAX_STEP:
+            raise ValidationError(f"{where} step must be a whole number from 0 to 2**63-1, got {step!r}"[:400])
     record = {"key": key, "value": value, "type": kind.value, "step": step,
               "time": time.time() if when is None else _number(f"{where} time", when)}
     if path is not None:

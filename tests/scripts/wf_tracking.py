@@ -1,8 +1,10 @@
 """Logs through every NVFlare-named writer each round; bad values are tried once and must raise.
 
-One more scalar is logged after the job ended. What each bad call raised goes to <site workspace>/refused.json ({"nan": "ValidationError: ..."}).
+One more scalar is logged after the job ended. What each bad call raised goes to <site workspace>/refused.json
+({"nan": "ValidationError: ..."}); a keyword flkit cannot honour is a warning ({"kwarg_warnings": [...]}).
 """
 import json
+import warnings
 from pathlib import Path
 
 import flkit as flare
@@ -36,7 +38,10 @@ while flare.is_running():
     if r == 0:
         attempt("nan", lambda: tb.add_scalar("x", float("nan")))
         attempt("text", lambda: tb.add_scalar("x", "high"))
-        attempt("kwarg", lambda: flare.log("x", 1.0, colour="red"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tb.add_scalar("walltime_kw", offset, global_step=0, walltime=1234.5, new_style=True)
+        refused["kwarg_warnings"] = [str(w.message) for w in caught]
     flare.send(flare.FLModel(params=model.params, metrics={"accuracy": 0.5}))
 tb.add_scalar("after_job", offset + 7.0, global_step=9)  # logged after the last send: sent at the end
 (Path(flare.get_config()["workspace"]) / "refused.json").write_text(json.dumps(refused))
