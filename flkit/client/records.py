@@ -29,6 +29,8 @@ RECORD_BATCH = 1000
 BATCH_BYTES = 2 * 1024 * 1024  # well under the gRPC message cap (flkit.wire.grpc_options)
 MAX_RECORD_BYTES = 1024 * 1024  # one record, as JSON
 MAX_QUEUED_RECORDS = 100_000
+# Records the site's own receivers get at a time (fewer hand-overs to their worker thread).
+LOCAL_BATCH = 200
 # The sender thread also sends what is queued this often, so records show up while a round runs.
 SEND_INTERVAL_S = 5.0
 
@@ -48,6 +50,7 @@ class RecordQueue:
         self._configured = False
         self._to_server = False
         self._local = None  # TrackingHub of the site's own receivers
+        self._local_batch: list[dict[str, Any]] = []  # for them, not handed over yet
         self._early: list[tuple[dict[str, Any], str]] = []  # logged before the job settings were known
         self._queue: deque[tuple[int, str]] = deque()  # (sequence number, record as JSON) not sent yet
         self._next_seq = 0
@@ -108,7 +111,11 @@ class RecordQueue:
 
     def _route(self, record: dict[str, Any], text: str) -> int:
         if self._local is not None:
-            self._local.write(self.site, [record])
+            with self._lock:
+                self._local_batch.append(record)
+                full = len(self._local_batch) >= LOCAL_BATCH
+            if full:
+                self._write_local()
         if not self._to_server:
             return 0
         with self._lock:
@@ -122,7 +129,15 @@ class RecordQueue:
                                 "newest %d", self.site, MAX_QUEUED_RECORDS)
             return len(self._queue)
 
+    def _write_local(self) -> None:
+        """Hand the records gathered for the site's own receivers to them (their worker writes them)."""
+        with self._lock:
+            batch, self._local_batch = self._local_batch, []
+        if batch and self._local is not None:
+            self._local.write(self.site, batch)
+
     def flush_file(self) -> None:
+        self._write_local()
         with self._lock:
             if self._file is not None:
                 self._file.flush()
@@ -171,6 +186,7 @@ class RecordQueue:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
+        self._write_local()
         with self._lock:
             if self._file is not None:
                 self._file.close()
