@@ -353,7 +353,7 @@ class Session:
             params = to_cpu_params(model.params)
             params_type = model.params_type.value
             if self._sends_diff() and model.params_type == ParamsType.FULL:
-                params = self._diff(params, self._diff_base if self._diff_base is not None else task.params or {})
+                params = self._diff(params, self._diff_base or {})
                 params_type = ParamsType.DIFF.value
             payload = encode_params(params)
             del params

@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from flkit.errors import ConfigError
-
-CODE_DIR = "custom"
+from flkit.runner.external import CODE_DIR
 
 
 def script_destination(script: str) -> PurePosixPath:

@@ -30,6 +30,7 @@ from typing import Any
 from flkit.compat import warn_if_set
 from flkit.errors import ConfigError, FLKitError
 from flkit.job.components import later
+from flkit.job.config import site_names
 from flkit.job.fed_job import FedJob
 from flkit.runner import processes
 from flkit.runner.external import STOP_GRACE_S
@@ -122,13 +123,9 @@ class SimEnv(ExecEnv):
     def deploy(self, job: FedJob) -> str:
         """Simulate the whole job now. A failed job is a Run too (its status says so, after the
         simulator's summary), as with PocEnv; a job that cannot start raises."""
-        from flkit.sim.simulator import simulate
-
-        workspace = self.workspace_root / job.name
-        job_dir = job.export_job(workspace / "job", n_clients=self.num_clients)
-        self.results[job.name] = simulate(job_dir, workspace, n_clients=None if self.clients else self.num_clients,
-                                          threads=self.num_threads, gpu=self.gpu_config, clients=self.clients,
-                                          log_config=self.log_config)
+        self.results[job.name] = job.simulate(self.workspace_root / job.name,
+                                              None if self.clients else self.num_clients, self.num_threads,
+                                              self.gpu_config, self.log_config, clients=self.clients)
         return job.name
 
     def get_job_status(self, job_id: str) -> str | None:
@@ -168,7 +165,7 @@ class PocEnv(ExecEnv):
             "username": "PocEnv has no admin console to log in to",
             "study": "PocEnv has no admin console to log in to",
         })
-        self.clients = _sites("PocEnv", num_clients, clients) or [f"site-{i}" for i in range(1, num_clients + 1)]
+        self.clients = _sites("PocEnv", num_clients, clients) or site_names(num_clients)
         self.gpu_ids = [int(g) for g in gpu_ids or []]
         self.workspace_root = Path(workspace_root or os.environ.get("FLKIT_POC_WORKSPACE")
                                     or os.environ.get("NVFLARE_POC_WORKSPACE") or "/tmp/flkit/poc")

@@ -11,7 +11,6 @@ evaluation for the server. ``export_job`` writes plain JSON, safetensors and the
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -37,8 +36,6 @@ from flkit.runner.script_runner import BaseScriptRunner
 from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.server.persistor import save_params
 from flkit.wire.codec import Params
-
-log = logging.getLogger("flkit.job")
 
 ALL_SITES = "@ALL"
 SERVER = "server"
@@ -100,7 +97,7 @@ class FedJob:
         self.cross_site_eval: dict[str, Any] | None = None
         self._sites: dict[str, BaseScriptRunner] = {}
         self._clients: BaseScriptRunner | None = None
-        self._resources: dict[str, list[Path]] = {}  # target -> files and folders copied into custom/
+        self._resources: list[Path] = []  # files and folders copied into custom/ (every site gets custom/)
 
     # -- placing components ---------------------------------------------------
 
@@ -120,7 +117,7 @@ class FedJob:
             path = Path(obj)
             if not path.exists():
                 raise ConfigError(f"job.to({str(obj)!r}, {target!r}): no such file or folder")
-            self._resources.setdefault(target, []).append(path.resolve())
+            self._resources.append(path.resolve())
             return None
         if not isinstance(obj, BaseScriptRunner):
             raise ConfigError(f"job.to(..., {target!r}) takes a ScriptRunner (or a file path) for a site, got "
@@ -212,15 +209,12 @@ class FedJob:
         WorkflowConfig.from_dict(check)
         return data
 
-    def _runners(self) -> tuple[dict[str, BaseScriptRunner], BaseScriptRunner | None]:
-        return dict(self._sites), self._clients
-
     def export_job(self, job_root: str | Path, n_clients: int | None = None) -> Path:
         """Write ``<job_root>/<name>/`` (job.json, initial model, the scripts under custom/) and return it."""
         if self.initial_params is None:
             raise ConfigError(f"job '{self.name}' has no initial model: give initial_model=..., or "
                               "job.to(model, 'server')")
-        sites, clients = self._runners()
+        sites, clients = self._sites, self._clients
         if not sites and clients is None:
             raise ConfigError(f"job '{self.name}' has no sites: use job.to(runner, 'site-1') or to_clients()")
         needed = [self.min_clients, self.controller.num_clients if self.controller else 1]
@@ -250,14 +244,13 @@ class FedJob:
             sites={site: place(r) for site, r in sites.items()},
             clients=None if clients is None else place(clients),
         )
-        for paths in self._resources.values():
-            for path in paths:
-                target = out / CODE_DIR / path.name
-                if path.is_dir():
-                    shutil.copytree(path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, target)
+        for path in self._resources:
+            target = out / CODE_DIR / path.name
+            if path.is_dir():
+                shutil.copytree(path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
         save_params(out / MODEL_FILE, self.initial_params, {"job": self.name})
         (out / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
         return out
@@ -276,16 +269,22 @@ class FedJob:
         summary) if the job failed.
         """
         from flkit.errors import JobFailedError
-        from flkit.sim.simulator import simulate
 
-        workspace = Path(workspace)
-        named = clients if clients is not None else None
-        job_dir = self.export_job(workspace / "job", n_clients=n_clients or (len(named) if named else None))
-        result = simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
-                          clients=named, log_config=log_config)
+        result = self.simulate(workspace, n_clients, threads, gpu, log_config, clients=clients, quiet=quiet)
         if not result.ok:
             raise JobFailedError(f"job {self.name} failed: {result.reason}")
         return result
+
+    def simulate(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
+                 gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
+                 quiet: bool = False):
+        """``simulator_run`` without the raise: the SimulationResult of a failed job too (SimEnv's Run)."""
+        from flkit.sim.simulator import simulate
+
+        workspace = Path(workspace)
+        job_dir = self.export_job(workspace / "job", n_clients=n_clients or (len(clients) if clients else None))
+        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
+                        clients=clients, log_config=log_config)
 
 
 class BaseFedJob(FedJob):

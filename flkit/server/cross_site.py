@@ -8,11 +8,10 @@ already checked), so the server holds one model at a time whatever the number of
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flkit.server.persistor import write_blob, write_json
 
@@ -82,6 +81,3 @@ class CrossSiteEvaluation:
             write_json(self.directory / "errors.json", self.errors)
         return self.path
 
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
