@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import atexit
 import logging
-from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any
 
 from flkit.client import ranks, supervision
+from flkit.client.current import AnySession, clear_session, set_session
+from flkit.client.current import current_session as current_session  # flkit.api.current_session, re-exported
+from flkit.client.current import require_session as require_session
 from flkit.client.follower import FollowerSession
 from flkit.client.session import Session
 from flkit.client.settings import current_settings, in_runner_context
-from flkit.errors import ConfigError, FLKitError
+from flkit.errors import ConfigError
 from flkit.model import FLModel
+from flkit.tracking import write_record
 
 _logger = logging.getLogger("flkit.client")
-
-AnySession = Session | FollowerSession
-_session_var: ContextVar[AnySession | None] = ContextVar("flkit_session", default=None)
-# For a standalone process (external launch, `flkit client`): threads the script starts
-# do not inherit ContextVars, so they find the process's one session here.
-_process_session: AnySession | None = None
 
 
 def _resolve_rank(rank: int | str | None) -> tuple[int, int]:
@@ -56,7 +53,9 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     the other ranks get tasks from rank 0. Calling it again is harmless. ``config_file`` is
     accepted for NVFlare compatibility and must be None: flkit takes its settings from the runner.
     """
-    global _process_session
+    # Only in a process flkit's runner launched: from now on, this process ends if its launcher
+    # (or its parent, e.g. torchrun's agent) dies. Started here, not at `import flkit`.
+    supervision.start_watchdog()
     if config_file is not None:
         raise ConfigError("flkit.init(config_file=...) is not used by flkit; settings come from the job runner")
     if current_session() is not None:
@@ -69,9 +68,8 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
         session = FollowerSession(settings, rank, world)
     else:
         session = Session(settings, distributed=world > 1)
-    _session_var.set(session)
+    set_session(session)
     if not in_runner_context():
-        _process_session = session
         atexit.register(_close_at_exit, session)
         if rank == 0:
             supervision.note_init()
@@ -89,19 +87,6 @@ def _close_at_exit(session: AnySession) -> None:
     # runner reports the exit status and stderr; leaving would blame the site less precisely.
     silent = supervision.supervised() and (session.holds_unanswered_task or session.settings.max_tasks > 0)
     session.close(silent=silent)
-
-
-def current_session() -> AnySession | None:
-    """This site's Session, or None before ``init()`` (used by the runner to close it)."""
-    return _session_var.get() or (None if in_runner_context() else _process_session)
-
-
-def require_session() -> AnySession:
-    """This site's Session; a clear error if ``init()`` was not called."""
-    session = current_session()
-    if session is None:
-        raise FLKitError("flkit.init() has not been called in this site")
-    return session
 
 
 def receive(timeout: float | None = None) -> FLModel | None:
@@ -163,18 +148,13 @@ def get_config() -> dict[str, Any]:
 
 def log(key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
     """Record a metric for this site (written locally to tracking.jsonl in the site workspace)."""
-    from flkit.tracking import write_record
-
     write_record(require_session(), key, value, data_type, **kwargs)
 
 
 def shutdown() -> None:
     """Leave the job now (the server stops waiting for this site)."""
-    global _process_session
     session = current_session()
     if session is None:
         return
     session.close()
-    _session_var.set(None)
-    if _process_session is session:
-        _process_session = None
+    clear_session(session)

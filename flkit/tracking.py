@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from flkit.client.current import AnySession, require_session
 from flkit.compat import warn_ignored
 from flkit.wire.tracking_records import AnalyticsDataType, make_record
 
 __all__ = ["AnalyticsDataType", "MLflowWriter", "SummaryWriter", "WandBWriter", "write_record"]
 
 
-def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
+def write_record(session: AnySession, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
     """Check one record and hand it to the site's RecordQueue (its tracking.jsonl, its receivers).
 
     ``global_step`` (or ``step``) in kwargs is the record's step, ``walltime`` its time; ``path``
@@ -35,9 +36,7 @@ def write_record(session, key: str, value: Any, data_type: Any = None, **kwargs:
     session.queue_record(make_record(key, value, data_type, step=step, path=path, when=when))
 
 
-def _session():
-    from flkit.api import require_session
-
+def _session() -> AnySession:
     return require_session()
 
 

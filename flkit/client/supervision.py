@@ -2,9 +2,9 @@
 
 The runner (``flkit.runner.external``) sets two variables in the script's environment:
 - ``FLKIT_LAUNCHER_PID``: the process that launched the script. If it disappears, even
-  by SIGKILL, a watchdog thread here ends this process (and its process group), so no
-  rank is left orphaned. It also watches the parent: a torchrun worker whose agent was
-  killed ends too.
+  by SIGKILL, a watchdog thread here (started by ``flkit.init()``) ends this process (and
+  its process group), so no rank is left orphaned. It also watches the parent (as of
+  ``import flkit``): a torchrun worker whose agent was killed ends too.
 - ``FLKIT_INIT_MARKER``: a file that ``flkit.init()`` creates on rank 0, so the runner
   can tell a slow import from a script that never calls ``flkit.init()``.
 """
@@ -23,6 +23,8 @@ WATCH_INTERVAL_S = 1.0
 KILL_GRACE_S = 10.0
 
 _watchdog: threading.Thread | None = None
+# (this process, its parent) when ``import flkit`` ran: see note_parent.
+_noted: tuple[int, int] | None = None
 
 
 def launcher_pid() -> int | None:
@@ -90,12 +92,25 @@ def _watch(launcher: int, parent: int) -> None:
             return
 
 
+def note_parent() -> int:
+    """Remember this process's parent now (``import flkit`` calls this; it starts no thread).
+
+    The watchdog starts later, at ``flkit.init()``; it then still notices a parent (e.g.
+    torchrun's agent) that died between the import and ``init()``. Returns the parent noted
+    first in this process (a forked child notes its own).
+    """
+    global _noted
+    if _noted is None or _noted[0] != os.getpid():
+        _noted = (os.getpid(), os.getppid())
+    return _noted[1]
+
+
 def start_watchdog() -> None:
-    """Start the orphan watchdog once, in processes the runner launched."""
+    """Start the orphan watchdog once, in processes the runner launched (``flkit.init()`` calls this)."""
     global _watchdog
     launcher = launcher_pid()
     if launcher is None or _watchdog is not None:
         return
-    _watchdog = threading.Thread(target=_watch, args=(launcher, os.getppid()), name="flkit-orphan-watchdog",
+    _watchdog = threading.Thread(target=_watch, args=(launcher, note_parent()), name="flkit-orphan-watchdog",
                                  daemon=True)
     _watchdog.start()
