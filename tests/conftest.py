@@ -90,8 +90,9 @@ def with_flkit_import(script: Path, folder: Path) -> Path:
 class ServerHarness:
     """Start an FLServer with given settings and open sessions to it."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, transport: str = "auto") -> None:
         self.tmp_path = tmp_path
+        self.transport = transport  # of the sessions: "auto" is memory (the server is in this process)
         self.servers: list[FLServer] = []
         self.sessions: list[Session] = []
 
@@ -104,8 +105,9 @@ class ServerHarness:
         return server
 
     def session(self, server: FLServer, site: str, **overrides) -> Session:
-        settings = SiteSettings(server=server.address, site_name=site, job_id=server.job_id, token=server.token,
-                                workspace=str(self.tmp_path / site), **overrides)
+        values = {"server": server.address, "site_name": site, "job_id": server.job_id, "token": server.token,
+                  "workspace": str(self.tmp_path / site), "transport": self.transport, **overrides}
+        settings = SiteSettings(**values)
         session = Session(settings)
         self.sessions.append(session)
         return session
@@ -120,5 +122,17 @@ class ServerHarness:
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[ServerHarness]:
     h = ServerHarness(tmp_path)
+    yield h
+    h.close()
+
+
+# Every transport a site in a test can use against a server of the test's process.
+TRANSPORTS = ["memory", "grpc"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def any_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerHarness]:
+    """A harness whose sessions use each transport in turn (the protocol must not depend on it)."""
+    h = ServerHarness(tmp_path, transport=request.param)
     yield h
     h.close()

@@ -10,7 +10,6 @@ from flkit.errors import ValidationError
 from flkit.wire.codec import (
     decode_params,
     encode_params,
-    iter_chunks,
     meta_to_json,
     metrics_to_json,
 )
@@ -59,13 +58,6 @@ def test_header_that_lies_about_size_is_refused():
     good = bytearray(encode_params({"x": torch.zeros(4)}))
     with pytest.raises(ValidationError):
         decode_params(bytes(good[:-4]))  # data shorter than the header claims
-
-
-def test_chunks_are_bounded_and_reassemble():
-    blob = bytes(range(256)) * 1000
-    chunks = list(iter_chunks(blob, 1000))
-    assert max(len(c) for c in chunks) == 1000
-    assert b"".join(chunks) == blob
 
 
 def test_metrics_must_be_finite_numbers():

@@ -12,8 +12,12 @@ import torch
 from flkit.client.session import Session
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError
+from flkit.messages import ErrorCode, ServiceError
 from flkit.model import FLModel
 from flkit.server.persistor import load_params
+from flkit.wire import flkit_pb2 as pb
+
+from conftest import ServerHarness
 
 INITIAL = {"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}
 GOOD = {"fc.weight": torch.full((3, 2), 2.0), "fc.bias": torch.full((3,), 0.5)}
@@ -95,27 +99,40 @@ def test_unknown_site_and_bad_token_are_refused_by_name(harness):
                             workspace=".")
     intruder = Session(settings)
     harness.sessions.append(intruder)
-    with pytest.raises(FLKitError, match="UNAUTHENTICATED.*bad job token"):
+    with pytest.raises(ServiceError, match="bad job token") as refused:
         intruder.receive(timeout=5)
+    assert refused.value.code == ErrorCode.BAD_TOKEN
     wrong_job = harness.session(server, "site-1")
     wrong_job.settings = SiteSettings(**{**wrong_job.settings.__dict__, "job_id": "other"})
     with pytest.raises(FLKitError, match="runs job 'test-job', not 'other'"):
         wrong_job.receive(timeout=5)
 
 
-def test_malformed_payload_is_rejected(harness):
-    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1)
-    s1 = harness.session(server, "site-1")
-    s2 = harness.session(server, "site-2")
-    s1.connect(), s2.connect()
-    task = s1.receive(timeout=30) and s1._current
-    s2.receive(timeout=30)
-    accepted, error, _ = s1.transport.submit(s1._session_id, task.task_id, "FULL", b"\x07" * 100, "", "", timeout=10)
-    assert not accepted
-    assert "malformed params payload" in error
-    s2.send(FLModel(params=GOOD))
-    assert not server.wait(30).failed
-    assert torch.equal(load_params(server.persistor.global_model_path)["fc.weight"], GOOD["fc.weight"])
+def test_malformed_payload_is_rejected(tmp_path):
+    """Bytes that are not safetensors, sent straight to the gRPC servicer, are refused by name."""
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1)
+        s1 = harness.session(server, "site-1")
+        s2 = harness.session(server, "site-2")
+        s1.connect(), s2.connect()
+        task = s1.receive(timeout=30) and s1._current
+        s2.receive(timeout=30)
+        stub = s1.transport._stub
+
+        def stream():
+            yield pb.ResultChunk(header=pb.ResultHeader(session_id=s1._session_id, task_id=task.task_id,
+                                                        params_type="FULL", payload_size=100))
+            yield pb.ResultChunk(payload=b"\x07" * 100)
+
+        reply = stub.SubmitResult(stream(), timeout=10)
+        assert not reply.accepted
+        assert "malformed params payload" in reply.error
+        s2.send(FLModel(params=GOOD))
+        assert not server.wait(30).failed
+        assert torch.equal(load_params(server.persistor.global_model_path)["fc.weight"], GOOD["fc.weight"])
+    finally:
+        harness.close()
 
 
 def test_dead_site_is_noticed_by_heartbeat(harness):

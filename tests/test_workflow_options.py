@@ -331,12 +331,12 @@ def test_capped_sites_wait_for_a_slot_and_header_peeks_take_none(harness):
     for session in (s1, s2, s3):
         session.connect(timeout=WAIT_S)
     peek = s2.peek_task(timeout=WAIT_S)  # a launcher's peek before anyone holds the slot
-    assert peek is not None and peek.task_name == "train" and peek.current_round == 0
+    assert peek is not None and peek.name == "train" and peek.round == 0
     first = s1.receive(timeout=WAIT_S)
     assert first is not None  # the peek did not take the only slot
     assert s2.receive(timeout=0.5) is None  # the slot is held by site-1
     peek = s3.peek_task(timeout=WAIT_S)  # peeks still answer at once while the slot is held
-    assert peek is not None and peek.task_name == "train"
+    assert peek is not None and peek.name == "train"
     s1.send(FLModel(params=scaled(1)))
     assert s2.receive(timeout=WAIT_S) is not None
     assert s3.receive(timeout=0.5) is None

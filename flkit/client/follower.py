@@ -22,11 +22,11 @@ import logging
 from typing import Any
 
 from flkit.client import ranks
-from flkit.client.grpc_transport import TaskMessage
 from flkit.client.records import RecordQueue
 from flkit.client.session import task_model
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, ConfigError, FLKitError
+from flkit.messages import Task
 from flkit.model import FLModel
 from flkit.wire.codec import decode_params
 
@@ -42,7 +42,7 @@ class FollowerSession:
         self.world_size = world_size
         self.job_config: dict[str, Any] = {}
         self._link: ranks.RankLink | None = None
-        self._task: TaskMessage | None = None
+        self._task: Task | None = None
         self._last_task_name = ""
         self._ended = False
         self.end_reason = ""
@@ -86,13 +86,13 @@ class FollowerSession:
         state = self._next_state()
         if state.kind == ranks.TASK:
             h = state.header
-            self._task = TaskMessage(
-                status="ready", task_id=h["task_id"], task_name=h["task_name"],
-                current_round=h["current_round"], total_rounds=h["total_rounds"],
-                params_type=h.get("params_type", ""), meta=dict(h.get("meta") or {}),
+            self._task = Task(
+                task_id=h["task_id"], name=h["task_name"], round=h["current_round"],
+                total_rounds=h["total_rounds"], params_type=h.get("params_type", ""),
+                meta=dict(h.get("meta") or {}),
                 params=decode_params(state.payload) if state.payload else None,
             )
-            self._last_task_name = self._task.task_name
+            self._last_task_name = self._task.name
         elif state.kind == ranks.END:
             self._task = None
             self._ended = True

@@ -19,33 +19,30 @@ from typing import Any, TypeVar
 import torch
 
 from flkit.client import ranks
-from flkit.client.grpc_transport import (
-    GrpcTransport,
-    JobAlreadyEnded,
-    ServerUnreachable,
-    SessionExpired,
-    TaskMessage,
-)
 from flkit.client.records import RecordQueue
 from flkit.client.settings import SiteSettings
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
+from flkit.messages import SUBMIT_MODEL, TRAIN, ErrorCode, JobEnd, Result, ServiceError, Task
 from flkit.model import FLModel, ParamsType
-from flkit.wire.codec import encode_params, meta_to_json, metrics_to_json, to_cpu_params
-from flkit.wire.grpc_options import MAX_TASK_WAIT_S
+from flkit.transport import Transport, make_transport
+from flkit.wire.codec import encode_params, plain_meta, plain_metrics, to_cpu_params
+
+# A next-task call waits at most this long at the server; the site then asks again.
+MAX_TASK_WAIT_S = 30.0
 
 log = logging.getLogger("flkit.client")
 
 T = TypeVar("T")
 
 
-def task_model(msg: TaskMessage, settings: SiteSettings) -> FLModel:
+def task_model(task: Task, settings: SiteSettings) -> FLModel:
     """The FLModel a script receives for a task (on rank 0 and on every other rank alike)."""
-    meta = dict(msg.meta, job_id=settings.job_id, site_name=settings.site_name)
-    params = msg.params
+    meta = dict(task.meta, job_id=settings.job_id, site_name=settings.site_name)
+    params: Any = task.params
     if params is not None and settings.framework == "numpy":
         params = _as_numpy(params)
-    return FLModel(params_type=msg.params_type or None, params=params, current_round=msg.current_round,
-                   total_rounds=msg.total_rounds, meta=meta)
+    return FLModel(params_type=task.params_type or None, params=params, current_round=task.round,
+                   total_rounds=task.total_rounds, meta=meta)
 
 
 def _as_numpy(params: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -63,11 +60,11 @@ def _as_numpy(params: dict[str, torch.Tensor]) -> dict[str, Any]:
 class Session:
     """A site's connection to its job. Create through ``flkit.init()``."""
 
-    def __init__(self, settings: SiteSettings, transport: GrpcTransport | None = None,
+    def __init__(self, settings: SiteSettings, transport: Transport | None = None,
                  distributed: bool = False) -> None:
         """``distributed``: this is rank 0 of several; share every state with the other ranks."""
         self.settings = settings
-        self.transport = transport or GrpcTransport(settings.server, keep_payload=distributed)
+        self.transport = transport or make_transport(settings)
         self.distributed = distributed
         self._link: ranks.RankLink | None = None
         self._warned_no_group = False
@@ -75,8 +72,8 @@ class Session:
         self.job_config: dict[str, Any] = {}
         self._session_id: str | None = None
         self._lock = threading.RLock()
-        self._pending: TaskMessage | None = None  # fetched by is_running(), not yet received
-        self._current: TaskMessage | None = None  # received, not yet answered (or kept by clear_cache=False)
+        self._pending: Task | None = None  # fetched by is_running(), not yet received
+        self._current: Task | None = None  # received, not yet answered (or kept by clear_cache=False)
         self._current_answered = False
         self._diff_base: dict[str, torch.Tensor] | None = None  # the received model, for a DIFF
         self._last_task_name = ""
@@ -102,7 +99,9 @@ class Session:
             left = give_up - time.monotonic()
             try:
                 return fn(max(left, 0.05))
-            except ServerUnreachable as exc:
+            except ServiceError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE:
+                    raise
                 left = give_up - time.monotonic()
                 if left <= 0:
                     waited = self.settings.connect_timeout_s if deadline is None else None
@@ -123,12 +122,13 @@ class Session:
             if self._session_id is not None:
                 return self._session_id
             s = self.settings
-            sid, config, interval = self._retry(
+            reply = self._retry(
                 "join the job", lambda t: self.transport.join(s.site_name, s.job_id, s.token, t), deadline
             )
-            self._session_id, self.job_config = sid, config
-            self._heartbeat_interval = interval or self._heartbeat_interval
-            self.records.configure(config, self._send_records)
+            sid = reply.session_id
+            self._session_id, self.job_config = sid, reply.job_config
+            self._heartbeat_interval = reply.heartbeat_interval_s or self._heartbeat_interval
+            self.records.configure(reply.job_config, self._send_records)
             log.info("site %s joined job %s at %s", s.site_name, s.job_id, s.server)
             if self._heartbeat_thread is None:
                 self._heartbeat_thread = threading.Thread(
@@ -147,12 +147,13 @@ class Session:
                 if not running and not self._ended:
                     # The job ended while this site was busy: the next send()/is_running() returns at once.
                     self._ended, self.end_reason = True, "the job ended while this site was working"
-            except SessionExpired:
-                with self._lock:
-                    if self._session_id == sid:
-                        self._session_id = None
-            except FLKitError as exc:
-                log.debug("heartbeat failed: %s", exc)
+            except ServiceError as exc:
+                if exc.code == ErrorCode.UNKNOWN_SESSION:  # the next call joins again
+                    with self._lock:
+                        if self._session_id == sid:
+                            self._session_id = None
+                else:
+                    log.debug("heartbeat failed: %s", exc)
 
     # -- tracking records -----------------------------------------------------
 
@@ -163,14 +164,17 @@ class Session:
     def _send_records(self, records_json: str, timeout: float | None = None) -> None:
         sid = self._session_id
         if sid is None:
-            raise ServerUnreachable("not joined (yet, or again)")
+            raise CommunicationError("not joined (yet, or again)")
         try:
             self.transport.log_metrics(sid, records_json, timeout or self.settings.transfer_timeout_s)
-        except SessionExpired as exc:  # the server forgot this site: the records wait for the re-join
-            with self._lock:
-                if self._session_id == sid:
-                    self._session_id = None
-            raise ServerUnreachable(str(exc)) from None
+        except ServiceError as exc:
+            if exc.code == ErrorCode.UNKNOWN_SESSION:  # the server forgot this site: the records wait
+                with self._lock:
+                    if self._session_id == sid:
+                        self._session_id = None
+            if exc.code in (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNAVAILABLE):
+                raise CommunicationError(str(exc)) from None
+            raise
 
     def flush_records(self, timeout: float | None = None) -> None:
         """Send the queued tracking records to the server now (best effort)."""
@@ -178,7 +182,7 @@ class Session:
 
     # -- the Client API -----------------------------------------------------
 
-    def _fetch(self, timeout: float | None) -> TaskMessage | None:
+    def _fetch(self, timeout: float | None) -> Task | None:
         """The next task from the server (None: job ended or timeout), shared with the other ranks."""
         try:
             msg = self._fetch_from_server(timeout)
@@ -186,11 +190,11 @@ class Session:
             self._share(ranks.ERROR, {"error": str(exc)})
             raise
         if msg is not None:
-            self._share(ranks.TASK, {
-                "task_id": msg.task_id, "task_name": msg.task_name, "current_round": msg.current_round,
-                "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
-            }, self._payload_bytes(msg))
-            msg.payload = None  # shared; rank 0 keeps only the decoded params
+            if self._rank_link() is not None:
+                self._share(ranks.TASK, {
+                    "task_id": msg.task_id, "task_name": msg.name, "current_round": msg.round,
+                    "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
+                }, None if msg.params is None else encode_params(msg.params))
         elif self._ended:
             self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": self.job_failed})
         else:
@@ -198,13 +202,6 @@ class Session:
         return msg
 
     # -- sharing with the other ranks (torch.distributed) --------------------
-
-    @staticmethod
-    def _payload_bytes(msg: TaskMessage) -> bytes | None:
-        """The task's params as received (the transport keeps them under DDP), else encoded again."""
-        if msg.payload is not None or msg.params is None:
-            return msg.payload
-        return encode_params(msg.params)
 
     def _rank_link(self) -> ranks.RankLink | None:
         if not self.distributed:
@@ -243,12 +240,12 @@ class Session:
                 link.shared_config = True
         link.send(kind, header, payload)
 
-    def peek_task(self, timeout: float | None = None) -> TaskMessage | None:
+    def peek_task(self, timeout: float | None = None) -> Task | None:
         """The header of the task waiting for this site (no params, nothing consumed); None when
         the job ended or on timeout. For a launcher that starts one process per task."""
         return self._fetch_from_server(timeout, header_only=True)
 
-    def _fetch_from_server(self, timeout: float | None, header_only: bool = False) -> TaskMessage | None:
+    def _fetch_from_server(self, timeout: float | None, header_only: bool = False) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -256,7 +253,9 @@ class Session:
                 return None
             try:
                 sid = self._join(deadline)
-            except JobAlreadyEnded as exc:
+            except ServiceError as exc:
+                if exc.code != ErrorCode.JOB_ENDED:
+                    raise
                 self._ended, self.end_reason = True, str(exc)
                 return None
             wait = MAX_TASK_WAIT_S if left is None else min(MAX_TASK_WAIT_S, left)
@@ -268,15 +267,17 @@ class Session:
                     ),
                     deadline,
                 )
-            except SessionExpired:
-                with self._lock:
+            except ServiceError as exc:
+                if exc.code != ErrorCode.UNKNOWN_SESSION:
+                    raise
+                with self._lock:  # the server restarted or forgot this site: join again
                     self._session_id = None
                 continue
-            if msg.status == "ready":
+            if isinstance(msg, Task):
                 return msg
-            if msg.status == "finished":
-                self._ended, self.end_reason, self.job_failed = True, msg.end_reason, msg.job_failed
-                log.info("site %s: job ended: %s", self.settings.site_name, msg.end_reason)
+            if isinstance(msg, JobEnd):
+                self._ended, self.end_reason, self.job_failed = True, msg.reason, msg.failed
+                log.info("site %s: job ended: %s", self.settings.site_name, msg.reason)
                 return None
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
@@ -296,9 +297,9 @@ class Session:
             return None
         self._current, self._pending = self._pending, None
         self._current_answered = False
-        self._last_task_name = self._current.task_name
+        self._last_task_name = self._current.name
         self._diff_base = None
-        if self._current.task_name == "train" and self._current.params is not None and self._sends_diff():
+        if self._current.name == TRAIN and self._current.params is not None and self._sends_diff():
             # The script may change the received tensors in place (numpy views, `p += ...`): a DIFF
             # must be taken against the model as it arrived, so keep one copy of it.
             self._diff_base = {k: v.clone() for k, v in self._current.params.items()}
@@ -317,7 +318,7 @@ class Session:
         if self._current is not None and self.distributed:
             raise FLKitError(
                 f"site {self.settings.site_name}: is_running() was called on rank 0 before the result of task "
-                f"'{self._current.task_name}' (round {self._current.current_round}) was sent; under "
+                f"'{self._current.name}' (round {self._current.round}) was sent; under "
                 "torch.distributed rank 0 must call send() once per task, or the ranks fall out of step"
             )
         if self._current is not None or self._pending is not None:
@@ -346,34 +347,30 @@ class Session:
         task = self._current
         if task is None:
             raise FLKitError("send() without a task: call receive() first")
-        params_type, payload = "", None
-        if task.task_name == "train":
+        result = Result(task.task_id, metrics=plain_metrics(model.metrics), meta=plain_meta(model.meta))
+        if task.name == TRAIN:
             if model.params is None:
-                raise ValidationError(f"task 'train' of round {task.current_round} must be answered with params")
+                raise ValidationError(f"task 'train' of round {task.round} must be answered with params")
             params = to_cpu_params(model.params)
-            params_type = model.params_type.value
+            result.params_type = model.params_type.value
             if self._sends_diff() and model.params_type == ParamsType.FULL:
                 params = self._diff(params, self._diff_base or {})
-                params_type = ParamsType.DIFF.value
-            payload = encode_params(params)
-            del params
-        elif task.task_name == "submit_model" and model.params is not None:
+                result.params_type = ParamsType.DIFF.value
+            result.params = params
+        elif task.name == SUBMIT_MODEL and model.params is not None:
             # Cross-site evaluation asks for the site's own model: always the whole model.
             if model.params_type == ParamsType.DIFF:
                 raise ValidationError("task 'submit_model' must be answered with FULL params, not a DIFF")
-            params_type, payload = ParamsType.FULL.value, encode_params(model.params)
-        metrics_json = metrics_to_json(model.metrics)
-        meta_json = meta_to_json(model.meta)
+            result.params_type, result.params = ParamsType.FULL.value, to_cpu_params(model.params)
         sid = self._join(None)
         self.flush_records()  # the round's records reach the server before the round can close
-        accepted, error, job_ended = self._retry(
+        reply = self._retry(
             "send the result",
-            lambda t: self.transport.submit(
-                sid, task.task_id, params_type, payload, metrics_json, meta_json,
-                timeout=self.settings.transfer_timeout_s,
-            ),
+            lambda t: self.transport.submit(sid, result, timeout=self.settings.transfer_timeout_s),
             None,
         )
+        result.params = None
+        accepted, error, job_ended = reply.accepted, reply.error, reply.job_ended
         if clear_cache or not accepted:
             self._current = None
         if accepted:

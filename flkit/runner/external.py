@@ -149,8 +149,8 @@ class ExternalSite:
                 if task is None:
                     break  # the job ended
                 if task.task_id == previous:
-                    error = (f"script {self.script.name} exited without answering task '{task.task_name}' "
-                             f"of round {task.current_round}")
+                    error = (f"script {self.script.name} exited without answering task '{task.name}' "
+                             f"of round {task.round}")
                     break
                 previous = task.task_id
                 error = self._launch({"FLKIT_MAX_TASKS": "1"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flkit.client.grpc_transport import GrpcTransport
 from flkit.client.settings import SiteSettings
 from flkit.errors import FLKitError
+from flkit.transport import make_transport
 
 log = logging.getLogger("flkit.runner")
 
@@ -25,7 +25,7 @@ def report_site_failure(settings: SiteSettings, error: str, timeout_s: float = 5
     Used by runners that know more than the script could say itself: a script that never
     joined, an exit status with its stderr, an init timeout.
     """
-    transport = GrpcTransport(settings.server)
+    transport = make_transport(settings)
     try:
         transport.report_failure(settings.site_name, settings.job_id, settings.token, "", error, timeout=timeout_s)
     except FLKitError as exc:

@@ -23,21 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from flkit.errors import ValidationError
+from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import ParamsType
 from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
-from flkit.server.persistor import Persistor
+from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
-from flkit.server.sites import JobEnd, SiteRegistry, SiteStatus, Task
+from flkit.server.sites import SiteRegistry, SiteStatus
 from flkit.server.strategy import SiteResult, Strategy
-from flkit.server.validation import check_metrics, check_params, weight_of
-from flkit.wire.codec import Params, decode_params, encode_params
+from flkit.server.validation import all_finite, check_metrics, check_params, weight_of
+from flkit.wire.codec import Params
 
 log = logging.getLogger("flkit.server")
 
-TRAIN = "train"
-VALIDATE = "validate"
-SUBMIT_MODEL = "submit_model"
+__all__ = ["SUBMIT_MODEL", "TRAIN", "VALIDATE", "Answer", "Controller", "JobEndedError", "RoundRecord"]
+
+# A site's task outcome while its accepted result is being folded in (outside the registry lock):
+# the round waits for it, and neither a timeout nor a failure report can close it half-way.
+ACCEPTING = "accepting"
 
 Event = dict[str, Any]
 
@@ -71,7 +74,6 @@ class Answer:
     meta: dict[str, Any]
     params: Params | None = None
     params_type: ParamsType = ParamsType.FULL
-    payload: bytes | None = None  # the params as received (safetensors), for saving without re-encoding
     saved_to: Path | None = None  # where the task's prepare step stored the params
     problem: str | None = None  # why the prepare step could not use the answer (not the site's fault)
 
@@ -83,7 +85,8 @@ class _OpenTask:
     # What the answer must carry: "required" (train), "optional" (submit_model), "ignored".
     params: str
     on_answer: Callable[[Answer], None]  # under the registry lock: keep it cheap
-    # Slow work on an accepted answer (e.g. writing a model to disk), outside the registry lock.
+    # Slow work on a checked answer (folding it into the aggregate, writing a model to disk),
+    # outside the registry lock; the answer's params are only valid during this call.
     prepare: Callable[[Answer], None] | None = None
 
 
@@ -109,9 +112,10 @@ class Controller:
         self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event
         self._open: _OpenTask | None = None
-        # The global model encoded once per round: saved to disk and sent to every site.
-        self._global_blob: bytes = encode_params(initial_params, {"round": "initial"})
-        self._model_bytes = len(self._global_blob)
+        # Set (under the registry lock) as soon as the job's end is decided, before the sites are
+        # told: a result arriving in between is answered "job ended", not blamed on the site.
+        self._ending: JobEnd | None = None
+        self._model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
 
@@ -135,8 +139,16 @@ class Controller:
         except Exception as exc:
             log.exception("controller crashed")
             outcome = JobEnd(failed=True, reason=f"server error: {type(exc).__name__}: {exc}")
+        with self.registry.cond:
+            self._ending = outcome
+        try:  # the final and best models are on disk before anyone hears the job ended
+            self._save_state(outcome)
+            self.persistor.flush()
+        except OSError as exc:
+            log.error("%s", exc)
+            if not outcome.failed:
+                outcome = JobEnd(failed=True, reason=str(exc))
         self.registry.finish(outcome.failed, outcome.reason)
-        self._save_state(outcome)
         self.emit({"type": "job_finished", "failed": outcome.failed, "reason": outcome.reason})
         return outcome
 
@@ -229,20 +241,27 @@ class Controller:
                                     f"min_clients={cfg.min_clients} ({self._failures_locked() or 'sites left'})")
         sites = self._sample(round_num, active) if task_name == TRAIN else active
         record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
+        prepare = None
         if task_name == TRAIN:
             self.strategy.start_round(round_num, self.global_params)
-            handler, params = self._fold_in, "required"
+            params, prepare = "required", self._fold_in
         else:
-            handler, params = (lambda answer: None), "ignored"
+            params = "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
                    "total_rounds": cfg.num_rounds, "first_round": cfg.start_round})
-        end = self._dispatch(task_name, round_num, sites, self._global_blob, {}, record, params, handler,
-                             min_answers=min(cfg.min_clients, len(sites)), timeout_s=cfg.round_timeout_s,
-                             timeout_label="round_timeout_s", started=started)
+        end = self._dispatch(task_name, round_num, sites, self.global_params, {}, record, params,
+                             lambda answer: None, min_answers=min(cfg.min_clients, len(sites)),
+                             timeout_s=cfg.round_timeout_s, timeout_label="round_timeout_s", started=started,
+                             prepare=prepare)
         if end is not None:
             return end
 
         new_global = self.strategy.finish_round() if task_name == TRAIN else None
+        if new_global is not None:
+            bad = [name for name, t in new_global.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
+            if bad:
+                return JobEnd(True, f"round {round_num}: the aggregate of tensor '{bad[0]}' is not finite "
+                                    f"(an overflow); the global model of round {round_num - 1} is kept")
         score = self.selector.round_score(round_num, record.metrics)
         record.score = None if score is None else score.value
         record.best = self.selector.offer(score)
@@ -250,8 +269,7 @@ class Controller:
             self.persistor.save_best(self.global_params, round_num, cfg.key_metric, score.value)
         if new_global is not None:
             self.global_params = new_global
-            self._global_blob = encode_params(new_global, {"round": round_num})
-            self.persistor.save_global(self._global_blob)
+            self.persistor.save_global(new_global, round_num)
         record.seconds = time.monotonic() - started
         self.history.append(record)
         n = cfg.server_memory_gc_rounds
@@ -263,6 +281,7 @@ class Controller:
         return None
 
     def _fold_in(self, answer: Answer) -> None:
+        assert answer.params is not None  # a train answer without params was refused
         weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
         self.strategy.add_result(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
 
@@ -283,18 +302,19 @@ class Controller:
         self.emit({"type": "cross_site_started", "sites": sites})
         if cse.submit_model:
             record = RoundRecord(round=round_num, task=SUBMIT_MODEL, sites=list(sites))
-            end = self._dispatch(SUBMIT_MODEL, round_num, sites, b"", {}, record, "optional",
+            end = self._dispatch(SUBMIT_MODEL, round_num, sites, None, {}, record, "optional",
                                  evaluation.add_site_model, min_answers=0, timeout_s=cse.submit_model_timeout_s,
                                  timeout_label="submit_model_timeout_s", prepare=evaluation.store_site_model)
             if end is not None:
                 return end
             evaluation.note_failures(record.failed)
-        models = [(name, path.read_bytes)
-                  for name, path in self.persistor.server_models(self.selector.best is not None)]
-        models += [(site, path.read_bytes) for site, path in evaluation.site_models()]
-        for model_name, read in models:
+        self.persistor.flush()  # the server's models are read back from disk
+        models = list(self.persistor.server_models(self.selector.best is not None))
+        models += evaluation.site_models()
+        for model_name, path in models:
             record = RoundRecord(round=round_num, task=VALIDATE, sites=list(sites))
-            end = self._dispatch(VALIDATE, round_num, sites, read(), {"model_name": model_name}, record, "ignored",
+            end = self._dispatch(VALIDATE, round_num, sites, load_params(path), {"model_name": model_name}, record,
+                                 "ignored",
                                  evaluation.scorer(model_name), min_answers=0,
                                  timeout_s=cse.validation_timeout_s, timeout_label="validation_timeout_s")
             if end is not None:
@@ -306,8 +326,9 @@ class Controller:
 
     # -- one task, assigned and collected ------------------------------------
 
-    def _dispatch(self, task_name: str, round_num: int, sites: list[str], payload: bytes, meta: dict[str, Any],
-                  record: RoundRecord, params: str, on_answer: Callable[[Answer], None], min_answers: int,
+    def _dispatch(self, task_name: str, round_num: int, sites: list[str], params: Params | None,
+                  meta: dict[str, Any],
+                  record: RoundRecord, wants: str, on_answer: Callable[[Answer], None], min_answers: int,
                   timeout_s: float | None, timeout_label: str, started: float | None = None,
                   prepare: Callable[[Answer], None] | None = None) -> JobEnd | None:
         """Give ``sites`` the task and wait until each answered or failed (or ``timeout_s`` passed)."""
@@ -317,23 +338,27 @@ class Controller:
             name=task_name,
             round=round_num,
             total_rounds=self.config.last_round + 1,
-            params_type=ParamsType.FULL.value if payload else "",
-            payload=payload,
+            params_type=ParamsType.FULL.value if params is not None else "",
             meta=meta,
+            params=params,
         )
         with reg.cond:
             # Only sites still in the job get the task: one that failed or left since the caller
             # chose them (e.g. between two models of cross-site evaluation) would never answer.
             sites = [s for s in sites if reg.sites[s].status == SiteStatus.JOINED]
             record.sites = list(sites)
-            self._open = _OpenTask(task, record, params, on_answer, prepare)
+            self._open = _OpenTask(task, record, wants, on_answer, prepare)
             reg.assign_locked(task, sites)
+        end = None
         try:
-            return self._collect(task, sites, record, min_answers, timeout_s, timeout_label,
-                                 time.monotonic() if started is None else started)
+            end = self._collect(task, sites, record, min_answers, timeout_s, timeout_label,
+                                time.monotonic() if started is None else started)
+            return end
         finally:
             with reg.cond:
                 self._open = None
+                if end is not None:
+                    self._ending = end
 
     def _collect(self, task: Task, sites: list[str], record: RoundRecord, min_answers: int,
                  timeout_s: float | None, timeout_label: str, started: float) -> JobEnd | None:
@@ -345,10 +370,10 @@ class Controller:
                     return reg.end
                 reg.reap_dead_locked()
                 states = [reg.sites[s] for s in sites]
-                pending = [s for s in states if s.task is task and s.task_outcome is None]
+                pending = [s for s in states if s.task is task and s.task_outcome in (None, ACCEPTING)]
                 done = [s for s in states if s.task is task and s.task_outcome == "done"]
                 for s in states:
-                    if s.task is task and s.task_outcome not in (None, "done"):
+                    if s.task is task and s.task_outcome not in (None, ACCEPTING, "done"):
                         record.failed[s.name] = s.task_outcome
                 if min_answers:  # cross-site evaluation (min_answers=0) never fails the job
                     why = self._mandatory_failed_locked()
@@ -365,56 +390,69 @@ class Controller:
                 wait = 1.0
                 if timeout_s is not None:
                     left = started + timeout_s - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 and any(s.task_outcome is None for s in pending):
                         for s in pending:
-                            s.task_outcome = f"no answer within {timeout_label}={timeout_s:g}"
+                            if s.task_outcome is None:  # an answer being folded in finishes
+                                s.task_outcome = f"no answer within {timeout_label}={timeout_s:g}"
                         reg.cond.notify_all()
                         continue
                     wait = min(wait, left)
                 reg.cond.wait(wait)
 
-    # -- results from the gRPC service --------------------------------------
+    # -- results from the job service --------------------------------------
 
     def max_result_bytes(self) -> int:
         """Upper bound for a valid result payload: about the size of the global model."""
         return 2 * self._model_bytes + (1 << 20)
 
-    def submit(self, session_id: str, task_id: str, params_type: str, payload: bytes | None,
-               metrics: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Validate and hand over one result. Raises ValidationError naming the site and the tensor."""
+    def submit(self, session_id: str, result: Result) -> None:
+        """Check one result and fold it in before returning (the Result's params are not kept).
+        Raises ValidationError naming the site and the tensor; JobEndedError after the job."""
         reg = self.registry
         with reg.cond:
-            if reg.end is not None:
-                raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
+            ended = reg.end or self._ending
+            if ended is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
             state = reg.touch_locked(session_id)
             site = state.name
             open_task = self._open
             task = None if open_task is None else open_task.task
-            if task is None or state.task is not task or task.task_id != task_id or state.task_outcome is not None:
-                raise ValidationError(f"site {site}: result for a task that is no longer open (task {task_id})")
+            if (open_task is None or task is None or state.task is not task or task.task_id != result.task_id
+                    or state.task_outcome is not None):
+                raise ValidationError(f"site {site}: result for a task that is no longer open "
+                                      f"(task {result.task_id})")
             expected = self.global_params
+            state.task_outcome = ACCEPTING
         try:
-            answer = Answer(site, check_metrics(site, metrics), meta)
-            if open_task.params == "required" and payload is None:
+            answer = Answer(site, check_metrics(site, result.metrics), result.meta)
+            if open_task.params == "required" and result.params is None:
                 raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
-            if open_task.params != "ignored" and payload is not None:
-                answer.params_type = ParamsType(params_type) if params_type else ParamsType.FULL
+            if open_task.params != "ignored" and result.params is not None:
+                try:
+                    answer.params_type = ParamsType(result.params_type or ParamsType.FULL.value)
+                except ValueError:
+                    raise ValidationError(f"site {site}: params_type {result.params_type[:50]!r} is neither "
+                                          "FULL nor DIFF") from None
                 if task.name == SUBMIT_MODEL and answer.params_type != ParamsType.FULL:
                     raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
-                answer.params = decode_params(payload)
-                answer.payload = payload
-                check_params(site, answer.params, expected)
-        except ValidationError as exc:
-            log.error("rejected result: %s", exc)
-            reg.fail_site(site, f"result rejected: {exc}")
+                check_params(site, result.params, expected)
+                answer.params = result.params
+            if open_task.prepare is not None:
+                open_task.prepare(answer)
+            answer.params = None  # the site's tensors are not kept past this call
+        except BaseException as exc:
+            with reg.cond:
+                if state.task_outcome == ACCEPTING:
+                    state.task_outcome = None  # so failing the site closes its task
+            if isinstance(exc, ValidationError):
+                log.error("rejected result: %s", exc)
+                reg.fail_site(site, f"result rejected: {exc}")
+            else:
+                reg.fail_site(site, f"the server could not use its result: {type(exc).__name__}: {exc}")
             raise
-        if open_task.prepare is not None:
-            open_task.prepare(answer)
         with reg.cond:
             if reg.end is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
-            if self._open is not open_task or state.task_outcome is not None:
-                raise ValidationError(f"site {site}: result arrived after its task was closed")
             open_task.on_answer(answer)
             open_task.record.metrics[site] = answer.metrics
             state.task_outcome = "done"

@@ -2,7 +2,7 @@
 
 ``cross_val_results.json`` is ``{evaluator_site: {model_name: {metric: value}}}``. Server
 models are named ``SRV_`` + their file name (NVFlare's convention), site models by the site
-that submitted them. A site's submitted model is written to disk as received (safetensors,
+that submitted them. A site's submitted model is written to disk while its answer is accepted (safetensors,
 already checked), so the server holds one model at a time whatever the number of sites.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flkit.server.persistor import write_blob, write_json
+from flkit.server.persistor import save_params, write_json
 
 if TYPE_CHECKING:
     from flkit.server.controller import Answer
@@ -42,11 +42,11 @@ class CrossSiteEvaluation:
     def store_site_model(self, answer: Answer) -> None:
         """A ``submit_model`` answer, before it is accepted: write the site's model to disk (outside
         the server's lock). A server that cannot write notes it; the site is not blamed."""
-        if answer.payload is None:
+        if answer.params is None:
             return
         path = self.directory / "models" / f"{answer.site}.safetensors"
         try:
-            write_blob(path, answer.payload)
+            save_params(path, answer.params)
         except OSError as exc:
             log.error("cross-site evaluation: cannot save the model of site %s: %s", answer.site, exc)
             answer.problem = f"the server could not save it: {exc}"

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 
-from flkit.wire.codec import Params, encode_params
+from flkit.wire.codec import Params, to_cpu_params
+
+log = logging.getLogger("flkit.server")
 
 GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
 BEST_MODEL_FILE = "best_FL_global_model.safetensors"
@@ -35,13 +42,35 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None) -> None:
-    """Write params as safetensors (string metadata only), replacing ``path`` atomically."""
-    write_blob(Path(path), encode_params(params, metadata or {}))
+    """Write params as safetensors (string metadata only), replacing ``path`` atomically and
+    fsync'd. safetensors writes straight from the tensors' memory: no serialised copy."""
+
+    def write(tmp: str) -> None:
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        safetensors.torch.save_file(to_cpu_params(params), tmp, metadata=meta or None)
+
+    _atomic_write_file(Path(path), write)
 
 
-def write_blob(path: Path, blob: bytes) -> None:
-    """Write an already-encoded safetensors blob, replacing ``path`` atomically."""
-    _atomic_write(Path(path), lambda fh: fh.write(blob))
+def _atomic_write_file(path: Path, write: Callable[[str], None]) -> None:
+    """Like _atomic_write, for writers that take a file name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -54,12 +83,45 @@ def load_params(path: Path) -> Params:
     return safetensors.torch.load_file(str(path))
 
 
+@dataclass
+class _Pending:
+    """What the writer has still to write; a newer save replaces an older one of the same kind."""
+
+    global_params: Params | None = None
+    global_round: int | None = None
+    best: tuple[Params, dict[str, Any]] | None = None
+    state: dict[str, Any] | None = None
+
+    def empty(self) -> bool:
+        return self.global_params is None and self.best is None and self.state is None
+
+
 class Persistor:
-    """Owns the server's output folder: the global model, the best model and the round state."""
+    """Owns the server's output folder: the global model, the best model and the round state.
+
+    Why a writer thread: writing and fsyncing a large model takes longer than a fast round, so
+    the round loop hands models over and goes on. Writes stay atomic and fsync'd. When a newer
+    global model is handed over while an older one still waits, the newer one replaces it
+    (coalescing). ``round_state.json`` is written after the models it describes, and names the
+    round whose global model is on disk (``global_model_round``), so a restarted server resumes
+    from a consistent round. ``flush()`` waits until everything handed over is on disk.
+
+    The params handed over must not be changed afterwards (the Controller makes a new global
+    model each round and never writes into an old one).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._pending = _Pending()
+        self._busy = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.global_model_round: int | None = None  # the round of the global model on disk
+        self.saved_rounds = 0  # global models written
+        self.handed_rounds = 0  # global models handed over
 
     @property
     def global_model_path(self) -> Path:
@@ -73,17 +135,98 @@ class Persistor:
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
-    def save_global(self, blob: bytes) -> None:
-        """``blob`` is the encoded global model, the same bytes the next round sends to sites."""
-        write_blob(self.global_model_path, blob)
+    # -- handing over ---------------------------------------------------------
+
+    def save_global(self, params: Params, round_num: int) -> None:
+        """Queue the global model made in ``round_num`` (replacing one not written yet)."""
+        with self._cond:
+            self._check_locked()
+            self._pending.global_params, self._pending.global_round = params, round_num
+            self.handed_rounds += 1
+            self._wake_locked()
 
     def save_best(self, params: Params, round_num: int, key_metric: str, score: float) -> None:
-        save_params(
-            self.best_model_path, params, {"round": round_num, "key_metric": key_metric, "score": repr(score)}
-        )
+        """Queue the best model so far (the global model that scored best in ``round_num``)."""
+        with self._cond:
+            self._check_locked()
+            self._pending.best = (params, {"round": round_num, "key_metric": key_metric, "score": repr(score)})
+            self._wake_locked()
 
     def save_state(self, state: dict[str, Any]) -> None:
-        write_json(self.state_path, state)
+        """Queue the round state; it is written after the models handed over before it."""
+        with self._cond:
+            self._check_locked()
+            self._pending.state = dict(state)
+            self._wake_locked()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything handed over is on disk; re-raises the writer's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._pending.empty() or self._busy:
+                if self._error is not None:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"saving the job's models in {self.directory} took more than {timeout:g} s")
+                self._cond.wait(left)
+            self._check_locked()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write what is pending and stop the writer thread."""
+        try:
+            self.flush(timeout)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+    def _check_locked(self) -> None:
+        if self._error is not None:
+            raise OSError(f"the server could not save to {self.directory}: {self._error}") from self._error
+
+    def _wake_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, name="flkit-persistor", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    # -- the writer thread ----------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending.empty() and not self._closed:
+                    self._cond.wait()
+                if self._pending.empty():
+                    return
+                work, self._pending = self._pending, _Pending()
+                self._busy = True
+            try:
+                self._write(work)
+            except BaseException as exc:  # a full disk: the round loop learns it at its next save
+                log.error("cannot save to %s: %s", self.directory, exc)
+                with self._cond:
+                    self._error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write(self, work: _Pending) -> None:
+        if work.best is not None:
+            params, meta = work.best
+            save_params(self.best_model_path, params, meta)
+        if work.global_params is not None:
+            save_params(self.global_model_path, work.global_params, {"round": work.global_round})
+            with self._cond:
+                self.global_model_round = work.global_round
+                self.saved_rounds += 1
+        if work.state is not None:
+            with self._cond:
+                state = dict(work.state, global_model_round=self.global_model_round,
+                             saved_rounds=self.saved_rounds, handed_rounds=self.handed_rounds)
+            write_json(self.state_path, state)
 
     def server_models(self, include_best: bool) -> list[tuple[str, Path]]:
         """The server's models for cross-site evaluation, named ``SRV_<file name>`` as NVFlare does:

@@ -12,16 +12,19 @@ from pathlib import Path
 import grpc
 
 from flkit.errors import CommunicationError, ConfigError
+from flkit.messages import JobEnd
 from flkit.server.config import WorkflowConfig
 from flkit.server.controller import Controller, Event
+from flkit.server.job_service import JobService
 from flkit.server.persistor import Persistor
 from flkit.server.service import FLKitService
-from flkit.server.sites import JobEnd, SiteRegistry
+from flkit.server.sites import SiteRegistry
 from flkit.server.strategy import FedAvg, Strategy
 from flkit.server.tracking import TrackingHub
+from flkit.transport import memory
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, to_cpu_params
-from flkit.wire.grpc_options import OPTIONS
+from flkit.wire.grpc_options import OPTIONS, PROTOCOL_VERSION
 
 log = logging.getLogger("flkit.server")
 
@@ -89,6 +92,7 @@ class FLServer:
         # Built last (it starts a thread), and now: a missing tracking library fails before any site starts.
         self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.registry.on_site_failed = self.controller.site_failed
+        self.service = JobService(self.registry, self.controller, self.tracking, PROTOCOL_VERSION)
         self._grpc: grpc.Server | None = None
         self._thread: threading.Thread | None = None
         self.outcome: JobEnd | None = None
@@ -103,7 +107,7 @@ class FLServer:
         """Bind, serve, and start the round loop; returns the "host:port" sites should dial."""
         workers = max(16, 2 * len(self.registry.sites) + 8)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
-        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.registry, self.controller, self.tracking), self._grpc)
+        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.service), self._grpc)
         try:
             self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:
@@ -113,6 +117,7 @@ class FLServer:
             self.tracking.close()
             raise CommunicationError(f"cannot listen on {self._bind} (address in use?)")
         self._grpc.start()
+        memory.register(self.address, self.service)  # sites in this process reach it without the network
         self._thread = threading.Thread(target=self._run, name=f"flkit-controller-{self.job_id}", daemon=True)
         self._thread.start()
         log.info("job %s served on %s", self.job_id, self.address)
@@ -141,11 +146,17 @@ class FLServer:
     def stop(self, grace: float = 2.0) -> None:
         """End the job (if still running) and stop serving."""
         self.registry.finish(True, "server stopped")
+        if self.port is not None:
+            memory.unregister(self.address, self.service)
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
         if self._thread is not None:
             self._thread.join(grace + 5)
         self.tracking.close()
+        try:
+            self.persistor.close(timeout=60.0)
+        except OSError as exc:  # already reported as the job's failure
+            log.debug("persistor: %s", exc)
         self.registry.on_site_failed = None  # break the registry <-> controller cycle so memory frees now
 
     def __enter__(self) -> FLServer:

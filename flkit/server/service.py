@@ -1,61 +1,61 @@
-"""The gRPC servicer: translates wire messages to registry/controller calls and back."""
+"""The gRPC servicer: protobuf to and from the JobService, nothing else.
+
+Params arrive as safetensors bytes in chunks, written into one buffer and parsed into tensors
+that are views of it (no further copy); they leave as slices of the global model's own memory.
+Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 
 from flkit.errors import ValidationError
-from flkit.server.controller import Controller, JobEndedError
-from flkit.server.sites import AccessError, JobEnd, SiteRegistry, Task
-from flkit.server.tracking import TrackingHub
+from flkit.messages import ErrorCode, JobEnd, Result, ServiceError
+from flkit.server.job_service import JobService
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
-from flkit.wire.codec import iter_chunks, json_to_dict
-from flkit.wire.grpc_options import MAX_TASK_WAIT_S, PROTOCOL_VERSION
-from flkit.wire.tracking_records import check_records
+from flkit.wire.codec import json_to_dict
+from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY
+from flkit.wire.tensor_stream import Encoded, parse
 
-log = logging.getLogger("flkit.server")
+STATUS = {
+    ErrorCode.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.JOB_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.WRONG_JOB: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.UNKNOWN_SITE: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.BAD_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.PROTOCOL: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
 
 
-def _abort(context: grpc.ServicerContext, exc: AccessError) -> None:
-    context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_KEY, exc.code.value),))
+    context.abort(STATUS[exc.code], str(exc))
+    raise AssertionError("unreachable")  # context.abort raises
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, registry: SiteRegistry, controller: Controller, tracking: TrackingHub | None = None) -> None:
-        self.registry = registry
-        self.controller = controller
-        self.tracking = tracking
+    def __init__(self, service: JobService) -> None:
+        self.service = service
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        if request.protocol_version != PROTOCOL_VERSION:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {request.protocol_version} not supported (server speaks {PROTOCOL_VERSION})",
-            )
         try:
-            session_id = self.registry.join(request.site_name, request.job_id, request.token)
-        except AccessError as exc:
-            log.warning("refused join of site %r: %s", request.site_name, exc)
+            reply = self.service.join(request.site_name, request.job_id, request.token, request.protocol_version)
+        except ServiceError as exc:
             _abort(context, exc)
-        cfg = dict(self.registry.client_config, site_name=request.site_name,
-                   client_tracking=self.controller.config.client_tracking_for(request.site_name))
-        log.info("site %s joined", request.site_name)
-        self.controller.emit({"type": "site_joined", "site": request.site_name})
-        return pb.JoinReply(
-            session_id=session_id,
-            job_config_json=json.dumps(cfg),
-            heartbeat_interval_s=self.controller.config.heartbeat_interval_s,
-        )
+        return pb.JoinReply(session_id=reply.session_id, job_config_json=json.dumps(reply.job_config),
+                            heartbeat_interval_s=reply.heartbeat_interval_s, offers=reply.offers)
 
-    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext):
-        wait = min(max(request.wait_s, 0.0), MAX_TASK_WAIT_S)
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
         try:
-            outcome = self.registry.next_task(request.session_id, wait, header_only=request.header_only)
-        except AccessError as exc:
+            outcome = self.service.next_task(request.session_id, request.wait_s, header_only=request.header_only)
+        except ServiceError as exc:
             _abort(context, exc)
         if outcome is None:
             yield pb.TaskChunk(header=pb.TaskHeader(status=pb.NO_TASK_YET))
@@ -65,7 +65,8 @@ class FLKitService(pb_grpc.FLKitServicer):
                 header=pb.TaskHeader(status=pb.JOB_FINISHED, end_reason=outcome.reason, job_failed=outcome.failed)
             )
             return
-        task: Task = outcome
+        task = outcome
+        encoded = None if task.params is None or request.header_only else Encoded(task.params)
         yield pb.TaskChunk(
             header=pb.TaskHeader(
                 status=pb.TASK_READY,
@@ -75,91 +76,89 @@ class FLKitService(pb_grpc.FLKitServicer):
                 total_rounds=task.total_rounds,
                 params_type=task.params_type,
                 meta_json=json.dumps(task.meta),
-                payload_size=len(task.payload),
+                payload_size=0 if encoded is None else encoded.size,
             )
         )
-        if request.header_only:
-            return
-        for chunk in iter_chunks(task.payload):
-            yield pb.TaskChunk(payload=chunk)
+        if encoded is not None:
+            for chunk in encoded.chunks(CHUNK_BYTES):
+                yield pb.TaskChunk(payload=chunk)
 
-    def SubmitResult(self, request_iterator, context: grpc.ServicerContext) -> pb.SubmitReply:
+    def SubmitResult(self, request_iterator: Iterator[pb.ResultChunk],
+                     context: grpc.ServicerContext) -> pb.SubmitReply:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             return pb.SubmitReply(accepted=False, error="result stream must start with a header")
         header = first.header
-        limit = self.controller.max_result_bytes()
+        try:
+            self.service.site_of(header.session_id)  # nothing is read for an unknown session
+        except ServiceError as exc:
+            _abort(context, exc)
+        limit = self.service.max_result_bytes()
         if header.payload_size > limit:
             return pb.SubmitReply(
                 accepted=False, error=f"payload of {header.payload_size} bytes is larger than any valid result"
             )
-        chunks, received = [], 0
+        buffer = bytearray(header.payload_size)
+        view = memoryview(buffer)
+        received = 0
         for msg in request_iterator:
             if msg.WhichOneof("kind") != "payload":
                 return pb.SubmitReply(accepted=False, error="unexpected second header in result stream")
-            chunks.append(msg.payload)
-            received += len(msg.payload)
-            if received > header.payload_size:
+            size = len(msg.payload)
+            if received + size > header.payload_size:
                 return pb.SubmitReply(accepted=False, error="result payload longer than its header says")
+            view[received:received + size] = msg.payload
+            received += size
         if received != header.payload_size:
             return pb.SubmitReply(
                 accepted=False, error=f"result payload truncated: got {received} of {header.payload_size} bytes"
             )
-        payload = b"".join(chunks)
-        del chunks
+        del view
         try:
             metrics = json_to_dict(header.metrics_json, "metrics")
             meta = json_to_dict(header.meta_json, "meta")
-            self.controller.submit(
-                header.session_id,
-                header.task_id,
-                header.params_type,
-                payload if header.payload_size else None,
-                metrics,
-                meta,
-            )
-        except AccessError as exc:
-            _abort(context, exc)
-        except JobEndedError as exc:
-            return pb.SubmitReply(accepted=False, error=str(exc), job_ended=True)
         except ValidationError as exc:
             return pb.SubmitReply(accepted=False, error=str(exc))
-        return pb.SubmitReply(accepted=True)
+        try:
+            params = parse(buffer) if header.payload_size else None
+        except ValidationError as exc:
+            try:
+                self.service.refuse_result(header.session_id, str(exc))
+            except ServiceError as gone:
+                _abort(context, gone)
+            return pb.SubmitReply(accepted=False, error=str(exc))
+        result = Result(task_id=header.task_id, params_type=header.params_type, params=params, metrics=metrics,
+                        meta=meta)
+        try:
+            reply = self.service.submit(header.session_id, result)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.SubmitReply(accepted=reply.accepted, error=reply.error, job_ended=reply.job_ended)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         try:
-            return pb.HeartbeatReply(job_running=self.registry.heartbeat(request.session_id))
-        except AccessError as exc:
+            return pb.HeartbeatReply(job_running=self.service.heartbeat(request.session_id))
+        except ServiceError as exc:
             _abort(context, exc)
 
     def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.Ack:
         try:
-            self.registry.report_failure(
-                request.site_name, request.job_id, request.token, request.session_id, request.reason
-            )
-        except AccessError as exc:
+            self.service.report_failure(request.site_name, request.job_id, request.token, request.session_id,
+                                        request.reason)
+        except ServiceError as exc:
             _abort(context, exc)
-        log.error("site %s failed: %s", request.site_name, (request.reason or "?").splitlines()[0])
-        log.debug("site %s failure details: %s", request.site_name, request.reason)
         return pb.Ack()
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         try:
-            self.registry.leave(request.session_id, request.reason)
-        except AccessError as exc:
+            self.service.leave(request.session_id, request.reason)
+        except ServiceError as exc:
             _abort(context, exc)
         return pb.Ack()
 
     def LogMetrics(self, request: pb.MetricsBatch, context: grpc.ServicerContext) -> pb.Ack:
         try:
-            site = self.registry.site_of(request.session_id)
-        except AccessError as exc:
+            self.service.log_metrics(request.session_id, request.records_json)
+        except ServiceError as exc:
             _abort(context, exc)
-        try:
-            records = check_records(request.records_json)
-        except ValidationError as exc:
-            log.warning("site %s: tracking records refused: %s", site, exc)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.tracking is not None and self.tracking.enabled:
-            self.tracking.write(site, records)
         return pb.Ack()

@@ -12,17 +12,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-
-class AccessError(Exception):
-    """A request the registry refuses; ``code`` is the gRPC status name to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from flkit.messages import ErrorCode, JobEnd, ServiceError, Task
 
 
 class SiteStatus(str, Enum):
@@ -30,19 +24,6 @@ class SiteStatus(str, Enum):
     JOINED = "joined"
     LEFT = "left"  # its script finished
     FAILED = "failed"
-
-
-@dataclass
-class Task:
-    """A unit of work for one or more sites; ``payload`` is the shared safetensors blob."""
-
-    task_id: str
-    name: str
-    round: int
-    total_rounds: int
-    params_type: str
-    payload: bytes
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,14 +38,11 @@ class SiteState:
     failure: str | None = None
 
 
-@dataclass
-class JobEnd:
-    failed: bool
-    reason: str
-
-
 class SiteRegistry:
-    """Tracks the sites of one job and hands out their tasks."""
+    """Tracks the sites of one job and hands out their tasks.
+
+    Refusals are ``ServiceError``s with a typed ``ErrorCode``.
+    """
 
     def __init__(
         self,
@@ -95,13 +73,13 @@ class SiteRegistry:
 
     def _check_identity(self, site: str, job_id: str, token: str) -> SiteState:
         if job_id != self.job_id:
-            raise AccessError("FAILED_PRECONDITION", f"this server runs job '{self.job_id}', not '{job_id}'")
+            raise ServiceError(ErrorCode.WRONG_JOB, f"this server runs job '{self.job_id}', not '{job_id}'")
         if not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise AccessError("UNAUTHENTICATED", f"site '{site}': bad job token")
+            raise ServiceError(ErrorCode.BAD_TOKEN, f"site '{site}': bad job token")
         state = self.sites.get(site)
         if state is None:
-            raise AccessError(
-                "NOT_FOUND", f"site '{site}' is not part of job '{self.job_id}' (sites: {', '.join(self.sites)})"
+            raise ServiceError(
+                ErrorCode.UNKNOWN_SITE, f"site '{site}' is not part of job '{self.job_id}' (sites: {', '.join(self.sites)})"
             )
         return state
 
@@ -110,7 +88,7 @@ class SiteRegistry:
         with self.cond:
             state = self._check_identity(site, job_id, token)
             if self.end is not None:
-                raise AccessError("FAILED_PRECONDITION", f"job '{self.job_id}' has ended: {self.end.reason}")
+                raise ServiceError(ErrorCode.JOB_ENDED, f"job '{self.job_id}' has ended: {self.end.reason}")
             if state.session_id:
                 self._sessions.pop(state.session_id, None)
             session_id = secrets.token_hex(16)
@@ -128,7 +106,7 @@ class SiteRegistry:
         """The site of a session, marked as just seen. Caller holds ``cond``."""
         site = self._sessions.get(session_id)
         if site is None:
-            raise AccessError("NOT_FOUND", "unknown session (the server restarted or the site re-joined); join again")
+            raise ServiceError(ErrorCode.UNKNOWN_SESSION, "unknown session (the server restarted or the site re-joined); join again")
         state = self.sites[site]
         state.last_seen = time.monotonic()
         return state

@@ -7,6 +7,7 @@ strategy therefore keeps O(1) models in memory, not one per site.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,72 +39,148 @@ class Strategy(ABC):
 
     @abstractmethod
     def add_result(self, result: SiteResult) -> None:
-        """Fold one accepted result into the running aggregate."""
+        """Fold one accepted result into the running aggregate. Called as results arrive, possibly
+        from several threads at once; ``result.params`` are only valid during the call."""
 
     @abstractmethod
     def finish_round(self) -> Params:
         """Return the new global model (same keys, shapes and dtypes as the old one)."""
 
 
+# Elements folded per step: small enough that the float64 staging buffer stays in cache.
+FOLD_CHUNK = 1 << 18
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    if dtype.is_floating_point:
-        return torch.float32  # half / bfloat16 / fp8: average at higher precision
-    return torch.float64  # integer and bool buffers: average exactly, round at the end
+    if dtype == torch.float64 or dtype.is_complex:
+        return torch.complex128 if dtype.is_complex else torch.float64
+    return torch.float64  # float32/half/bfloat16/fp8 and integer/bool buffers: exact products, summed in float64
+
+
+class _Accumulator:
+    """The running weighted sum of one tensor, in float64, with its own lock so two sites can fold
+    different tensors at the same time (torch ops release the GIL)."""
+
+    __slots__ = ("lock", "sum", "touched")
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.lock = threading.Lock()
+        self.sum = torch.empty(like.shape, dtype=_acc_dtype(like.dtype))
+        self.touched = False
 
 
 class FedAvg(Strategy):
-    """Weighted federated averaging (McMahan et al.), as a running weighted mean.
+    """Weighted federated averaging (McMahan et al.): ``sum(w_i * x_i) / sum(w_i)``.
 
-    ``mean <- mean + (w / W_total) * (x - mean)`` (``torch.lerp_``) keeps a single
-    accumulator per tensor; with one site the result is that site's tensor bit for
-    bit. DIFF results are turned into full models (``global + diff``) first, so FULL
-    and DIFF sites can be mixed in one round. Integer buffers (e.g. BatchNorm's
-    ``num_batches_tracked``) are averaged in float64 and rounded back to their dtype.
+    Why float64 sums: a float32 value times a whole-number weight (``NUM_STEPS_CURRENT_ROUND``
+    < 2**29) is exact in float64, and the sum of a round's products rounds at 2**-53, far below
+    float32's resolution. The new global model is that sum rounded once, so it has the same bits
+    whatever order the results arrive in (unless an element's exact mean lies within 2**-29 ulp
+    of a float32 rounding tie; float64 models sum at their own precision, in arrival order).
+    With one site the result is that site's tensor bit for bit.
+
+    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
+    small staging buffer per thread; results are folded in as they arrive and never kept.
+    ``add_result`` may be called from several threads at once. DIFF results are summed as
+    differences and the global model is added once, weighted, at the end, so FULL and DIFF
+    sites can be mixed. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are rounded
+    back to their dtype, bool ones by majority.
     """
 
     def __init__(self) -> None:
         self._global: Params = {}
-        self._mean: Params = {}
+        self._acc: dict[str, _Accumulator] = {}
+        self._lock = threading.Lock()
         self._total_weight = 0.0
+        self._diff_weight = 0.0
+        self._results = 0
         self._round = -1
+        self._staging = threading.local()
 
     def start_round(self, round_num: int, global_params: Params) -> None:
         self._global = global_params
-        self._mean = {}
-        self._total_weight = 0.0
-        self._round = round_num
+        with self._lock:
+            self._total_weight = self._diff_weight = 0.0
+            self._results = 0
+            self._round = round_num
+        for name, base in global_params.items():
+            acc = self._acc.get(name)
+            if acc is None or acc.sum.shape != base.shape or acc.sum.dtype != _acc_dtype(base.dtype):
+                self._acc[name] = _Accumulator(base)
+            else:
+                acc.touched = False
+        for name in [n for n in self._acc if n not in global_params]:
+            del self._acc[name]
+
+    def _buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype)
+            self._staging.buf = buf
+        return buf[:n]
+
+    def _fold(self, acc: _Accumulator, value: torch.Tensor, weight: float) -> None:
+        """acc.sum (+)= weight * value, in FOLD_CHUNK steps through a float64 staging buffer."""
+        flat_sum = acc.sum.view(-1)
+        flat = value.reshape(-1)
+        if flat.dtype == flat_sum.dtype:
+            if acc.touched:
+                flat_sum.add_(flat, alpha=weight)
+            else:
+                torch.mul(flat, weight, out=flat_sum)
+            return
+        n = flat.numel()
+        for start in range(0, n, FOLD_CHUNK):
+            stop = min(n, start + FOLD_CHUNK)
+            part = flat_sum[start:stop]
+            if acc.touched:
+                staged = self._buffer(stop - start, flat_sum.dtype)
+                staged.copy_(flat[start:stop])
+                part.add_(staged, alpha=weight)
+            else:
+                part.copy_(flat[start:stop])
+                part.mul_(weight)
 
     def add_result(self, result: SiteResult) -> None:
-        if result.weight <= 0:
+        if not result.weight > 0:
             raise FLKitError(f"site {result.site}: aggregation weight must be > 0, got {result.weight}")
-        self._total_weight += result.weight
-        frac = result.weight / self._total_weight
-        first = not self._mean
-        for name, base in self._global.items():
-            value = result.params[name]
-            acc_dtype = _acc_dtype(base.dtype)
+        for name in self._global:
+            acc = self._acc[name]
+            with acc.lock:
+                self._fold(acc, result.params[name], result.weight)
+                acc.touched = True
+        with self._lock:
+            self._total_weight += result.weight
             if result.params_type == ParamsType.DIFF:
-                value = base.to(acc_dtype) + value.to(acc_dtype)
-            else:
-                value = value.to(acc_dtype)
-            if first:
-                self._mean[name] = value.clone() if value.data_ptr() == result.params[name].data_ptr() else value
-            else:
-                self._mean[name].lerp_(value, frac)
+                self._diff_weight += result.weight
+            self._results += 1
 
     def finish_round(self) -> Params:
-        if not self._mean:
-            raise FLKitError(f"round {self._round}: no results to aggregate")
+        with self._lock:
+            if not self._results:
+                raise FLKitError(f"round {self._round}: no results to aggregate")
+            total, diff_weight = self._total_weight, self._diff_weight
         out: Params = {}
         for name, base in self._global.items():
-            mean = self._mean[name]
-            if base.dtype == torch.bool:
-                out[name] = mean >= 0.5
-            elif not base.dtype.is_floating_point:
-                out[name] = torch.round(mean).to(base.dtype)
-            else:
-                out[name] = mean.to(base.dtype)
-        self._mean = {}
+            acc = self._acc[name]
+            if diff_weight:
+                self._fold(acc, base, diff_weight)
+            out[name] = self._mean(acc.sum, total, base.dtype)
         return out
+
+    def _mean(self, total_sum: torch.Tensor, total: float, dtype: torch.dtype) -> torch.Tensor:
+        """total_sum / total, rounded once to ``dtype`` (chunked: no model-sized float64 temporary)."""
+        result = torch.empty(total_sum.shape, dtype=dtype)
+        flat_out, flat_sum = result.view(-1), total_sum.view(-1)
+        n = flat_sum.numel()
+        for start in range(0, n, FOLD_CHUNK):
+            stop = min(n, start + FOLD_CHUNK)
+            staged = self._buffer(stop - start, flat_sum.dtype)
+            torch.div(flat_sum[start:stop], total, out=staged)
+            if dtype == torch.bool:
+                flat_out[start:stop].copy_(staged >= 0.5)
+            elif not (dtype.is_floating_point or dtype.is_complex):
+                flat_out[start:stop].copy_(staged.round_())
+            else:
+                flat_out[start:stop].copy_(staged)
+        return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import os
 import re
 import secrets
 import shutil
@@ -144,12 +145,14 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         at_once = f", at most {cap} at a time" if cap else ""
         console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s){at_once}, "
                       f"{workflow.num_rounds} round(s), server on {address}")
+    # In-process sites use the memory transport (FLKIT_TRANSPORT=grpc forces the network path).
+    transport = os.environ.get("FLKIT_TRANSPORT", "auto")
     runs = []
     try:
         with sigterm_as_exit():  # SIGTERM still runs the `finally` below, which ends launched processes
             for i, (name, runner) in enumerate(sites.items()):
                 settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
-                                        workspace=str(workspace / name))
+                                        workspace=str(workspace / name), transport=transport)
                 run = site_for(settings, runner, job.script_path(runner), job_root=job.root,
                                gpu=gpus[i % len(gpus)] if gpus else None)
                 run.start()

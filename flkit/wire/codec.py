@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,6 @@ import torch
 from flkit.errors import ValidationError
 
 Params = dict[str, torch.Tensor]
-
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def _as_tensor(name: str, value: Any) -> torch.Tensor:
@@ -76,13 +74,6 @@ def decode_params(blob: bytes | bytearray | memoryview) -> Params:
         raise ValidationError(f"malformed params payload: {exc}") from exc
 
 
-def iter_chunks(blob: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield consecutive slices of at most chunk_bytes (so no gRPC message grows with the model)."""
-    view = memoryview(blob)
-    for start in range(0, len(view), chunk_bytes):
-        yield bytes(view[start : start + chunk_bytes])
-
-
 def to_plain(key: str, value: Any, what: str) -> Any:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -132,3 +123,15 @@ def json_to_dict(text: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValidationError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as every transport delivers them: checked like ``metrics_to_json`` and plain numbers."""
+    text = metrics_to_json(metrics)
+    return json.loads(text) if text else {}
+
+
+def plain_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Meta as every transport delivers it: strict JSON values (tensors and numpy scalars become numbers)."""
+    text = meta_to_json(meta)
+    return json.loads(text) if text else {}

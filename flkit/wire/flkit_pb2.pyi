@@ -1,3 +1,4 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -30,14 +31,23 @@ class JoinRequest(_message.Message):
     def __init__(self, site_name: _Optional[str] = ..., job_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session_id", "job_config_json", "heartbeat_interval_s")
+    __slots__ = ("session_id", "job_config_json", "heartbeat_interval_s", "offers")
+    class OffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     job_config_json: str
     heartbeat_interval_s: float
-    def __init__(self, session_id: _Optional[str] = ..., job_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    offers: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., job_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., offers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("session_id", "wait_s", "header_only")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from flkit.wire.codec import DEFAULT_CHUNK_BYTES
-
-# Every message is a header or a chunk of at most DEFAULT_CHUNK_BYTES, so a small
-# multiple of it is a safe cap whatever the model size.
-MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES + 64 * 1024
+# Params travel in chunks of this size: large enough that per-message costs vanish beside the
+# copy, small enough that no message grows with the model.
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_MESSAGE_BYTES = 2 * CHUNK_BYTES + 64 * 1024
 
 OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -17,6 +16,6 @@ OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
-PROTOCOL_VERSION = 2
-# The server holds a GetTask call open at most this long; clients ask again.
-MAX_TASK_WAIT_S = 30.0
+PROTOCOL_VERSION = 3
+# Trailing-metadata key of a refusal's ErrorCode (flkit.messages), so a site acts on the code.
+ERROR_KEY = "flkit-error"

@@ -1,0 +1,55 @@
+"""The ``Transport`` protocol: what a site's Session needs from the link to its server.
+
+Each method mirrors one JobService call. Failures are ``ServiceError``s with a typed
+``ErrorCode``: ``UNAVAILABLE`` (the server did not answer: retry), ``UNKNOWN_SESSION`` (join
+again), ``JOB_ENDED`` (stop), or a setup error. Params cross as tensors: a transport may
+serialise them (gRPC, shared memory) or hand them over (memory), but the task params a site
+gets are always its own, and a result's params must not be used by the transport after
+``submit`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from flkit.messages import JoinReply, Result, SubmitReply, TaskOrEnd
+
+
+class Transport(Protocol):
+    """One site's link to one server. Implementations are thread-safe."""
+
+    name: str
+
+    def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
+        """Join the job (again); the reply carries the session id and the job settings."""
+        ...
+
+    def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
+        """The next task (with the site's own copy of its params), the job's end, or None after ``wait_s``.
+        ``header_only``: the task's name, round and id, without params and without taking it."""
+        ...
+
+    def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
+        """Hand a result over; returns whether it was accepted (and if not, why)."""
+        ...
+
+    def heartbeat(self, session_id: str, timeout: float) -> bool:
+        """Tell the server this site is alive; False once the job has ended."""
+        ...
+
+    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str,
+                       timeout: float) -> None:
+        """The site failed (its script raised or exited): fail its task now."""
+        ...
+
+    def leave(self, session_id: str, reason: str, timeout: float) -> None:
+        """The site is done with the job."""
+        ...
+
+    def log_metrics(self, session_id: str, records_json: str, timeout: float) -> None:
+        """A batch of tracking records (a JSON array)."""
+        ...
+
+    def close(self) -> None:
+        """Release the link (channels, files)."""
+        ...

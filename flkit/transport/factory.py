@@ -1,0 +1,32 @@
+"""Picks a site's transport from its settings (``SiteSettings.transport``).
+
+``auto`` (the default): the memory transport when the server lives in this process, else gRPC.
+``memory`` and ``grpc`` force one (``memory`` is an error when the server is elsewhere).
+"""
+
+from __future__ import annotations
+
+from flkit.client.settings import SiteSettings
+from flkit.errors import ConfigError
+from flkit.transport import memory
+from flkit.transport.base import Transport
+
+CHOICES = ("auto", "memory", "grpc")
+
+
+def make_transport(settings: SiteSettings) -> Transport:
+    """The transport this site should use to reach ``settings.server``."""
+    choice = (settings.transport or "auto").lower()
+    if choice not in CHOICES:
+        raise ConfigError(f"site {settings.site_name}: transport {settings.transport!r} is not one of "
+                          f"{', '.join(CHOICES)}")
+    if choice in ("auto", "memory"):
+        service = memory.lookup(settings.server)
+        if service is not None:
+            return memory.MemoryTransport(service, settings.server)
+        if choice == "memory":
+            raise ConfigError(f"site {settings.site_name}: transport 'memory' needs the server in this process, "
+                              f"but no server of this process listens on {settings.server}")
+    from flkit.transport.grpc_transport import GrpcTransport
+
+    return GrpcTransport(settings.server)

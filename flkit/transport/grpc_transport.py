@@ -1,0 +1,149 @@
+"""The gRPC transport: a site's end of the wire protocol (``proto/flkit.proto``).
+
+Params leave as slices of the tensors' own memory (one copy, into the messages) and arrive
+in one preallocated buffer that the received tensors are views of (one copy). A refusal's
+``ErrorCode`` comes from the trailing metadata the server sets; a server that does not answer
+is ``UNAVAILABLE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from flkit.errors import ValidationError
+from flkit.messages import ErrorCode, JobEnd, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.wire import flkit_pb2 as pb
+from flkit.wire import flkit_pb2_grpc as pb_grpc
+from flkit.wire.codec import json_to_dict, meta_to_json, metrics_to_json
+from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, OPTIONS, PROTOCOL_VERSION
+from flkit.wire.tensor_stream import Encoded, parse
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _error(exc: grpc.RpcError, address: str, what: str) -> ServiceError:
+    """The typed error behind a failed call (from the server's trailing metadata)."""
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code in _RETRYABLE:
+        name = code.name if code is not None else "ERROR"
+        return ServiceError(ErrorCode.UNAVAILABLE, f"{what}: server at {address} did not answer ({name}: {details})")
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    for key, value in trailing or ():
+        if key == ERROR_KEY:
+            try:
+                return ServiceError(ErrorCode(value), f"{what}: {details}")
+            except ValueError:
+                break
+    name = code.name if code is not None else "ERROR"
+    return ServiceError(ErrorCode.INVALID, f"{what}: server at {address} refused ({name}): {details}")
+
+
+class GrpcTransport:
+    """A channel to one server. Thread-safe (gRPC channels are)."""
+
+    name = "grpc"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=OPTIONS)
+        self._stub = pb_grpc.FLKitStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
+        req = pb.JoinRequest(site_name=site, job_id=job_id, token=token, protocol_version=PROTOCOL_VERSION)
+        try:
+            reply = self._stub.Join(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, f"site {site} joining job {job_id}") from None
+        return JoinReply(reply.session_id, json_to_dict(reply.job_config_json, "job config"),
+                         reply.heartbeat_interval_s, dict(reply.offers))
+
+    def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
+        request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only)
+        try:
+            stream = self._stub.GetTask(request, timeout=timeout)
+            first = next(stream, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise ValidationError("task stream did not start with a header")
+            h = first.header
+            if h.status == pb.NO_TASK_YET:
+                return None
+            if h.status == pb.JOB_FINISHED:
+                return JobEnd(failed=h.job_failed, reason=h.end_reason)
+            task = Task(h.task_id, h.task_name, h.current_round, h.total_rounds, h.params_type)
+            if header_only:
+                stream.cancel()
+                return task
+            buffer = bytearray(h.payload_size)
+            view = memoryview(buffer)
+            received = 0
+            for msg in stream:
+                size = len(msg.payload)
+                if received + size > h.payload_size:
+                    raise ValidationError("task payload longer than its header says")
+                view[received:received + size] = msg.payload
+                received += size
+            del view
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "receiving a task") from None
+        if received != h.payload_size:
+            raise ServiceError(ErrorCode.UNAVAILABLE, f"task payload truncated ({received} of {h.payload_size} bytes)")
+        task.meta = json_to_dict(h.meta_json, "task meta")
+        task.params = parse(buffer) if h.payload_size else None
+        return task
+
+    def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
+        encoded = None if result.params is None else Encoded(result.params)
+        header = pb.ResultHeader(
+            session_id=session_id,
+            task_id=result.task_id,
+            params_type=result.params_type,
+            metrics_json=metrics_to_json(result.metrics),
+            meta_json=meta_to_json(result.meta),
+            payload_size=0 if encoded is None else encoded.size,
+        )
+
+        def messages() -> Iterator[pb.ResultChunk]:
+            yield pb.ResultChunk(header=header)
+            if encoded is not None:
+                for chunk in encoded.chunks(CHUNK_BYTES):
+                    yield pb.ResultChunk(payload=chunk)
+
+        try:
+            reply = self._stub.SubmitResult(messages(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "sending a result") from None
+        return SubmitReply(reply.accepted, reply.error, reply.job_ended)
+
+    def heartbeat(self, session_id: str, timeout: float) -> bool:
+        try:
+            return bool(self._stub.Heartbeat(pb.HeartbeatRequest(session_id=session_id), timeout=timeout).job_running)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "heartbeat") from None
+
+    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str,
+                       timeout: float) -> None:
+        req = pb.FailureReport(session_id=session_id, site_name=site, job_id=job_id, token=token, reason=reason)
+        try:
+            self._stub.ReportFailure(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "reporting a failure") from None
+
+    def log_metrics(self, session_id: str, records_json: str, timeout: float) -> None:
+        try:
+            self._stub.LogMetrics(pb.MetricsBatch(session_id=session_id, records_json=records_json), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "sending tracking records") from None
+
+    def leave(self, session_id: str, reason: str, timeout: float) -> None:
+        try:
+            self._stub.Leave(pb.LeaveRequest(session_id=session_id, reason=reason), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address, "leaving") from None
+
+

@@ -1,0 +1,96 @@
+"""The memory transport: for sites that live in the server's process (the simulator's threads).
+
+Nothing is serialised. A site gets its own copy of the task's params (one memory copy per site
+per round, made in the site's own thread, so sites copy in parallel), and its result's tensors
+are handed to the job service as they are: the service checks them and folds them into the
+aggregate before ``submit`` returns, so no copy is needed and none is kept.
+
+Servers in this process register here under their address, so a site whose settings name that
+address finds it without any network.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+
+if TYPE_CHECKING:
+    from flkit.server.job_service import JobService
+
+_lock = threading.Lock()
+_services: dict[str, JobService] = {}
+
+
+def register(address: str, service: JobService) -> None:
+    """Make ``service`` reachable in this process under ``address`` (its gRPC "host:port")."""
+    with _lock:
+        _services[address] = service
+
+
+def unregister(address: str, service: JobService) -> None:
+    with _lock:
+        if _services.get(address) is service:
+            del _services[address]
+
+
+def lookup(address: str) -> JobService | None:
+    """The job service of this process listening on ``address``, if any."""
+    with _lock:
+        return _services.get(address)
+
+
+def _own_copy(task: Task) -> Task:
+    params = None
+    if task.params is not None:
+        params = {name: tensor.clone() for name, tensor in task.params.items()}
+    return Task(task.task_id, task.name, task.round, task.total_rounds, task.params_type, dict(task.meta), params)
+
+
+class MemoryTransport:
+    """Direct calls into a JobService of this process."""
+
+    name = "memory"
+
+    def __init__(self, service: JobService, address: str) -> None:
+        self._service = service
+        self.address = address
+
+    def _live(self) -> JobService:
+        if lookup(self.address) is not self._service:
+            raise ServiceError(ErrorCode.UNAVAILABLE, f"the server at {self.address} in this process has stopped")
+        return self._service
+
+    def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
+        return self._live().join(site, job_id, token, self._service.protocol_version)
+
+    def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
+        outcome = self._live().next_task(session_id, wait_s, header_only=header_only)
+        if isinstance(outcome, Task):
+            if header_only:
+                return Task(outcome.task_id, outcome.name, outcome.round, outcome.total_rounds)
+            return _own_copy(outcome)
+        return outcome
+
+    def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
+        return self._live().submit(session_id, result)
+
+    def heartbeat(self, session_id: str, timeout: float) -> bool:
+        return self._live().heartbeat(session_id)
+
+    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str,
+                       timeout: float) -> None:
+        self._live().report_failure(site, job_id, token, session_id, reason)
+
+    def leave(self, session_id: str, reason: str, timeout: float) -> None:
+        self._live().leave(session_id, reason)
+
+    def log_metrics(self, session_id: str, records_json: str, timeout: float) -> None:
+        self._live().log_metrics(session_id, records_json)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+__all__ = ["MemoryTransport", "lookup", "register", "unregister"]

@@ -1,0 +1,151 @@
+"""Safetensors bytes streamed straight from tensors' memory, and parsed without copying.
+
+Why not ``safetensors.torch.save``/``load`` on the wire: ``save`` builds the whole blob and then
+copies it into a ``bytes``, and ``load`` copies every tensor out of the blob, so a model crosses
+memory three times before it is even sent. Here the sender yields a header and then slices of
+the tensors' own memory (one copy, into each message), and the receiver writes the chunks into
+one preallocated buffer and makes tensors that are views of it (one copy in all). The format is
+exactly safetensors (``safetensors.torch.load`` reads what ``iter_chunks`` produces, and
+``parse`` reads what ``safetensors.torch.save`` produces); the checks on arrival are the same:
+a bounded JSON header, known dtypes, shapes that match the byte ranges, and ranges that tile
+the data exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from flkit.errors import ValidationError
+from flkit.wire.codec import Params, to_cpu_params
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy (the tensor is contiguous and on the CPU)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class Encoded:
+    """A model laid out as safetensors: the header bytes, then each tensor's bytes in order.
+
+    Tensors are ordered by element size (largest first), then name, as safetensors does, so
+    every tensor starts at an offset aligned to its element size.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        cpu = to_cpu_params(params)
+        order = sorted(cpu, key=lambda name: (-cpu[name].element_size(), name))
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self.views: list[memoryview] = []
+        self._keep = [cpu[name] for name in order]
+        for name in order:
+            tensor = cpu[name]
+            if tensor.dtype not in NAMES:
+                raise ValidationError(f"param '{name}' has dtype {tensor.dtype}, which cannot be sent")
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+            self.views.append(_byte_view(tensor))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.header = struct.pack("<Q", len(text)) + text
+        self.size = len(self.header) + offset
+
+    def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        """The blob in pieces of exactly ``chunk_bytes`` (the last may be shorter); each piece is
+        the one copy this path makes."""
+        pending: list[memoryview] = []
+        filled = 0
+        for view in [memoryview(self.header), *self.views]:
+            pos = 0
+            while pos < len(view):
+                take = min(chunk_bytes - filled, len(view) - pos)
+                pending.append(view[pos:pos + take])
+                filled += take
+                pos += take
+                if filled == chunk_bytes:
+                    yield b"".join(pending)
+                    pending, filled = [], 0
+        if filled:
+            yield b"".join(pending)
+
+
+def parse(buffer: bytearray | memoryview, expected_size: int | None = None) -> Params:
+    """Tensors that are views of ``buffer`` (a writable bytearray: the caller gives up its use).
+
+    Raises ValidationError for anything that is not well-formed safetensors; never executes or
+    unpickles anything.
+    """
+    view = memoryview(buffer)
+    total = len(view)
+    if expected_size is not None and total != expected_size:
+        raise ValidationError(f"params payload has {total} bytes, expected {expected_size}")
+    if total < 8:
+        raise ValidationError("malformed params payload: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack_from("<Q", view, 0)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > total:
+        raise ValidationError(f"malformed params payload: header length {header_len} does not fit "
+                              f"in {total} bytes")
+    try:
+        header = json.loads(bytes(view[8:8 + header_len]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"malformed params payload: header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValidationError("malformed params payload: header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    data_len = total - data_start
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValidationError(f"malformed params payload: entry of '{name}' is not dtype/shape/data_offsets")
+        dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if dtype is None:
+            raise ValidationError(f"malformed params payload: tensor '{name}' has unknown dtype {entry['dtype']!r}")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets)):
+            raise ValidationError(f"malformed params payload: tensor '{name}' has a bad shape or offsets")
+        begin, end = offsets
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end < begin or end - begin != math.prod(shape) * itemsize:
+            raise ValidationError(f"malformed params payload: tensor '{name}' of shape {shape} does not fill "
+                                  f"bytes {begin}..{end}")
+        spans.append((begin, end, name, dtype, shape))
+    spans.sort()
+    at = 0
+    for begin, end, name, _, _ in spans:
+        if begin != at:
+            raise ValidationError(f"malformed params payload: tensor '{name}' starts at {begin}, expected {at}")
+        at = end
+    if at != data_len:
+        raise ValidationError(f"malformed params payload: tensors cover {at} of {data_len} data bytes")
+    out: Params = {}
+    for begin, end, name, dtype, shape in spans:
+        if end == begin:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        out[name] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin).view(shape)
+    return out

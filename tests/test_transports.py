@@ -1,0 +1,178 @@
+"""The protocol, run against every transport: the same behaviour whatever carries the bytes.
+
+A real FLServer in this process; sessions reach it through the transport under test
+(``memory``: direct calls; ``grpc``: loopback). What must hold for all of them: the round's
+aggregate, isolation of the global model from what sites do to their tensors, typed refusals,
+re-joining after the server forgot a site, and headers without params.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from flkit.messages import ErrorCode, ServiceError
+from flkit.model import FLModel, ParamsType
+from flkit.server.persistor import load_params
+from flkit.server.strategy import FedAvg, SiteResult
+from flkit.transport.grpc_transport import GrpcTransport
+from flkit.transport.memory import MemoryTransport
+
+INITIAL = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.zeros(3),
+           "steps": torch.tensor(5, dtype=torch.int64)}
+
+
+def _plus(params: dict[str, torch.Tensor], x: float) -> dict[str, torch.Tensor]:
+    return {k: v + x if v.is_floating_point() else v.clone() for k, v in params.items()}
+
+
+def test_the_session_uses_the_transport_asked_for(any_harness):
+    server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
+    session = any_harness.session(server, "site-1")
+    expected = {"memory": MemoryTransport, "grpc": GrpcTransport}[any_harness.transport]
+    assert isinstance(session.transport, expected)
+
+
+def test_a_round_gives_the_weighted_mean_bit_for_bit(any_harness):
+    server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=2)
+    sites = [any_harness.session(server, s) for s in ("site-1", "site-2")]
+    for session in sites:
+        session.connect(timeout=10)  # the first round starts once every site joined
+    for round_num in range(2):
+        for i, session in enumerate(sites):
+            model = session.receive(timeout=30)
+            assert model is not None and model.current_round == round_num
+            session.send(FLModel(params=_plus(model.params, i + 1.0), metrics={"accuracy": 0.5},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": i + 1}))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    # Each round: the weighted mean of the sites' float32 tensors, summed in float64, rounded once.
+    expected = INITIAL["w"]
+    for _ in range(2):
+        expected = ((1 * (expected + 1.0).double() + 2 * (expected + 2.0).double()) / 3).float()
+    saved = load_params(server.persistor.global_model_path)
+    assert torch.equal(saved["w"], expected)
+    assert torch.equal(saved["steps"], INITIAL["steps"]) and saved["steps"].dtype == torch.int64
+
+
+def test_a_site_cannot_change_the_global_model_through_its_tensors(any_harness):
+    """The site changes the params it received, and the ones it sent, in place: the next round
+    still gets exactly the aggregate, and so does the other site."""
+    server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=2)
+    meddler, honest = any_harness.session(server, "site-1"), any_harness.session(server, "site-2")
+    meddler.connect(timeout=10), honest.connect(timeout=10)
+    received = meddler.receive(timeout=30)
+    other = honest.receive(timeout=30)
+    assert received is not None and other is not None
+    sent = _plus(received.params, 1.0)
+    meddler.send(FLModel(params=sent))
+    for tensor in [*received.params.values(), *sent.values()]:
+        tensor.fill_(-7)  # after the send: nothing of this may reach the server or the other site
+    assert torch.equal(other.params["w"], INITIAL["w"])
+    honest.send(FLModel(params=_plus(other.params, 3.0)))
+    next_round = [meddler.receive(timeout=30), honest.receive(timeout=30)]
+    for model in next_round:
+        assert model is not None and model.current_round == 1
+        assert torch.equal(model.params["w"], INITIAL["w"] + 2.0)
+    assert torch.equal(server.controller.global_params["w"], INITIAL["w"] + 2.0)
+
+
+def test_refusals_carry_typed_codes(any_harness):
+    server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
+    stranger = any_harness.session(server, "site-9")
+    with pytest.raises(ServiceError) as refused:
+        stranger.connect(timeout=10)
+    assert refused.value.code == ErrorCode.UNKNOWN_SITE and "site-9" in str(refused.value)
+    intruder = any_harness.session(server, "site-1", token="forged")
+    with pytest.raises(ServiceError) as refused:
+        intruder.connect(timeout=10)
+    assert refused.value.code == ErrorCode.BAD_TOKEN
+    with pytest.raises(ServiceError) as refused:
+        intruder.transport.heartbeat("no-such-session", timeout=5)
+    assert refused.value.code == ErrorCode.UNKNOWN_SESSION
+
+
+def test_a_site_the_server_forgot_joins_again_from_the_code(any_harness):
+    server = any_harness.start(INITIAL, ["site-1"], num_rounds=1, heartbeat_timeout_s=60)
+    session = any_harness.session(server, "site-1")
+    session.connect(timeout=10)
+    first = session._session_id
+    with server.registry.cond:  # the server forgets the session, as a restarted one would
+        del server.registry._sessions[first]
+    model = session.receive(timeout=30)  # UNKNOWN_SESSION -> join again -> the task
+    assert model is not None and session._session_id not in (None, first)
+    session.send(FLModel(params=model.params))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+
+
+def test_after_the_job_a_join_is_refused_as_ended(any_harness):
+    server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
+    session = any_harness.session(server, "site-1")
+    model = session.receive(timeout=30)
+    session.send(FLModel(params=model.params))
+    assert not server.wait(30).failed
+    late = any_harness.session(server, "site-1")
+    with pytest.raises(ServiceError) as refused:
+        late.transport.join("site-1", server.job_id, server.token, timeout=5)
+    assert refused.value.code == ErrorCode.JOB_ENDED
+    assert late.receive(timeout=10) is None and late._ended  # the Client API just sees the end
+
+
+def test_header_only_peek_carries_no_params_and_takes_nothing(any_harness):
+    server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
+    session = any_harness.session(server, "site-1")
+    header = session.peek_task(timeout=30)
+    assert header is not None and header.name == "train" and header.params is None
+    model = session.receive(timeout=30)  # the task is still there, with its params
+    assert model is not None and torch.equal(model.params["w"], INITIAL["w"])
+    session.send(FLModel(params=model.params))
+    assert not server.wait(30).failed
+
+
+def test_non_finite_and_misshapen_results_are_refused_on_every_transport(any_harness):
+    server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1)
+    bad, good = any_harness.session(server, "site-1"), any_harness.session(server, "site-2")
+    bad.connect(timeout=10), good.connect(timeout=10)
+    model, other = bad.receive(timeout=30), good.receive(timeout=30)
+    poisoned = _plus(model.params, 0.0)
+    poisoned["w"][1, 2] = float("inf")
+    with pytest.raises(Exception, match=r"site-1: tensor 'w' has 1 non-finite value"):
+        bad.send(FLModel(params=poisoned))
+    good.send(FLModel(params=_plus(other.params, 1.0)))
+    assert not server.wait(30).failed
+    assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 1.0)
+
+
+def test_diff_results_over_every_transport(any_harness):
+    server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1)
+    a, b = any_harness.session(server, "site-1"), any_harness.session(server, "site-2")
+    a.connect(timeout=10), b.connect(timeout=10)
+    ma, mb = a.receive(timeout=30), b.receive(timeout=30)
+    a.send(FLModel(params_type=ParamsType.DIFF, params={k: torch.ones_like(v) if v.is_floating_point()
+                                                        else torch.zeros_like(v) for k, v in ma.params.items()}))
+    b.send(FLModel(params=_plus(mb.params, 3.0)))
+    assert not server.wait(30).failed
+    assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 2.0)
+
+
+def test_aggregation_gives_the_same_bits_in_any_arrival_order():
+    """Float32 results with whole-number weights: every order of four results, one set of bits."""
+    gen = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(4096, generator=gen), "n": torch.tensor(7)}
+    results = [SiteResult(f"s{i}", {"w": torch.randn(4096, generator=gen) * 10 ** (i - 2), "n": torch.tensor(i)},
+                          ParamsType.FULL, float(w)) for i, w in enumerate([3, 1, 250, 17])]
+    seen = set()
+    strategy = FedAvg()
+    for order in itertools.permutations(results):
+        strategy.start_round(0, base)
+        for result in order:
+            strategy.add_result(result)
+        out = strategy.finish_round()
+        seen.add((out["w"].numpy().tobytes(), int(out["n"])))
+    assert len(seen) == 1
+    # and it is the float64 mean, rounded once
+    total = sum(r.weight * r.params["w"].double() for r in results) / sum(r.weight for r in results)
+    assert torch.equal(out["w"], total.float())
