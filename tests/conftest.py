@@ -127,7 +127,7 @@ def harness(tmp_path: Path) -> Iterator[ServerHarness]:
 
 
 # Every transport a site in a test can use against a server of the test's process.
-TRANSPORTS = ["memory", "grpc"]
+TRANSPORTS = ["memory", "grpc", "shm"]
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -19,6 +19,7 @@ from flkit.server.persistor import load_params
 from flkit.server.strategy import FedAvg, SiteResult
 from flkit.transport.grpc_transport import GrpcTransport
 from flkit.transport.memory import MemoryTransport
+from flkit.transport.shm import ShmTransport
 
 INITIAL = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.zeros(3),
            "steps": torch.tensor(5, dtype=torch.int64)}
@@ -31,8 +32,11 @@ def _plus(params: dict[str, torch.Tensor], x: float) -> dict[str, torch.Tensor]:
 def test_the_session_uses_the_transport_asked_for(any_harness):
     server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
     session = any_harness.session(server, "site-1")
-    expected = {"memory": MemoryTransport, "grpc": GrpcTransport}[any_harness.transport]
-    assert isinstance(session.transport, expected)
+    expected = {"memory": MemoryTransport, "grpc": GrpcTransport, "shm": ShmTransport}[any_harness.transport]
+    assert type(session.transport) is expected
+    session.connect(timeout=10)
+    if any_harness.transport == "shm":  # same host, same user: the server's folder is used
+        assert session.transport.active and session.transport.folder == server.shm.folder
 
 
 def test_a_round_gives_the_weighted_mean_bit_for_bit(any_harness):

@@ -45,8 +45,8 @@ class SiteSettings:
     memory_gc_rounds: int = 0
     # Empty the CUDA cache after each answered task (when CUDA is in use).
     cuda_empty_cache: bool = False
-    # How params reach the server: "auto" (memory when the server is in this process, else
-    # gRPC), "memory" or "grpc" (see flkit.transport.factory).
+    # How params reach the server: "auto" (memory when the server is in this process, shared
+    # memory when it is on this host, else gRPC), "memory", "shm" or "grpc" (flkit.transport.factory).
     transport: str = "auto"
 
     def to_env(self) -> dict[str, str]:

@@ -115,7 +115,7 @@ class Controller:
         # Set (under the registry lock) as soon as the job's end is decided, before the sites are
         # told: a result arriving in between is answered "job ended", not blamed on the site.
         self._ending: JobEnd | None = None
-        self._model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
+        self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
 
@@ -403,7 +403,7 @@ class Controller:
 
     def max_result_bytes(self) -> int:
         """Upper bound for a valid result payload: about the size of the global model."""
-        return 2 * self._model_bytes + (1 << 20)
+        return 2 * self.model_bytes + (1 << 20)
 
     def submit(self, session_id: str, result: Result) -> None:
         """Check one result and fold it in before returning (the Result's params are not kept).

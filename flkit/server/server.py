@@ -18,6 +18,7 @@ from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
 from flkit.server.persistor import Persistor
 from flkit.server.service import FLKitService
+from flkit.server.shm_exchange import ShmExchange
 from flkit.server.sites import SiteRegistry
 from flkit.server.strategy import FedAvg, Strategy
 from flkit.server.tracking import TrackingHub
@@ -50,6 +51,7 @@ class FLServer:
         on_event: Callable[[Event], None] | None = None,
         max_active_tasks: int | None = None,
         job_name: str | None = None,
+        shared_memory: bool = True,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
@@ -93,6 +95,8 @@ class FLServer:
         self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.registry.on_site_failed = self.controller.site_failed
         self.service = JobService(self.registry, self.controller, self.tracking, PROTOCOL_VERSION)
+        self._shared_memory = shared_memory
+        self.shm: ShmExchange | None = None
         self._grpc: grpc.Server | None = None
         self._thread: threading.Thread | None = None
         self.outcome: JobEnd | None = None
@@ -107,14 +111,18 @@ class FLServer:
         """Bind, serve, and start the round loop; returns the "host:port" sites should dial."""
         workers = max(16, 2 * len(self.registry.sites) + 8)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
-        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.service), self._grpc)
+        if self._shared_memory:  # sites on this host may take params through /dev/shm files
+            self.shm = ShmExchange.create(self.controller.model_bytes, len(self.registry.sites))
+            if self.shm is not None:
+                self.service.offers.update(self.shm.offers)
+        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.service, self.shm), self._grpc)
         try:
             self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:
-            self.tracking.close()
+            self._release()
             raise CommunicationError(f"cannot listen on {self._bind}: {exc}") from exc
         if not self.port:
-            self.tracking.close()
+            self._release()
             raise CommunicationError(f"cannot listen on {self._bind} (address in use?)")
         self._grpc.start()
         memory.register(self.address, self.service)  # sites in this process reach it without the network
@@ -122,6 +130,12 @@ class FLServer:
         self._thread.start()
         log.info("job %s served on %s", self.job_id, self.address)
         return self.address
+
+    def _release(self) -> None:
+        """What a server that could not start must not leave behind."""
+        self.tracking.close()
+        if self.shm is not None:
+            self.shm.close()
 
     def _run(self) -> None:
         self.outcome = self.controller.run()
@@ -153,6 +167,8 @@ class FLServer:
         if self._thread is not None:
             self._thread.join(grace + 5)
         self.tracking.close()
+        if self.shm is not None:
+            self.shm.close()
         try:
             self.persistor.close(timeout=60.0)
         except OSError as exc:  # already reported as the job's failure

@@ -8,6 +8,7 @@ Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -16,11 +17,14 @@ import grpc
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, Result, ServiceError
 from flkit.server.job_service import JobService
+from flkit.server.shm_exchange import ShmExchange
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import json_to_dict
 from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY
 from flkit.wire.tensor_stream import Encoded, parse
+
+log = logging.getLogger("flkit.server")
 
 STATUS = {
     ErrorCode.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,
@@ -41,8 +45,9 @@ def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, service: JobService) -> None:
+    def __init__(self, service: JobService, shm: ShmExchange | None = None) -> None:
         self.service = service
+        self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -66,19 +71,21 @@ class FLKitService(pb_grpc.FLKitServicer):
             )
             return
         task = outcome
-        encoded = None if task.params is None or request.header_only else Encoded(task.params)
-        yield pb.TaskChunk(
-            header=pb.TaskHeader(
-                status=pb.TASK_READY,
-                task_id=task.task_id,
-                task_name=task.name,
-                current_round=task.round,
-                total_rounds=task.total_rounds,
-                params_type=task.params_type,
-                meta_json=json.dumps(task.meta),
-                payload_size=0 if encoded is None else encoded.size,
-            )
-        )
+        header = pb.TaskHeader(status=pb.TASK_READY, task_id=task.task_id, task_name=task.name,
+                               current_round=task.round, total_rounds=task.total_rounds,
+                               params_type=task.params_type, meta_json=json.dumps(task.meta))
+        encoded = None
+        if task.params is not None and not request.header_only:
+            if request.params_by_file and self.shm is not None:
+                try:
+                    header.params_file, header.payload_size = self.shm.task_file(task)
+                except OSError as exc:  # e.g. /dev/shm filled up meanwhile: the bytes go by the socket
+                    log.warning("task %s: params not written to shared memory (%s); sending them over gRPC",
+                                task.task_id, exc)
+            if not header.params_file:
+                encoded = Encoded(task.params)
+                header.payload_size = encoded.size
+        yield pb.TaskChunk(header=header)
         if encoded is not None:
             for chunk in encoded.chunks(CHUNK_BYTES):
                 yield pb.TaskChunk(payload=chunk)
@@ -98,6 +105,8 @@ class FLKitService(pb_grpc.FLKitServicer):
             return pb.SubmitReply(
                 accepted=False, error=f"payload of {header.payload_size} bytes is larger than any valid result"
             )
+        if header.params_file:
+            return self._submit_file(header, context)
         buffer = bytearray(header.payload_size)
         view = memoryview(buffer)
         received = 0
@@ -121,6 +130,31 @@ class FLKitService(pb_grpc.FLKitServicer):
             return pb.SubmitReply(accepted=False, error=str(exc))
         try:
             params = parse(buffer) if header.payload_size else None
+        except ValidationError as exc:
+            try:
+                self.service.refuse_result(header.session_id, str(exc))
+            except ServiceError as gone:
+                _abort(context, gone)
+            return pb.SubmitReply(accepted=False, error=str(exc))
+        result = Result(task_id=header.task_id, params_type=header.params_type, params=params, metrics=metrics,
+                        meta=meta)
+        try:
+            reply = self.service.submit(header.session_id, result)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.SubmitReply(accepted=reply.accepted, error=reply.error, job_ended=reply.job_ended)
+
+    def _submit_file(self, header: pb.ResultHeader, context: grpc.ServicerContext) -> pb.SubmitReply:
+        """A result whose params a site on this host wrote to the shared-memory folder."""
+        try:
+            metrics = json_to_dict(header.metrics_json, "metrics")
+            meta = json_to_dict(header.meta_json, "meta")
+        except ValidationError as exc:
+            return pb.SubmitReply(accepted=False, error=str(exc))
+        try:
+            if self.shm is None:
+                raise ValidationError("this server offers no shared-memory folder")
+            params = self.shm.take_result(header.session_id, header.task_id, header.params_file, header.payload_size)
         except ValidationError as exc:
             try:
                 self.service.refuse_result(header.session_id, str(exc))

@@ -1,7 +1,9 @@
 """Picks a site's transport from its settings (``SiteSettings.transport``).
 
-``auto`` (the default): the memory transport when the server lives in this process, else gRPC.
-``memory`` and ``grpc`` force one (``memory`` is an error when the server is elsewhere).
+``auto`` (the default): the memory transport when the server lives in this process; else shared
+memory when the server offers a /dev/shm folder this site can use (same host, same user), else
+gRPC. ``memory``, ``shm`` and ``grpc`` ask for one: ``memory`` is an error when the server is
+elsewhere, ``shm`` falls back to gRPC with a warning, ``grpc`` never uses files.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from flkit.errors import ConfigError
 from flkit.transport import memory
 from flkit.transport.base import Transport
 
-CHOICES = ("auto", "memory", "grpc")
+CHOICES = ("auto", "memory", "shm", "grpc")
 
 
 def make_transport(settings: SiteSettings) -> Transport:
@@ -27,6 +29,10 @@ def make_transport(settings: SiteSettings) -> Transport:
         if choice == "memory":
             raise ConfigError(f"site {settings.site_name}: transport 'memory' needs the server in this process, "
                               f"but no server of this process listens on {settings.server}")
-    from flkit.transport.grpc_transport import GrpcTransport
+    if choice == "grpc":
+        from flkit.transport.grpc_transport import GrpcTransport
 
-    return GrpcTransport(settings.server)
+        return GrpcTransport(settings.server)
+    from flkit.transport.shm import ShmTransport
+
+    return ShmTransport(settings.server, required=choice == "shm")

@@ -64,7 +64,16 @@ class GrpcTransport:
                          reply.heartbeat_interval_s, dict(reply.offers))
 
     def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
-        request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only)
+        return self._get_task(session_id, wait_s, timeout, header_only, by_file=False)
+
+    def _params_from_file(self, task: Task, name: str, size: int) -> None:
+        """Params the server put in a shared-memory file (only the shm transport asks for that)."""
+        raise ValidationError(f"the server sent params as file {name[:80]!r}, which this transport did not ask for")
+
+    def _get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool,
+                  by_file: bool) -> TaskOrEnd:
+        request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only,
+                                    params_by_file=by_file)
         try:
             stream = self._stub.GetTask(request, timeout=timeout)
             first = next(stream, None)
@@ -78,6 +87,11 @@ class GrpcTransport:
             task = Task(h.task_id, h.task_name, h.current_round, h.total_rounds, h.params_type)
             if header_only:
                 stream.cancel()
+                return task
+            if h.params_file:
+                stream.cancel()
+                task.meta = json_to_dict(h.meta_json, "task meta")
+                self._params_from_file(task, h.params_file, h.payload_size)
                 return task
             buffer = bytearray(h.payload_size)
             view = memoryview(buffer)
@@ -99,13 +113,20 @@ class GrpcTransport:
 
     def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
         encoded = None if result.params is None else Encoded(result.params)
+        return self._submit_header(session_id, result, size=0 if encoded is None else encoded.size, timeout=timeout,
+                                   encoded=encoded)
+
+    def _submit_header(self, session_id: str, result: Result, size: int, timeout: float, params_file: str = "",
+                       encoded: Encoded | None = None) -> SubmitReply:
+        """Send the result's header, then its params as chunks (``encoded``) or nothing (``params_file``)."""
         header = pb.ResultHeader(
             session_id=session_id,
             task_id=result.task_id,
             params_type=result.params_type,
             metrics_json=metrics_to_json(result.metrics),
             meta_json=meta_to_json(result.meta),
-            payload_size=0 if encoded is None else encoded.size,
+            payload_size=size,
+            params_file=params_file,
         )
 
         def messages() -> Iterator[pb.ResultChunk]:

@@ -50,17 +50,19 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., job_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., offers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("session_id", "wait_s", "header_only")
+    __slots__ = ("session_id", "wait_s", "header_only", "params_by_file")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     HEADER_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_BY_FILE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     wait_s: float
     header_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., header_only: _Optional[bool] = ...) -> None: ...
+    params_by_file: bool
+    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., header_only: _Optional[bool] = ..., params_by_file: _Optional[bool] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("status", "task_id", "task_name", "current_round", "total_rounds", "start_round", "params_type", "meta_json", "payload_size", "end_reason", "job_failed")
+    __slots__ = ("status", "task_id", "task_name", "current_round", "total_rounds", "start_round", "params_type", "meta_json", "payload_size", "end_reason", "job_failed", "params_file")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,7 @@ class TaskHeader(_message.Message):
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     JOB_FAILED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FILE_FIELD_NUMBER: _ClassVar[int]
     status: TaskStatus
     task_id: str
     task_name: str
@@ -83,7 +86,8 @@ class TaskHeader(_message.Message):
     payload_size: int
     end_reason: str
     job_failed: bool
-    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., params_type: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., end_reason: _Optional[str] = ..., job_failed: _Optional[bool] = ...) -> None: ...
+    params_file: str
+    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., params_type: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., end_reason: _Optional[str] = ..., job_failed: _Optional[bool] = ..., params_file: _Optional[str] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "payload")
@@ -94,20 +98,22 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_id", "task_id", "params_type", "metrics_json", "meta_json", "payload_size")
+    __slots__ = ("session_id", "task_id", "params_type", "metrics_json", "meta_json", "payload_size", "params_file")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     META_JSON_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FILE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     task_id: str
     params_type: str
     metrics_json: str
     meta_json: str
     payload_size: int
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., params_type: _Optional[str] = ..., metrics_json: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    params_file: str
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., params_type: _Optional[str] = ..., metrics_json: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., params_file: _Optional[str] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("header", "payload")

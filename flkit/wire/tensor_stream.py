@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -90,7 +91,7 @@ class Encoded:
             yield b"".join(pending)
 
 
-def parse(buffer: bytearray | memoryview, expected_size: int | None = None) -> Params:
+def parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None = None) -> Params:
     """Tensors that are views of ``buffer`` (a writable bytearray: the caller gives up its use).
 
     Raises ValidationError for anything that is not well-formed safetensors; never executes or

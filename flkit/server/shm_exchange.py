@@ -1,0 +1,134 @@
+"""The server's shared-memory folder: params for sites on this host go through files, not the socket.
+
+One folder per job, ``/dev/shm/flkit-<pid>-<random>`` (mode 0700), with a probe file a site
+must be able to read (same host, same user) before it uses the folder. The global model of a
+task is written once, whatever the number of sites that map it; a site's result is mapped,
+folded in and deleted at once. The folder goes at job end; a folder left by a server that was
+killed is removed by the next server that starts on this host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import threading
+from pathlib import Path
+
+from flkit.errors import ValidationError
+from flkit.messages import Task
+from flkit.wire import shm_files
+from flkit.wire.codec import Params
+
+log = logging.getLogger("flkit.server")
+
+# Room kept free in /dev/shm beyond the files a round needs.
+MARGIN_BYTES = 16 * 1024 * 1024
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
+    """Folders of this user whose server process is gone (killed before it could clean up)."""
+    removed = []
+    try:
+        entries = list(root.glob(f"{shm_files.FOLDER_PREFIX}*"))
+    except OSError:
+        return removed
+    for folder in entries:
+        parts = folder.name.split("-")
+        try:
+            pid = int(parts[1])
+            owned = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+        except (IndexError, ValueError, OSError):
+            continue
+        if owned and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+class ShmExchange:
+    """A job's shared-memory folder on the server side."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.probe = secrets.token_hex(16)
+        shm_files.create_private(folder / shm_files.PROBE_FILE)
+        (folder / shm_files.PROBE_FILE).write_text(self.probe)
+        self._lock = threading.Lock()
+        self._task_files: dict[str, tuple[str, int]] = {}
+        self._closed = False
+
+    @classmethod
+    def create(cls, model_bytes: int, n_sites: int, root: Path = shm_files.SHM_ROOT) -> ShmExchange | None:
+        """The folder, or None (with the reason logged) when /dev/shm is missing or too small for
+        a round: the global model and one result per site."""
+        if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
+            log.info("no shared-memory transport: %s is missing or not writable", root)
+            return None
+        removed = remove_stale_folders(root)
+        if removed:
+            log.info("removed %d shared-memory folder(s) of servers that are gone", len(removed))
+        need = model_bytes * (n_sites + 1) + MARGIN_BYTES
+        free = shm_files.free_bytes(root)
+        if free < need:
+            log.warning("no shared-memory transport: %s has %.0f MiB free, a round needs %.0f MiB; sites on this "
+                        "host use gRPC", root, free / 2**20, need / 2**20)
+            return None
+        folder = root / f"{shm_files.FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            folder.mkdir(mode=0o700)
+            return cls(folder)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("no shared-memory transport: cannot create %s: %s", folder, exc)
+            return None
+
+    @property
+    def offers(self) -> dict[str, str]:
+        return {"shm": str(self.folder), "shm_probe": self.probe}
+
+    def task_file(self, task: Task) -> tuple[str, int]:
+        """The file holding ``task``'s params (written at the first request); older task files go."""
+        if task.params is None:
+            raise ValueError("a task without params has no file")
+        with self._lock:
+            if self._closed:
+                raise OSError("the job's shared-memory folder is closed")
+            known = self._task_files.get(task.task_id)
+            if known is not None:
+                return known
+            for old, _ in self._task_files.values():  # sites that mapped them keep their mapping
+                (self.folder / old).unlink(missing_ok=True)
+            self._task_files.clear()
+            name = shm_files.task_file_name(task.task_id)
+            size = shm_files.write_params_file(self.folder, name, task.params)
+            self._task_files[task.task_id] = (name, size)
+            return name, size
+
+    def take_result(self, session_id: str, task_id: str, name: str, size: int) -> Params:
+        """A site's result file, mapped (no copy) and removed from the folder at once."""
+        if name != shm_files.result_file_name(session_id, task_id):
+            raise ValidationError(f"result file {name[:80]!r} is not this session's file for task {task_id}")
+        path = self.folder / shm_files.check_name(name)
+        try:
+            return shm_files.map_params_file(path, size)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove the folder and every file in it."""
+        with self._lock:
+            self._closed = True
+            self._task_files.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)

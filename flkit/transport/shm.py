@@ -1,0 +1,110 @@
+"""The shared-memory transport: for sites that are other processes on the server's host.
+
+Control messages go over gRPC; params go through safetensors files in the job's /dev/shm
+folder that the server offered at join. A site uses the folder only if it can read the probe
+file the server wrote there (same host, same user) and the probe says what the offer said;
+otherwise, and whenever a file cannot be written (``/dev/shm`` full), the bytes go over gRPC,
+with one warning. Received params are copy-on-write views of the server's file (no copy); a
+result is written once, into a file the server maps and deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flkit.errors import ValidationError
+from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.transport.grpc_transport import GrpcTransport
+from flkit.wire import shm_files
+
+log = logging.getLogger("flkit.client")
+
+# Room left free in /dev/shm when writing a result.
+MARGIN_BYTES = 8 * 1024 * 1024
+
+
+class ShmTransport(GrpcTransport):
+    """gRPC for control, files in the server's shared-memory folder for params."""
+
+    name = "shm"
+
+    def __init__(self, address: str, required: bool = False) -> None:
+        """``required``: the site asked for shm by name, so not getting it deserves a warning even
+        when the server is on another host."""
+        super().__init__(address)
+        self.required = required
+        self.folder: Path | None = None
+        self._warned = False
+
+    @property
+    def active(self) -> bool:
+        """True while params go through files."""
+        return self.folder is not None
+
+    def _fall_back(self, why: str) -> None:
+        self.folder = None
+        if not self._warned:
+            self._warned = True
+            log.warning("shared-memory transport not used (%s); params go over gRPC to %s", why, self.address)
+
+    def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
+        reply = super().join(site, job_id, token, timeout)
+        folder, probe = reply.offers.get("shm"), reply.offers.get("shm_probe")
+        if not folder or not probe:
+            if self.required:
+                self._fall_back("the server offers no shared-memory folder")
+            return reply
+        path = Path(folder)
+        if not path.exists() and not self.required:
+            self.folder = None  # the server is on another host: gRPC it is, nothing to warn about
+            return reply
+        try:
+            fd = os.open(path / shm_files.PROBE_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                seen = os.read(fd, 256).decode(errors="replace")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._fall_back(f"cannot read {path / shm_files.PROBE_FILE}: {exc.strerror}")
+            return reply
+        if seen != probe:
+            self._fall_back(f"{path} belongs to another server")
+            return reply
+        self.folder = path
+        return reply
+
+    def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
+        return self._get_task(session_id, wait_s, timeout, header_only, by_file=self.folder is not None)
+
+    def _params_from_file(self, task: Task, name: str, size: int) -> None:
+        if self.folder is None:
+            raise ValidationError("the server sent a params file, but this site uses no shared-memory folder")
+        try:
+            task.params = shm_files.map_params_file(self.folder / shm_files.check_name(name), size)
+        except ValidationError as exc:
+            if (self.folder / name).exists():
+                raise
+            # The task closed and its file went before this site opened it: ask again.
+            raise ServiceError(ErrorCode.UNAVAILABLE, f"task params file {name} is gone ({exc})") from None
+
+    def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
+        folder = self.folder
+        if folder is None or result.params is None:
+            return super().submit(session_id, result, timeout)
+        name = shm_files.result_file_name(session_id, result.task_id)
+        need = sum(t.numel() * t.element_size() for t in result.params.values()) + MARGIN_BYTES
+        try:
+            if shm_files.free_bytes(folder) < need:
+                raise OSError(f"{need / 2**20:.0f} MiB needed, less free")
+            size = shm_files.write_params_file(folder, name, result.params)
+        except OSError as exc:
+            (folder / name).unlink(missing_ok=True)
+            self._fall_back(f"cannot write the result to {folder}: {exc}")
+            return super().submit(session_id, result, timeout)
+        try:
+            return self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout)
+        except BaseException:
+            (folder / name).unlink(missing_ok=True)  # the server did not take it
+            raise

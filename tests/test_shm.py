@@ -1,0 +1,150 @@
+"""The shared-memory transport with real processes: used when it can be, files never left behind,
+a clear fallback when it cannot be used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from flkit.job import FedAvgJob, ScriptRunner
+from flkit.messages import ErrorCode, ServiceError
+from flkit.model import FLModel
+from flkit.server import shm_exchange
+from flkit.server.persistor import load_params
+from flkit.wire import flkit_pb2 as pb
+from flkit.wire import shm_files
+
+from conftest import SCRIPTS, ServerHarness
+
+INITIAL = {"w": torch.zeros(64, 8), "b": torch.zeros(8)}
+
+
+def _our_folders() -> list[Path]:
+    return sorted(shm_files.SHM_ROOT.glob(f"{shm_files.FOLDER_PREFIX}{os.getpid()}-*"))
+
+
+@pytest.mark.skipif(not shm_files.SHM_ROOT.is_dir(), reason="no /dev/shm on this machine")
+def test_external_sites_use_shared_memory_and_a_killed_site_leaves_no_file(tmp_path):
+    job = FedAvgJob(name="shm", initial_model=torch.nn.Linear(8, 64), n_clients=2, num_rounds=3, min_clients=1)
+    job.to(ScriptRunner(str(SCRIPTS / "shm_site.py"), "--kill_site site-2 --kill_round 1",
+                        launch_external_process=True), "site-1")
+    job.to(ScriptRunner(str(SCRIPTS / "shm_site.py"), "--kill_site site-2 --kill_round 1",
+                        launch_external_process=True), "site-2")
+    result = job.simulate(tmp_path / "ws", quiet=True)
+    assert result.ok, result.reason
+    assert "site-2" in result.rounds[1].failed  # SIGKILL mid-round: the round went on with site-1
+    for site in ("site-1", "site-2"):
+        used = json.loads((tmp_path / "ws" / site / "transport.json").read_text())
+        assert used["name"] == "shm" and used["folder"], used  # the files, not the socket
+    assert _our_folders() == []  # the job's folder, the killed site's half file with it, is gone
+    # Round 0: both sites sent +1; rounds 1 and 2: site-1 alone, +1 each.
+    final = load_params(result.global_model_path)
+    assert torch.allclose(final["bias"] - job.initial_params["bias"], torch.full((64,), 3.0))
+
+
+def test_a_folder_left_by_a_killed_server_is_removed_by_the_next_one(tmp_path):
+    root = tmp_path / "shm"
+    root.mkdir()
+    dead = root / f"{shm_files.FOLDER_PREFIX}999999999-abc"
+    dead.mkdir()
+    (dead / "task-00.safetensors").write_bytes(b"x" * 100)
+    alive = root / f"{shm_files.FOLDER_PREFIX}{os.getpid()}-def"
+    alive.mkdir()
+    exchange = shm_exchange.ShmExchange.create(1000, 2, root=root)
+    assert exchange is not None
+    assert not dead.exists() and alive.exists()
+    assert exchange.folder.stat().st_mode & 0o777 == 0o700
+    assert (exchange.folder / shm_files.PROBE_FILE).stat().st_mode & 0o777 == 0o600
+    exchange.close()
+    assert not exchange.folder.exists()
+
+
+def test_too_little_shared_memory_falls_back_to_grpc_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(shm_files, "free_bytes", lambda folder: 1024 * 1024)  # less than the job needs
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=2)
+        assert server.shm is None and "shm" not in server.service.offers
+        session = harness.session(server, "site-1")
+        with caplog.at_level(logging.WARNING, logger="flkit.client"):
+            for _ in range(2):
+                model = session.receive(timeout=30)
+                session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
+        assert not server.wait(30).failed
+        assert not session.transport.active
+        warnings = [r for r in caplog.records if "shared-memory transport not used" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 2)
+    finally:
+        harness.close()
+
+
+def test_a_site_that_cannot_write_its_result_sends_it_over_grpc(tmp_path, monkeypatch, caplog):
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=1)
+        session = harness.session(server, "site-1")
+        model = session.receive(timeout=30)
+        assert session.transport.active
+        monkeypatch.setattr(shm_files, "free_bytes", lambda folder: 0)  # /dev/shm filled up meanwhile
+        with caplog.at_level(logging.WARNING, logger="flkit.client"):
+            session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
+        assert not server.wait(30).failed
+        assert any("cannot write the result" in r.getMessage() for r in caplog.records)
+        assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 1)
+        assert not [p for p in server.shm.folder.iterdir() if p.name.startswith(("result-", ".result-"))]
+    finally:
+        harness.close()
+
+
+def test_a_probe_that_does_not_match_means_no_files(tmp_path, caplog):
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=1)
+        server.service.offers["shm_probe"] = "not-what-the-file-says"
+        session = harness.session(server, "site-1")
+        with caplog.at_level(logging.WARNING, logger="flkit.client"):
+            session.connect(timeout=10)
+        assert not session.transport.active
+        assert any("belongs to another server" in r.getMessage() for r in caplog.records)
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "result-zz-00.safetensors", "task-abc.safetensors",
+                                  "result-abc-def.safetensors"])
+def test_a_result_file_name_that_is_not_the_sessions_own_is_refused(tmp_path, name):
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1)
+        s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+        s1.connect(timeout=10), s2.connect(timeout=10)
+        s1.receive(timeout=30), s2.receive(timeout=30)
+        header = pb.ResultHeader(session_id=s1._session_id, task_id=s1._current.task_id, params_type="FULL",
+                                 payload_size=100, params_file=name)
+        reply = s1.transport._stub.SubmitResult(iter([pb.ResultChunk(header=header)]), timeout=10)
+        assert not reply.accepted and ("not this session's file" in reply.error or "not one flkit writes"
+                                       in reply.error), reply.error
+        s2.send(FLModel(params=INITIAL))
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed
+        assert "result rejected" in server.controller.history[0].failed["site-1"]
+    finally:
+        harness.close()
+
+
+def test_typed_error_for_a_session_the_server_does_not_know(tmp_path):
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=1)
+        session = harness.session(server, "site-1")
+        with pytest.raises(ServiceError) as refused:
+            session.transport.get_task("feedbeef", 0.1, timeout=5)
+        assert refused.value.code == ErrorCode.UNKNOWN_SESSION
+    finally:
+        harness.close()
