@@ -19,7 +19,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
 from flkit import api
+from flkit.client.task_state import Phase, TaskState
 from flkit.errors import FLKitError
+from flkit.messages import Task
 from flkit.model import FLModel, MetaKey
 from flkit_lightning import training_state
 from flkit_lightning.params import load_global_params
@@ -41,8 +43,9 @@ class FLCallback(Callback):
         # The per-round budget is what the trainer was built with: fit() trains that much every round.
         self.epochs_per_round: int | None = trainer.fit_loop.max_epochs
         self.steps_per_round: int = trainer.fit_loop.max_steps
-        self.task: tuple[int | None, str] | None = None  # (round, task name) whose model is loaded
-        self.answered = True
+        # The task whose global model this callback loaded; whether a task is open, and which,
+        # is the session's task state (``_state()``), not a copy kept here.
+        self.loaded_task_id: str | None = None
         self.metrics: dict[str, float] | None = None  # the round's explicit validate() metrics
         self.round_start_step = 0
         self.saved_state: training_state.TrainingState | None = None
@@ -50,15 +53,26 @@ class FLCallback(Callback):
 
     # -- the round ----------------------------------------------------------
 
+    @staticmethod
+    def _state() -> TaskState:
+        return api.require_session().state
+
+    def _open_task(self) -> Task | None:
+        """The task the script holds and has not answered (the session's state says)."""
+        state = self._state()
+        return state.task if state.phase == Phase.HELD else None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before validate()/fit() builds anything: load the round's global model."""
         if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
             return
         fitting = stage == TrainerFn.FITTING
-        if self.task is not None and self.answered and self.task[1] != TRAIN and fitting:
-            self._skip_fit(trainer, f"this round's task '{self.task[1]}' was answered by validate()")
+        state = self._state()
+        if fitting and state.phase == Phase.ANSWERED and state.last_task_name != TRAIN:
+            self._skip_fit(trainer, f"this round's task '{state.last_task_name}' was answered by validate()")
             return
-        if self.task is None or self.answered:
+        task = self._open_task()
+        if task is None or task.task_id != self.loaded_task_id:
             model = api.receive()
             if model is None:
                 if fitting:
@@ -67,7 +81,10 @@ class FLCallback(Callback):
                     log.info("validate(): no task (the job has ended); validating the local model")
                 return
             self._start_round(trainer, pl_module, model)
-        name = self.task[1]
+        task = self._open_task()
+        if task is None:
+            return
+        name = task.name
         if name == SUBMIT_MODEL:
             # Cross-site evaluation asks for this site's own model: the module as trained so far.
             if trainer.is_global_zero:
@@ -82,7 +99,7 @@ class FLCallback(Callback):
         if fitting and name == VALIDATE:
             log.warning("site %s, round %s: task 'validate' reached fit() before any validate(); it is answered "
                         "with no metrics. Call trainer.validate() before fit() in the loop to report them.",
-                        api.get_site_name(), self.task[0])
+                        api.get_site_name(), task.round)
             self._answer(FLModel(metrics={}))
             self._skip_fit(trainer, "this round's task is 'validate'")
             return
@@ -90,8 +107,8 @@ class FLCallback(Callback):
             self._set_budget(trainer)
 
     def _start_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: FLModel) -> None:
-        self.task = (model.current_round, api.get_task_name())
-        self.answered = False
+        task = self._open_task()
+        self.loaded_task_id = None if task is None else task.task_id
         self.metrics = None
         self.round_start_step = trainer.global_step
         if model.params:
@@ -119,16 +136,18 @@ class FLCallback(Callback):
         """Only an explicit validate() of the round's global model gives the round's metrics."""
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.VALIDATING:
             return
-        if self.task is None or self.answered or self.metrics is not None:
+        task = self._open_task()
+        if task is None or task.task_id != self.loaded_task_id or self.metrics is not None:
             return
         self.metrics = scalar_metrics(trainer.callback_metrics)
-        if self.task[1] == VALIDATE:
+        if task.name == VALIDATE:
             self._answer(FLModel(metrics=self.metrics))
 
     # -- training -----------------------------------------------------------
 
     def _training(self) -> bool:
-        return self.task is not None and self.task[1] == TRAIN and not self.answered
+        task = self._open_task()
+        return task is not None and task.name == TRAIN and task.task_id == self.loaded_task_id
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._training() and self.restore_state and self.saved_state is not None:
@@ -152,9 +171,9 @@ class FLCallback(Callback):
             self.saved_state = training_state.capture(trainer)
         trainer.num_sanity_val_steps = 0  # the first round checked the loop; later rounds need not
 
-    def _answer(self, model: FLModel) -> None:
+    @staticmethod
+    def _answer(model: FLModel) -> None:
         api.send(model)
-        self.answered = True
 
 
 def fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def test_receive_timeout_with_no_task_returns_none(harness):
     start = time.monotonic()
     assert session.receive(timeout=1) is None
     assert time.monotonic() - start < 3.0
-    assert not session._ended  # a timeout is not the end of the job
+    assert not session.state.ended  # a timeout is not the end of the job
 
 
 def test_unknown_site_and_bad_token_are_refused_by_name(harness):
@@ -116,7 +116,7 @@ def test_malformed_payload_is_rejected(tmp_path):
         s1 = harness.session(server, "site-1")
         s2 = harness.session(server, "site-2")
         s1.connect(), s2.connect()
-        task = s1.receive(timeout=30) and s1._current
+        task = s1.receive(timeout=30) and s1.state.task
         s2.receive(timeout=30)
         stub = s1.transport._stub
 

@@ -125,7 +125,7 @@ def test_a_result_file_name_that_is_not_the_sessions_own_is_refused(tmp_path, na
         s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
         s1.connect(timeout=10), s2.connect(timeout=10)
         s1.receive(timeout=30), s2.receive(timeout=30)
-        header = pb.ResultHeader(session_id=s1._session_id, task_id=s1._current.task_id, params_type="FULL",
+        header = pb.ResultHeader(session_id=s1._session_id, task_id=s1.state.task.task_id, params_type="FULL",
                                  payload_size=100, params_file=name)
         reply = s1.transport._stub.SubmitResult(iter([pb.ResultChunk(header=header)]), timeout=10)
         assert not reply.accepted and ("not this session's file" in reply.error or "not one flkit writes"

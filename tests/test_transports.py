@@ -122,7 +122,7 @@ def test_after_the_job_a_join_is_refused_as_ended(any_harness):
     with pytest.raises(ServiceError) as refused:
         late.transport.join("site-1", server.job_id, server.token, timeout=5)
     assert refused.value.code == ErrorCode.JOB_ENDED
-    assert late.receive(timeout=10) is None and late._ended  # the Client API just sees the end
+    assert late.receive(timeout=10) is None and late.state.ended  # the Client API just sees the end
 
 
 def test_header_only_peek_carries_no_params_and_takes_nothing(any_harness):

@@ -25,6 +25,7 @@ from flkit.client import ranks
 from flkit.client.records import RecordQueue
 from flkit.client.session import task_model
 from flkit.client.settings import SiteSettings
+from flkit.client.task_state import TaskState
 from flkit.errors import CommunicationError, ConfigError, FLKitError
 from flkit.messages import Task
 from flkit.model import FLModel
@@ -42,11 +43,8 @@ class FollowerSession:
         self.world_size = world_size
         self.job_config: dict[str, Any] = {}
         self._link: ranks.RankLink | None = None
-        self._task: Task | None = None
-        self._last_task_name = ""
-        self._ended = False
-        self.end_reason = ""
-        self.job_failed = False
+        # Rank 0's task state, mirrored: the same machine, moved by what rank 0 shares.
+        self.state = TaskState()
         self.records = RecordQueue(settings.site_name, settings.workspace, settings.job_id,
                                    file_name=f"tracking.rank{rank}.jsonl")
         self.records.configure({})  # only the file: rank 0 sends the site's records
@@ -84,49 +82,46 @@ class FollowerSession:
     def _fetch(self) -> None:
         self.connect()
         state = self._next_state()
+        self.state.drop()  # rank 0 moved on: a task this rank held (it need not send) is closed
         if state.kind == ranks.TASK:
             h = state.header
-            self._task = Task(
+            self.state.fetched(Task(
                 task_id=h["task_id"], name=h["task_name"], round=h["current_round"],
                 total_rounds=h["total_rounds"], params_type=h.get("params_type", ""),
                 meta=dict(h.get("meta") or {}),
                 params=decode_params(state.payload) if state.payload else None,
-            )
-            self._last_task_name = self._task.name
+            ))
+            self.state.take()
         elif state.kind == ranks.END:
-            self._task = None
-            self._ended = True
-            self.end_reason = state.header.get("end_reason", "")
-            self.job_failed = bool(state.header.get("job_failed"))
-        elif state.kind == ranks.NO_TASK:
-            self._task = None
-        else:
+            self.state.end(state.header.get("end_reason", ""), bool(state.header.get("job_failed")))
+        elif state.kind != ranks.NO_TASK:
             raise FLKitError(f"rank {self.rank}: unexpected state {state.kind!r} from rank 0")
 
     def is_running(self) -> bool:
-        if self._ended:
+        if self.state.ended:
             return False
         self._fetch()
-        return not self._ended
+        return not self.state.ended
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
-        if self._task is None and not self._ended:
+        state = self.state
+        if state.task is None and not state.ended:
             self._fetch()
-        if self._task is None:
+        if state.task is None:
             return None
-        return task_model(self._task, self.settings)
+        return task_model(state.task, self.settings)
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """A no-op on ranks > 0 (rank 0 sends the site's result); closes the open task."""
         if not isinstance(model, FLModel):
             raise TypeError(f"send() takes an FLModel, got {type(model).__name__}")
         log.debug("site %s rank %d: send() is a no-op on ranks > 0", self.settings.site_name, self.rank)
-        if clear_cache:
-            self._task = None
+        if self.state.task is not None:
+            self.state.answer(keep=not clear_cache)
 
     @property
     def task_name(self) -> str:
-        return self._last_task_name
+        return self.state.last_task_name
 
     @property
     def holds_unanswered_task(self) -> bool:

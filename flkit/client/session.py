@@ -21,8 +21,9 @@ import torch
 from flkit.client import ranks
 from flkit.client.records import RecordQueue
 from flkit.client.settings import SiteSettings
+from flkit.client.task_state import Phase, TaskState
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
-from flkit.messages import SUBMIT_MODEL, TRAIN, ErrorCode, JobEnd, Result, ServiceError, Task
+from flkit.messages import SUBMIT_MODEL, TRAIN, ErrorCode, JobEnd, Result, ServiceError, Task, TaskOrEnd
 from flkit.model import FLModel, ParamsType
 from flkit.transport import Transport, make_transport
 from flkit.wire.codec import encode_params, plain_meta, plain_metrics, to_cpu_params
@@ -68,18 +69,11 @@ class Session:
         self.distributed = distributed
         self._link: ranks.RankLink | None = None
         self._warned_no_group = False
-        self._answered = 0  # tasks answered by this process (for settings.max_tasks)
+        self.state = TaskState()  # the one record of this site's task (others observe it)
         self.job_config: dict[str, Any] = {}
         self._session_id: str | None = None
         self._lock = threading.RLock()
-        self._pending: Task | None = None  # fetched by is_running(), not yet received
-        self._current: Task | None = None  # received, not yet answered (or kept by clear_cache=False)
-        self._current_answered = False
         self._diff_base: dict[str, torch.Tensor] | None = None  # the received model, for a DIFF
-        self._last_task_name = ""
-        self._ended = False
-        self.end_reason = ""
-        self.job_failed = False
         self._closed = False
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -144,9 +138,9 @@ class Session:
                 continue
             try:
                 running = self.transport.heartbeat(sid, timeout=max(self._heartbeat_interval, 1.0))
-                if not running and not self._ended:
+                if not running:
                     # The job ended while this site was busy: the next send()/is_running() returns at once.
-                    self._ended, self.end_reason = True, "the job ended while this site was working"
+                    self.state.end("the job ended while this site was working")
             except ServiceError as exc:
                 if exc.code == ErrorCode.UNKNOWN_SESSION:  # the next call joins again
                     with self._lock:
@@ -195,8 +189,8 @@ class Session:
                     "task_id": msg.task_id, "task_name": msg.name, "current_round": msg.round,
                     "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
                 }, None if msg.params is None else encode_params(msg.params))
-        elif self._ended:
-            self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": self.job_failed})
+        elif self.state.ended:
+            self._share(ranks.END, {"end_reason": self.state.end_reason, "job_failed": self.state.job_failed})
         else:
             self._share(ranks.NO_TASK, {})
         return msg
@@ -256,17 +250,16 @@ class Session:
             except ServiceError as exc:
                 if exc.code != ErrorCode.JOB_ENDED:
                     raise
-                self._ended, self.end_reason = True, str(exc)
+                self.state.end(str(exc))
                 return None
             wait = MAX_TASK_WAIT_S if left is None else min(MAX_TASK_WAIT_S, left)
+
+            def ask(_: float, sid: str = sid, wait: float = wait) -> TaskOrEnd:
+                return self.transport.get_task(sid, wait, timeout=wait + self.settings.transfer_timeout_s,
+                                               header_only=header_only)
+
             try:
-                msg = self._retry(
-                    "receive a task",
-                    lambda t, sid=sid, wait=wait: self.transport.get_task(
-                        sid, wait, timeout=wait + self.settings.transfer_timeout_s, header_only=header_only
-                    ),
-                    deadline,
-                )
+                msg = self._retry("receive a task", ask, deadline)
             except ServiceError as exc:
                 if exc.code != ErrorCode.UNKNOWN_SESSION:
                     raise
@@ -276,7 +269,7 @@ class Session:
             if isinstance(msg, Task):
                 return msg
             if isinstance(msg, JobEnd):
-                self._ended, self.end_reason, self.job_failed = True, msg.reason, msg.failed
+                self.state.end(msg.reason, msg.failed)
                 log.info("site %s: job ended: %s", self.settings.site_name, msg.reason)
                 return None
 
@@ -287,23 +280,24 @@ class Session:
         """
         if timeout is None:
             timeout = self.settings.receive_timeout_s
-        if self._current is not None:
-            return task_model(self._current, self.settings)
+        state = self.state
+        if state.phase in (Phase.HELD, Phase.ANSWERED) and state.task is not None:
+            return task_model(state.task, self.settings)
         if self._launch_done():
             return None
-        if self._pending is None and not self._ended:
-            self._pending = self._fetch(timeout)
-        if self._pending is None:
+        if state.pending is None and not state.ended:
+            fetched = self._fetch(timeout)
+            if fetched is not None:
+                state.fetched(fetched)
+        task = state.take()
+        if task is None:
             return None
-        self._current, self._pending = self._pending, None
-        self._current_answered = False
-        self._last_task_name = self._current.name
         self._diff_base = None
-        if self._current.name == TRAIN and self._current.params is not None and self._sends_diff():
+        if task.name == TRAIN and task.params is not None and self._sends_diff():
             # The script may change the received tensors in place (numpy views, `p += ...`): a DIFF
             # must be taken against the model as it arrived, so keep one copy of it.
-            self._diff_base = {k: v.clone() for k, v in self._current.params.items()}
-        return task_model(self._current, self.settings)
+            self._diff_base = {k: v.clone() for k, v in task.params.items()}
+        return task_model(task, self.settings)
 
     def _sends_diff(self) -> bool:
         transfer = self.settings.params_transfer_type or self.job_config.get("params_transfer_type", "FULL")
@@ -311,40 +305,45 @@ class Session:
 
     def is_running(self) -> bool:
         """True while the job has work for this site; waits for the next task to find out."""
-        if self._ended or self._launch_done():
+        state = self.state
+        if state.ended or self._launch_done():
             return False
-        if self._current is not None and self._current_answered:
-            self._current = None  # kept by send(clear_cache=False) for receive(); the loop moves on
-        if self._current is not None and self.distributed:
+        state.move_on()  # a task kept by send(clear_cache=False) is done with; the loop moves on
+        if state.phase == Phase.HELD and self.distributed:
+            held = state.task
             raise FLKitError(
                 f"site {self.settings.site_name}: is_running() was called on rank 0 before the result of task "
-                f"'{self._current.name}' (round {self._current.round}) was sent; under "
+                f"'{held.name if held else '?'}' (round {held.round if held else '?'}) was sent; under "
                 "torch.distributed rank 0 must call send() once per task, or the ranks fall out of step"
             )
-        if self._current is not None or self._pending is not None:
+        if state.phase == Phase.HELD or state.pending is not None:
             return True
-        self._pending = self._fetch(self.settings.receive_timeout_s)
-        return not self._ended
+        fetched = self._fetch(self.settings.receive_timeout_s)
+        if fetched is not None:
+            state.fetched(fetched)
+        return not state.ended
 
     def _launch_done(self) -> bool:
         """With max_tasks (one launch per task), True once this process has done its share;
         like the end of the job, the other ranks are told, so their loops end too."""
-        if not self.settings.max_tasks or self._answered < self.settings.max_tasks:
+        state = self.state
+        if not self.settings.max_tasks or state.answered < self.settings.max_tasks:
             return False
-        if not self._ended:
-            self._ended, self.end_reason = True, f"this launch answered its {self._answered} task(s)"
-            self._share(ranks.END, {"end_reason": self.end_reason, "job_failed": False})
+        if not state.ended:
+            state.end(f"this launch answered its {state.answered} task(s)")
+            self._share(ranks.END, {"end_reason": state.end_reason, "job_failed": False})
         return True
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Answer the current task. Raises ResultRejectedError with the server's reason."""
         if not isinstance(model, FLModel):
             raise TypeError(f"send() takes an FLModel, got {type(model).__name__}")
-        if self._ended:
+        state = self.state
+        if state.ended:
             log.warning("site %s: the job has ended (%s); result not sent", self.settings.site_name,
-                        self.end_reason)
+                        state.end_reason)
             return
-        task = self._current
+        task = state.task if state.phase in (Phase.HELD, Phase.ANSWERED) else None
         if task is None:
             raise FLKitError("send() without a task: call receive() first")
         result = Result(task.task_id, metrics=plain_metrics(model.metrics), meta=plain_meta(model.meta))
@@ -352,8 +351,9 @@ class Session:
             if model.params is None:
                 raise ValidationError(f"task 'train' of round {task.round} must be answered with params")
             params = to_cpu_params(model.params)
-            result.params_type = model.params_type.value
-            if self._sends_diff() and model.params_type == ParamsType.FULL:
+            sent_type = model.params_type or ParamsType.FULL
+            result.params_type = sent_type.value
+            if self._sends_diff() and sent_type == ParamsType.FULL:
                 params = self._diff(params, self._diff_base or {})
                 result.params_type = ParamsType.DIFF.value
             result.params = params
@@ -371,14 +371,13 @@ class Session:
         )
         result.params = None
         accepted, error, job_ended = reply.accepted, reply.error, reply.job_ended
-        if clear_cache or not accepted:
-            self._current = None
         if accepted:
-            self._answered += 1
-            self._current_answered = True
+            state.answer(keep=not clear_cache)
             self._free_memory()
+        else:
+            state.drop()
         if job_ended:
-            self._ended, self.end_reason = True, error
+            state.end(error)
             log.warning("site %s: result not used: %s", self.settings.site_name, error)
             return
         if not accepted:
@@ -387,7 +386,7 @@ class Session:
     def _free_memory(self) -> None:
         """ScriptRunner's memory_gc_rounds and cuda_empty_cache, after an answered task."""
         n = self.settings.memory_gc_rounds
-        if n > 0 and self._answered % n == 0:
+        if n > 0 and self.state.answered % n == 0:
             gc.collect()
         if self.settings.cuda_empty_cache and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -401,13 +400,13 @@ class Session:
 
     @property
     def task_name(self) -> str:
-        return self._last_task_name
+        return self.state.last_task_name
 
     # -- shutdown -----------------------------------------------------------
 
     @property
     def holds_unanswered_task(self) -> bool:
-        return self._current is not None and not self._current_answered
+        return self.state.holds_unanswered_task
 
     def close(self, failure: str | None = None, silent: bool = False) -> None:
         """Stop the heartbeat and tell the server we are done (or failed, with the reason).
@@ -425,7 +424,7 @@ class Session:
             self.records.close()
             self.transport.close()
             return
-        if failure is None and self._session_id is None and not self._ended:
+        if failure is None and self._session_id is None and not self.state.ended:
             failure = "its script ended before receiving any task (did it call flkit.receive()?)"
         self.flush_records()
         self.records.close()
