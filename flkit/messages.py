@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from flkit.errors import FLKitError
 
 if TYPE_CHECKING:
-    import torch
-
-    Params = dict[str, torch.Tensor]
+    # One alias for params everywhere (``dict[str, torch.Tensor]``); imported for type checking
+    # only, so ``import flkit.messages`` loads neither torch nor the codec.
+    from flkit.wire.codec import Params
 else:
     Params = dict
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
+from typing import Any
 
 from flkit.errors import ConfigError
 
@@ -50,7 +51,7 @@ class SiteSettings:
     transport: str = "auto"
 
     def to_env(self) -> dict[str, str]:
-        out = {}
+        out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:
@@ -66,7 +67,9 @@ class SiteSettings:
                 f"flkit.init(): this script is not running inside an FL job ({', '.join(missing)} not set). "
                 "Start it through a job (e.g. `python job.py ...`, `flkit simulate JOB_DIR`) or `flkit client`."
             )
-        values: dict[str, object] = {}
+        # Any: each value is converted to its own field's type below, which mypy cannot follow
+        # through ``fields()``; the dataclass's constructor takes them by name.
+        values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is None:
@@ -87,7 +90,7 @@ class SiteSettings:
                     raise ConfigError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a whole number") from None
             else:
                 values[f.name] = raw
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
 
 _runner_settings: ContextVar[SiteSettings | None] = ContextVar("flkit_site_settings", default=None)

@@ -39,7 +39,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
     """Folders of this user whose server process is gone (killed before it could clean up)."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(root.glob(f"{shm_files.FOLDER_PREFIX}*"))
     except OSError:

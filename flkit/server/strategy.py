@@ -58,13 +58,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Accumulator:
-    """The running weighted sum of one tensor, in float64, with its own lock so two sites can fold
-    different tensors at the same time (torch ops release the GIL)."""
+    """The running weighted sum of one tensor, in float64."""
 
-    __slots__ = ("lock", "sum", "touched")
+    __slots__ = ("sum", "touched")
 
     def __init__(self, like: torch.Tensor) -> None:
-        self.lock = threading.Lock()
         self.sum = torch.empty(like.shape, dtype=_acc_dtype(like.dtype))
         self.touched = False
 
@@ -80,8 +78,9 @@ class FedAvg(Strategy):
     With one site the result is that site's tensor bit for bit.
 
     Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
-    small staging buffer per thread; results are folded in as they arrive and never kept.
-    ``add_result`` may be called from several threads at once. DIFF results are summed as
+    small staging buffer; results are folded in as they arrive and never kept. ``add_result``
+    may be called from several threads at once; folds run one at a time (a fold is bound by
+    memory bandwidth: two at once on two cores were slower than one after the other). DIFF results are summed as
     differences and the global model is added once, weighted, at the end, so FULL and DIFF
     sites can be mixed. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are rounded
     back to their dtype, bool ones by majority.
@@ -90,7 +89,8 @@ class FedAvg(Strategy):
     def __init__(self) -> None:
         self._global: Params = {}
         self._acc: dict[str, _Accumulator] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the weights and counts
+        self._fold_lock = threading.Lock()  # the sums
         self._total_weight = 0.0
         self._diff_weight = 0.0
         self._results = 0
@@ -144,9 +144,9 @@ class FedAvg(Strategy):
     def add_result(self, result: SiteResult) -> None:
         if not result.weight > 0:
             raise FLKitError(f"site {result.site}: aggregation weight must be > 0, got {result.weight}")
-        for name in self._global:
-            acc = self._acc[name]
-            with acc.lock:
+        with self._fold_lock:
+            for name in self._global:
+                acc = self._acc[name]
                 self._fold(acc, result.params[name], result.weight)
                 acc.touched = True
         with self._lock:

@@ -8,7 +8,8 @@ is ``UNAVAILABLE``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -30,8 +31,9 @@ def _error(exc: grpc.RpcError, address: str, what: str) -> ServiceError:
     if code in _RETRYABLE:
         name = code.name if code is not None else "ERROR"
         return ServiceError(ErrorCode.UNAVAILABLE, f"{what}: server at {address} did not answer ({name}: {details})")
-    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
-    for key, value in trailing or ():
+    trailing: Sequence[tuple[str, str | bytes]] = (exc.trailing_metadata() if isinstance(exc, grpc.Call)
+                                                   else None) or ()
+    for key, value in trailing:
         if key == ERROR_KEY:
             try:
                 return ServiceError(ErrorCode(value), f"{what}: {details}")
@@ -39,6 +41,18 @@ def _error(exc: grpc.RpcError, address: str, what: str) -> ServiceError:
                 break
     name = code.name if code is not None else "ERROR"
     return ServiceError(ErrorCode.INVALID, f"{what}: server at {address} refused ({name}): {details}")
+
+
+class _Stub(Protocol):
+    """The calls of the generated ``FLKitStub`` (``flkit_pb2_grpc`` is generated without types)."""
+
+    Join: grpc.UnaryUnaryMultiCallable[pb.JoinRequest, pb.JoinReply]
+    GetTask: grpc.UnaryStreamMultiCallable[pb.GetTaskRequest, pb.TaskChunk]
+    SubmitResult: grpc.StreamUnaryMultiCallable[pb.ResultChunk, pb.SubmitReply]
+    Heartbeat: grpc.UnaryUnaryMultiCallable[pb.HeartbeatRequest, pb.HeartbeatReply]
+    ReportFailure: grpc.UnaryUnaryMultiCallable[pb.FailureReport, pb.Ack]
+    Leave: grpc.UnaryUnaryMultiCallable[pb.LeaveRequest, pb.Ack]
+    LogMetrics: grpc.UnaryUnaryMultiCallable[pb.MetricsBatch, pb.Ack]
 
 
 class GrpcTransport:
@@ -49,7 +63,7 @@ class GrpcTransport:
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
-        self._stub = pb_grpc.FLKitStub(self._channel)
+        self._stub: _Stub = pb_grpc.FLKitStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()

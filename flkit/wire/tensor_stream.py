@@ -39,7 +39,8 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, without a copy (the tensor is contiguous and on the CPU)."""
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    # ``.data``: the array's own memoryview (numpy types ``memoryview(array)`` only on Python 3.12+).
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 class Encoded:
