@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from flkit.errors import ConfigError
-from flkit.server.tracking import TrackingHub
+from flkit.report.tracking import TrackingHub
 
 SITES = ("site-1", "site-2")
 T0 = 1_700_000_000.0
@@ -355,7 +355,7 @@ def test_hub_without_receivers_and_unknown_type(tmp_path):
 
 
 def test_importing_the_module_loads_no_tracking_library():
-    code = ("import sys, flkit.server.tracking; "
+    code = ("import sys, flkit.report.tracking; "
             "print(sorted(m for m in ('mlflow', 'wandb', 'tensorboard', 'torch.utils.tensorboard') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

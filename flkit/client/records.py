@@ -75,7 +75,7 @@ class RecordQueue:
                 self._thread.start()
             specs = job_config.get("client_tracking") or []
             if specs:
-                from flkit.server.tracking import TrackingHub
+                from flkit.report.tracking import TrackingHub
 
                 self._local = TrackingHub(specs, self.workspace, self.job_id)
             early, self._early = self._early, []

@@ -12,9 +12,9 @@ import logging
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.report.tracking import TrackingHub
 from flkit.server.controller import Controller, JobEndedError
 from flkit.server.sites import SiteRegistry
-from flkit.server.tracking import TrackingHub
 from flkit.wire.tracking_records import check_records
 
 log = logging.getLogger("flkit.server")

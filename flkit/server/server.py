@@ -13,6 +13,7 @@ import grpc
 
 from flkit.errors import CommunicationError, ConfigError
 from flkit.messages import JobEnd
+from flkit.report.tracking import TrackingHub
 from flkit.server.config import WorkflowConfig
 from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
@@ -21,7 +22,6 @@ from flkit.server.service import FLKitService
 from flkit.server.shm_exchange import ShmExchange
 from flkit.server.sites import SiteRegistry
 from flkit.server.strategy import FedAvg, Strategy
-from flkit.server.tracking import TrackingHub
 from flkit.transport import memory
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, to_cpu_params

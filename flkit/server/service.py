@@ -2,6 +2,10 @@
 
 Params arrive as safetensors bytes in chunks, written into one buffer and parsed into tensors
 that are views of it (no further copy); they leave as slices of the global model's own memory.
+At most ``RESULT_BUFFERS`` results are received at once: further uploads wait (gRPC's flow
+control holds their senders) so the server's memory stays at a few model sizes whatever the
+number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
+the end of a result can still be refused without touching the aggregate.
 Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -25,6 +30,9 @@ from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY
 from flkit.wire.tensor_stream import Encoded, parse
 
 log = logging.getLogger("flkit.server")
+
+# Results received at the same time (each needs a buffer of its size until it is folded in).
+RESULT_BUFFERS = 2
 
 STATUS = {
     ErrorCode.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,
@@ -48,6 +56,7 @@ class FLKitService(pb_grpc.FLKitServicer):
     def __init__(self, service: JobService, shm: ShmExchange | None = None) -> None:
         self.service = service
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
+        self._buffers = threading.BoundedSemaphore(RESULT_BUFFERS)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -107,7 +116,15 @@ class FLKitService(pb_grpc.FLKitServicer):
             )
         if header.params_file:
             return self._submit_file(header, context)
-        buffer = bytearray(header.payload_size)
+        if not header.payload_size:
+            return self._submit(header, request_iterator, None, context)
+        with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
+            return self._submit(header, request_iterator, bytearray(header.payload_size), context)
+
+    def _submit(self, header: pb.ResultHeader, request_iterator: Iterator[pb.ResultChunk], buffer: bytearray | None,
+                context: grpc.ServicerContext) -> pb.SubmitReply:
+        if buffer is None:
+            buffer = bytearray()
         view = memoryview(buffer)
         received = 0
         for msg in request_iterator:

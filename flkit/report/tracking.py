@@ -1,6 +1,6 @@
 """Experiment-tracking receivers: where the metrics that sites log end up (TensorBoard, MLflow, W&B).
 
-Sites send records (see ``flkit.wire.tracking_records``); the gRPC service hands each batch to
+Sites send records (see ``flkit.wire.tracking_records``); the job service hands each batch to
 :class:`TrackingHub`, which passes every record to each receiver the job configured. The receivers
 and their config keys follow NVIDIA FLARE's (``tb_folder``; ``tracking_uri``/``kw_args``;
 ``wandb_args``/``mode``) so a FLARE job's tracking section carries over.
