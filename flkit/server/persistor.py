@@ -22,6 +22,8 @@ log = logging.getLogger("flkit.server")
 GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
 BEST_MODEL_FILE = "best_FL_global_model.safetensors"
 STATE_FILE = "round_state.json"
+# How much lower the writer thread's CPU priority is than the round loop's (nice increment).
+WRITER_NICE = 10
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -81,6 +83,14 @@ def write_json(path: Path, data: Any) -> None:
 
 def load_params(path: Path) -> Params:
     return safetensors.torch.load_file(str(path))
+
+
+def _lower_priority() -> None:
+    """Let the round's own work go first: saving is background work (Linux: per-thread nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: save at normal priority
+        pass
 
 
 @dataclass
@@ -194,6 +204,7 @@ class Persistor:
     # -- the writer thread ----------------------------------------------------
 
     def _write_loop(self) -> None:
+        _lower_priority()
         while True:
             with self._cond:
                 while self._pending.empty() and not self._closed:
