@@ -1,8 +1,9 @@
 """A no-op site for the benchmarks: receive the global model, nudge it, send it back.
 
-Every floating tensor gets +0.001 so the server really has new FULL params to average;
+Every floating tensor gets +0.001 (a new tensor) so the server really has new FULL params to average;
 there is no training, so a round's time is the framework's own overhead (encode, transfer,
-decode, validate, aggregate, persist).
+decode, validate, aggregate, persist). After sending, the site drops the received model and its
+result before asking for the next task, as a training script that keeps one model does.
 
 When ``BENCH_FIRST_TASK_DIR`` is set (bench/transports.py sets it), the site writes the
 wall-clock time (``time.time()``) at which its first ``flare.receive()`` returned into
@@ -39,3 +40,6 @@ while flare.is_running():
             value = value + 0.001
         params[name] = value
     flare.send(flare.FLModel(params=params, metrics={"accuracy": 0.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    # Like a training script, which keeps one model and loads each round's params into it, hold
+    # nothing of this round while the next task arrives (else the peak counts two rounds' tensors).
+    del model, params
