@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from flkit.pids import alive
+
 ENV_LAUNCHER_PID = "FLKIT_LAUNCHER_PID"
 ENV_INIT_MARKER = "FLKIT_INIT_MARKER"
 WATCH_INTERVAL_S = 1.0
@@ -47,20 +49,6 @@ def note_init() -> None:
             print(f"flkit: cannot write the init marker {marker}: {exc}", file=sys.stderr)
 
 
-def _alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            # The state follows the parenthesised command name; a zombie has exited.
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -84,7 +72,7 @@ def _end_this_process(reason: str) -> None:
 def _watch(launcher: int, parent: int) -> None:
     tick = threading.Event()
     while not tick.wait(WATCH_INTERVAL_S):
-        if not _alive(launcher):
+        if not alive(launcher):
             _end_this_process(f"the flkit launcher (pid {launcher}) is gone")
             return
         if os.getppid() != parent:

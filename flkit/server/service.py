@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
@@ -25,7 +25,7 @@ from flkit.server.job_service import JobService
 from flkit.server.shm_exchange import ShmExchange
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
-from flkit.wire.codec import json_to_dict
+from flkit.wire.codec import Params, json_to_dict
 from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY
 from flkit.wire.tensor_stream import Encoded, parse
 
@@ -140,38 +140,29 @@ class FLKitService(pb_grpc.FLKitServicer):
                 accepted=False, error=f"result payload truncated: got {received} of {header.payload_size} bytes"
             )
         del view
-        try:
-            metrics = json_to_dict(header.metrics_json, "metrics")
-            meta = json_to_dict(header.meta_json, "meta")
-        except ValidationError as exc:
-            return pb.SubmitReply(accepted=False, error=str(exc))
-        try:
-            params = parse(buffer) if header.payload_size else None
-        except ValidationError as exc:
-            try:
-                self.service.refuse_result(header.session_id, str(exc))
-            except ServiceError as gone:
-                _abort(context, gone)
-            return pb.SubmitReply(accepted=False, error=str(exc))
-        result = Result(task_id=header.task_id, params_type=header.params_type, params=params, metrics=metrics,
-                        meta=meta)
-        try:
-            reply = self.service.submit(header.session_id, result)
-        except ServiceError as exc:
-            _abort(context, exc)
-        return pb.SubmitReply(accepted=reply.accepted, error=reply.error, job_ended=reply.job_ended)
+        return self._hand_over(header, lambda: parse(buffer) if header.payload_size else None, context)
 
     def _submit_file(self, header: pb.ResultHeader, context: grpc.ServicerContext) -> pb.SubmitReply:
         """A result whose params a site on this host wrote to the shared-memory folder."""
+
+        def read() -> Params:
+            if self.shm is None:
+                raise ValidationError("this server offers no shared-memory folder")
+            return self.shm.take_result(header.session_id, header.task_id, header.params_file, header.payload_size)
+
+        return self._hand_over(header, read, context)
+
+    def _hand_over(self, header: pb.ResultHeader, read_params: Callable[[], Params | None],
+                   context: grpc.ServicerContext) -> pb.SubmitReply:
+        """The result's JSON parts and params (``read_params``) to the JobService. Params that cannot
+        be read are the site's failure, as a bad result is; bad JSON is only refused."""
         try:
             metrics = json_to_dict(header.metrics_json, "metrics")
             meta = json_to_dict(header.meta_json, "meta")
         except ValidationError as exc:
             return pb.SubmitReply(accepted=False, error=str(exc))
         try:
-            if self.shm is None:
-                raise ValidationError("this server offers no shared-memory folder")
-            params = self.shm.take_result(header.session_id, header.task_id, header.params_file, header.payload_size)
+            params = read_params()
         except ValidationError as exc:
             try:
                 self.service.refuse_result(header.session_id, str(exc))

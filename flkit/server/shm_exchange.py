@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flkit.errors import ValidationError
 from flkit.messages import Task
+from flkit.pids import alive
 from flkit.wire import shm_files
 from flkit.wire.codec import Params
 
@@ -25,16 +26,6 @@ log = logging.getLogger("flkit.server")
 
 # Room kept free in /dev/shm beyond the files a round needs.
 MARGIN_BYTES = 16 * 1024 * 1024
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
@@ -51,7 +42,7 @@ def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
             owned = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
         except (IndexError, ValueError, OSError):
             continue
-        if owned and not _pid_alive(pid):
+        if owned and not alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
