@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,23 @@ def test_typed_error_for_a_session_the_server_does_not_know(tmp_path):
         assert refused.value.code == ErrorCode.UNKNOWN_SESSION
     finally:
         harness.close()
+
+
+def test_a_real_write_error_in_shared_memory_is_an_os_error(tmp_path):
+    """A full /dev/shm (here: a file-size limit) surfaces as OSError, which the transports fall back on."""
+    code = f"""
+import resource, signal, torch
+from pathlib import Path
+from flkit.wire import shm_files
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    shm_files.write_params_file(Path({str(tmp_path)!r}), "result-ab-cd.safetensors", {{"w": torch.zeros(100_000)}})
+except OSError as exc:
+    print("OSError", exc)
+print(sorted(p.name for p in Path({str(tmp_path)!r}).iterdir()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OSError cannot write" in out.stdout
+    assert out.stdout.strip().endswith("[]")  # no half-written file left

@@ -60,13 +60,18 @@ def _blob(header: object, data: bytes = b"") -> bytearray:
     (bytearray(b"\x01\x02"), "shorter than"),
     (bytearray(struct.pack("<Q", 1 << 40)), "header length"),
     (_blob(["not", "an", "object"]), "not a JSON object"),
-    (_blob({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "cover|does not fill"),
+    (_blob({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "cover|does not fill|bad shape or offsets"),
     (_blob({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "does not fill"),
     (_blob({"x": {"dtype": "PICKLE", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
     (_blob({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "bad shape"),
     (_blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
             "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 16), "starts at"),
     (_blob({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": 1}}, b"\0" * 8), "entry"),
+    (_blob({"x": {"dtype": "F32", "shape": [2**40] * 3, "data_offsets": [0, 8]}}, b"\0" * 8), "bad shape"),
+    (_blob({"x": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
+    (_blob({"b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "x": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6), "multiple of its element"),
+    (bytearray(struct.pack("<Q", 40_000) + b"[" * 20_000 + b"]" * 20_000), "malformed params payload"),
 ])
 def test_malformed_payloads_are_refused(blob: bytearray, why: str) -> None:
     with pytest.raises(ValidationError, match=why):

@@ -180,3 +180,51 @@ def test_aggregation_gives_the_same_bits_in_any_arrival_order():
     # and it is the float64 mean, rounded once
     total = sum(r.weight * r.params["w"].double() for r in results) / sum(r.weight for r in results)
     assert torch.equal(out["w"], total.float())
+
+
+def test_a_result_refused_after_its_site_failed_does_not_hang_the_round(harness, monkeypatch):
+    """The site fails (e.g. its heartbeat lapses) while its result is being checked, then the check
+    refuses it: the round goes on with the other site instead of waiting for the failed one."""
+    import flkit.server.controller as controller
+
+    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1)
+    s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+    s1.connect(timeout=10), s2.connect(timeout=10)
+    m1, m2 = s1.receive(timeout=30), s2.receive(timeout=30)
+    real_check = controller.check_params
+
+    def fail_then_refuse(site, params, expected):
+        if site == "site-1":
+            server.registry.fail_site("site-1", "no heartbeat (the test)")
+            raise controller.ValidationError("site site-1: refused by the test")
+        return real_check(site, params, expected)
+
+    monkeypatch.setattr(controller, "check_params", fail_then_refuse)
+    with pytest.raises(Exception, match="refused by the test"):
+        s1.send(FLModel(params=_plus(m1.params, 1.0)))
+    s2.send(FLModel(params=_plus(m2.params, 3.0)))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 3.0)
+
+
+def test_a_site_that_joins_again_while_its_result_is_folded_keeps_the_round_whole(harness, monkeypatch):
+    """A restarted site joins while the server still folds its previous answer: the round waits for
+    the fold and the aggregate has both results (finish_round never runs beside a fold)."""
+    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1)
+    s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+    s1.connect(timeout=10), s2.connect(timeout=10)
+    m1, m2 = s1.receive(timeout=30), s2.receive(timeout=30)
+    s2.send(FLModel(params=_plus(m2.params, 3.0)))
+    real_add = FedAvg.add_result
+
+    def join_again_mid_fold(self, result):
+        if result.site == "site-1":
+            server.registry.join("site-1", server.job_id, server.token)  # the restarted process
+        return real_add(self, result)
+
+    monkeypatch.setattr(FedAvg, "add_result", join_again_mid_fold)
+    s1.send(FLModel(params=_plus(m1.params, 1.0)))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 2.0)

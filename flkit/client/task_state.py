@@ -13,6 +13,7 @@ open, the runners ask it whether the script left a task unanswered.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -37,6 +38,8 @@ class TaskState:
     job_failed: bool = False
     last_task_name: str = ""
     history: list[str] = field(default_factory=list)  # task ids taken, for diagnostics (bounded)
+    # The heartbeat thread ends the job while the script's thread moves the task: one lock.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def ended(self) -> bool:
@@ -48,46 +51,56 @@ class TaskState:
 
     def fetched(self, task: Task) -> None:
         """A task came from the server ahead of receive() (is_running() asks for it)."""
-        if self.phase == Phase.ENDED:
-            return
-        if self.pending is not None:
-            raise FLKitError(f"task {task.task_id} fetched while task {self.pending.task_id} is still pending")
-        self.pending = task
+        with self.lock:
+            if self.phase == Phase.ENDED:
+                return
+            if self.pending is not None:
+                raise FLKitError(f"task {task.task_id} fetched while task {self.pending.task_id} is still pending")
+            self.pending = task
 
     def take(self) -> Task | None:
         """receive(): the held task again, or the pending one, which becomes held."""
-        if self.phase == Phase.HELD or (self.phase == Phase.ANSWERED and self.task is not None):
+        with self.lock:
+            if self.phase == Phase.HELD or (self.phase == Phase.ANSWERED and self.task is not None):
+                return self.task
+            if self.pending is None or self.phase == Phase.ENDED:
+                return None
+            self.task, self.pending = self.pending, None
+            self.phase = Phase.HELD
+            self.last_task_name = self.task.name
+            self.history = (self.history + [self.task.task_id])[-16:]
             return self.task
-        if self.pending is None:
-            return None
-        self.task, self.pending = self.pending, None
-        self.phase = Phase.HELD
-        self.last_task_name = self.task.name
-        self.history = (self.history + [self.task.task_id])[-16:]
-        return self.task
 
     def answer(self, keep: bool) -> None:
-        """send() was accepted; with ``keep`` (send(clear_cache=False)) receive() still returns the task."""
-        if self.phase not in (Phase.HELD, Phase.ANSWERED):
-            raise FLKitError("send() without a task: call receive() first")
-        self.answered += 1
-        self.phase = Phase.ANSWERED
-        if not keep:
-            self.task = None
+        """send() was accepted; with ``keep`` (send(clear_cache=False)) receive() still returns the task.
+        After the end (the heartbeat learned it while the result was on its way) only the count moves."""
+        with self.lock:
+            if self.phase == Phase.ENDED:
+                self.answered += 1
+                return
+            if self.phase not in (Phase.HELD, Phase.ANSWERED):
+                raise FLKitError("send() without a task: call receive() first")
+            self.answered += 1
+            self.phase = Phase.ANSWERED
+            if not keep:
+                self.task = None
 
     def drop(self) -> None:
         """send() was refused: the task is no longer the site's (the server closed it)."""
-        if self.phase in (Phase.HELD, Phase.ANSWERED):
-            self.phase, self.task = Phase.WAITING, None
+        with self.lock:
+            if self.phase in (Phase.HELD, Phase.ANSWERED):
+                self.phase, self.task = Phase.WAITING, None
 
     def move_on(self) -> None:
         """is_running() after an answer: the loop goes to the next task."""
-        if self.phase == Phase.ANSWERED:
-            self.phase, self.task = Phase.WAITING, None
+        with self.lock:
+            if self.phase == Phase.ANSWERED:
+                self.phase, self.task = Phase.WAITING, None
 
     def end(self, reason: str, failed: bool = False) -> None:
         """The job ended (or this launch answered its share); final."""
-        if self.phase == Phase.ENDED:
-            return
-        self.phase, self.pending = Phase.ENDED, None
-        self.end_reason, self.job_failed = reason, failed
+        with self.lock:
+            if self.phase == Phase.ENDED:
+                return
+            self.phase, self.pending = Phase.ENDED, None
+            self.end_reason, self.job_failed = reason, failed

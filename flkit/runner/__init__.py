@@ -22,5 +22,7 @@ def site_for(settings: SiteSettings, runner: BaseScriptRunner, script: Path, job
     """
     settings = replace(settings, **runner.site_settings())
     if runner.launch_external_process:
+        if settings.transport == "memory":  # another process cannot share the server's memory
+            settings = replace(settings, transport="auto")
         return ExternalSite(settings, runner, script, job_root=job_root, gpu=gpu)
     return InProcessSite(settings, script, runner.argv, gpu=gpu)

@@ -115,6 +115,8 @@ class Controller:
         # Set (under the registry lock) as soon as the job's end is decided, before the sites are
         # told: a result arriving in between is answered "job ended", not blamed on the site.
         self._ending: JobEnd | None = None
+        # Why this round's aggregate cannot be trusted (a fold failed half-way), if it cannot.
+        self._poisoned: str | None = None
         self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
@@ -242,6 +244,7 @@ class Controller:
         sites = self._sample(round_num, active) if task_name == TRAIN else active
         record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
         prepare = None
+        self._poisoned = None
         if task_name == TRAIN:
             self.strategy.start_round(round_num, self.global_params)
             params, prepare = "required", self._fold_in
@@ -255,6 +258,9 @@ class Controller:
                              prepare=prepare)
         if end is not None:
             return end
+        if self._poisoned:
+            return JobEnd(True, f"round {round_num}: {self._poisoned}; the global model of round "
+                                f"{round_num - 1} is kept")
 
         new_global = self.strategy.finish_round() if task_name == TRAIN else None
         if new_global is not None:
@@ -283,7 +289,13 @@ class Controller:
     def _fold_in(self, answer: Answer) -> None:
         assert answer.params is not None  # a train answer without params was refused
         weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
-        self.strategy.add_result(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
+        try:
+            self.strategy.add_result(SiteResult(answer.site, answer.params, answer.params_type, weight,
+                                                answer.metrics))
+        except BaseException as exc:  # part of the result may be in the sums: the round cannot finish
+            self._poisoned = (f"folding the result of site {answer.site} failed half-way "
+                              f"({type(exc).__name__}: {exc})")
+            raise
 
     def _run_cross_site_eval(self) -> JobEnd | None:
         """Every participating site scores the final and best global models and each site's own model."""
@@ -396,7 +408,8 @@ class Controller:
                                 s.task_outcome = f"no answer within {timeout_label}={timeout_s:g}"
                         reg.cond.notify_all()
                         continue
-                    wait = min(wait, left)
+                    if left > 0:  # past the deadline only folds are left: they notify when done
+                        wait = min(wait, left)
                 reg.cond.wait(wait)
 
     # -- results from the job service --------------------------------------
@@ -441,18 +454,22 @@ class Controller:
                 open_task.prepare(answer)
             answer.params = None  # the site's tensors are not kept past this call
         except BaseException as exc:
-            with reg.cond:
-                if state.task_outcome == ACCEPTING:
-                    state.task_outcome = None  # so failing the site closes its task
             if isinstance(exc, ValidationError):
                 log.error("rejected result: %s", exc)
-                reg.fail_site(site, f"result rejected: {exc}")
-            else:
-                reg.fail_site(site, f"the server could not use its result: {type(exc).__name__}: {exc}")
+                why = f"result rejected: {exc}"
+            else:  # e.g. out of memory half-way through a fold: the round's aggregate is not whole
+                log.exception("site %s: the server could not use its result", site)
+                why = f"the server could not use its result: {type(exc).__name__}: {exc}"
+            with reg.cond:
+                if state.task_outcome == ACCEPTING:
+                    state.task_outcome = why  # closed here: the site may have failed meanwhile
+                    reg.cond.notify_all()
+            reg.fail_site(site, why)
             raise
         with reg.cond:
-            if reg.end is not None:
-                raise JobEndedError(f"job {reg.job_id} has ended: {reg.end.reason}")
+            ended = reg.end or self._ending
+            if ended is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
             open_task.on_answer(answer)
             open_task.record.metrics[site] = answer.metrics
             state.task_outcome = "done"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import safetensors
 import safetensors.torch
 
 from flkit.wire.codec import Params, to_cpu_params
@@ -42,7 +43,10 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
 
     def write(tmp: str) -> None:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        safetensors.torch.save_file(to_cpu_params(params), tmp, metadata=meta or None)
+        try:
+            safetensors.torch.save_file(to_cpu_params(params), tmp, metadata=meta or None)
+        except safetensors.SafetensorError as exc:  # a full disk: an OS error, as for any other file
+            raise OSError(f"cannot write {path}: {exc}") from exc
 
     _atomic_write_file(Path(path), write)
 
@@ -185,6 +189,8 @@ class Persistor:
                 self._cond.notify_all()
 
     def _check_locked(self) -> None:
+        if self._closed:
+            raise OSError(f"the persistor of {self.directory} is closed")
         if self._error is not None:
             raise OSError(f"the server could not save to {self.directory}: {self._error}") from self._error
 

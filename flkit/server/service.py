@@ -31,8 +31,9 @@ from flkit.wire.tensor_stream import Encoded, parse
 
 log = logging.getLogger("flkit.server")
 
-# Results received at the same time (each needs a buffer of its size until it is folded in).
-RESULT_BUFFERS = 2
+# Results received at the same time (each needs a buffer of its size until it is folded in):
+# enough for uploads from several hosts to overlap, few enough to bound the server's memory.
+RESULT_BUFFERS = 4
 
 STATUS = {
     ErrorCode.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,

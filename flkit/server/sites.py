@@ -97,8 +97,8 @@ class SiteRegistry:
             state.status = SiteStatus.JOINED
             state.failure = None
             state.last_seen = time.monotonic()
-            if state.task is not None and state.task_outcome is not None and state.task_outcome != "done":
-                state.task = None  # a failed task is not handed out again
+            if state.task is not None and state.task_outcome not in (None, "done", "accepting"):
+                state.task = None  # a failed task is not handed out again (one being folded in stays)
             self.cond.notify_all()
             return session_id
 

@@ -75,7 +75,8 @@ class FedAvg(Strategy):
     float32's resolution. The new global model is that sum rounded once, so it has the same bits
     whatever order the results arrive in (unless an element's exact mean lies within 2**-29 ulp
     of a float32 rounding tie; float64 models sum at their own precision, in arrival order).
-    With one site the result is that site's tensor bit for bit.
+    With one site the result is that site's tensor bit for bit (for float32 and narrower floats, and
+    integers below 2**53).
 
     Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
     small staging buffer; results are folded in as they arrive and never kept. ``add_result``
@@ -95,14 +96,17 @@ class FedAvg(Strategy):
         self._diff_weight = 0.0
         self._results = 0
         self._round = -1
-        self._staging = threading.local()
+        self._staging: torch.Tensor | None = None  # used under _fold_lock only
 
     def start_round(self, round_num: int, global_params: Params) -> None:
+        with self._fold_lock, self._lock:  # a late fold of the last round cannot land in this one
+            self._start_round(round_num, global_params)
+
+    def _start_round(self, round_num: int, global_params: Params) -> None:
         self._global = global_params
-        with self._lock:
-            self._total_weight = self._diff_weight = 0.0
-            self._results = 0
-            self._round = round_num
+        self._total_weight = self._diff_weight = 0.0
+        self._results = 0
+        self._round = round_num
         for name, base in global_params.items():
             acc = self._acc.get(name)
             if acc is None or acc.sum.shape != base.shape or acc.sum.dtype != _acc_dtype(base.dtype):
@@ -113,10 +117,10 @@ class FedAvg(Strategy):
             del self._acc[name]
 
     def _buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = getattr(self._staging, "buf", None)
+        buf = self._staging
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             buf = torch.empty(max(n, 1), dtype=dtype)
-            self._staging.buf = buf
+            self._staging = buf
         return buf[:n]
 
     def _fold(self, acc: _Accumulator, value: torch.Tensor, weight: float) -> None:
@@ -156,6 +160,10 @@ class FedAvg(Strategy):
             self._results += 1
 
     def finish_round(self) -> Params:
+        with self._fold_lock:  # no fold is half-way through the sums
+            return self._finish_round()
+
+    def _finish_round(self) -> Params:
         with self._lock:
             if not self._results:
                 raise FLKitError(f"round {self._round}: no results to aggregate")

@@ -105,6 +105,5 @@ class ShmTransport(GrpcTransport):
             return super().submit(session_id, result, timeout)
         try:
             return self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout)
-        except BaseException:
-            (folder / name).unlink(missing_ok=True)  # the server did not take it
-            raise
+        finally:  # taken or refused, the file is done with (the server's mapping outlives the name)
+            (folder / name).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import re
 import stat
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 
 from flkit.errors import ValidationError
@@ -55,7 +56,10 @@ def write_params_file(folder: Path, name: str, params: Params) -> int:
     tmp = folder / f".{name}.{os.getpid()}.tmp"
     create_private(tmp)
     try:
-        safetensors.torch.save_file(to_cpu_params(params), str(tmp))
+        try:
+            safetensors.torch.save_file(to_cpu_params(params), str(tmp))
+        except safetensors.SafetensorError as exc:  # a full /dev/shm, a file-size limit: an OS error
+            raise OSError(f"cannot write {final}: {exc}") from exc
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

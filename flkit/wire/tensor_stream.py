@@ -14,7 +14,6 @@ the data exactly.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import struct
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors
+MAX_DIMS = 64
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -92,12 +92,33 @@ class Encoded:
             yield b"".join(pending)
 
 
+def _numel(shape: list[int], limit: int) -> int:
+    """The product of ``shape``, or limit + 1 as soon as it exceeds ``limit`` (no huge integers)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > limit:
+            return limit + 1
+    return count
+
+
 def parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None = None) -> Params:
     """Tensors that are views of ``buffer`` (a writable bytearray: the caller gives up its use).
 
     Raises ValidationError for anything that is not well-formed safetensors; never executes or
-    unpickles anything.
+    unpickles anything, and costs time in proportion to the header (no huge shapes, no deep JSON).
     """
+    try:
+        return _parse(buffer, expected_size)
+    except ValidationError:
+        raise
+    except (RecursionError, TypeError, OverflowError, ValueError, RuntimeError) as exc:
+        raise ValidationError(f"malformed params payload: {type(exc).__name__}: {exc}") from None
+
+
+def _parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None) -> Params:
     view = memoryview(buffer)
     total = len(view)
     if expected_size is not None and total != expected_size:
@@ -125,13 +146,17 @@ def parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None 
         shape, offsets = entry["shape"], entry["data_offsets"]
         if dtype is None:
             raise ValidationError(f"malformed params payload: tensor '{name}' has unknown dtype {entry['dtype']!r}")
-        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(d) is int and 0 <= d <= data_len for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets)):
+                or not all(type(o) is int and 0 <= o <= data_len for o in offsets)):
             raise ValidationError(f"malformed params payload: tensor '{name}' has a bad shape or offsets")
         begin, end = offsets
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if end < begin or end - begin != math.prod(shape) * itemsize:
+        if begin % itemsize:
+            raise ValidationError(f"malformed params payload: tensor '{name}' starts at byte {begin}, not a "
+                                  f"multiple of its element size {itemsize}")
+        if end < begin or end - begin != _numel(shape, data_len) * itemsize:
             raise ValidationError(f"malformed params payload: tensor '{name}' of shape {shape} does not fill "
                                   f"bytes {begin}..{end}")
         spans.append((begin, end, name, dtype, shape))
