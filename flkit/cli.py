@@ -103,10 +103,13 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
     console.print(f"serving job {srv.job_id} on {address} for sites {', '.join(sites)}")
     if token is None:
         console.print(f"site token: {srv.token}  (pass it to `flkit client --token` or FLKIT_TOKEN)")
+    from flkit.runner.processes import sigterm_as_exit
+
     try:
-        outcome = srv.wait()
-        if not srv.drain(linger):
-            console.print("some sites did not leave before the linger time ran out")
+        with sigterm_as_exit():  # SIGTERM still stops the server (and removes its /dev/shm folder)
+            outcome = srv.wait()
+            if not srv.drain(linger):
+                console.print("some sites did not leave before the linger time ran out")
     except KeyboardInterrupt:
         outcome = None
     finally:

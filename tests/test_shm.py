@@ -62,6 +62,12 @@ def test_a_folder_left_by_a_killed_server_is_removed_by_the_next_one(tmp_path):
     assert not dead.exists() and alive.exists()
     assert exchange.folder.stat().st_mode & 0o777 == 0o700
     assert (exchange.folder / shm_files.PROBE_FILE).stat().st_mode & 0o777 == 0o600
+    # A live server's folder is kept even when its name's pid says otherwise (pid namespaces).
+    assert shm_exchange.remove_stale_folders(root) == []
+    renamed = root / f"{shm_files.FOLDER_PREFIX}999999998-live"
+    exchange.folder.rename(renamed)
+    assert shm_exchange.remove_stale_folders(root) == [] and renamed.exists()
+    renamed.rename(exchange.folder)
     exchange.close()
     assert not exchange.folder.exists()
 

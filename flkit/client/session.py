@@ -70,6 +70,7 @@ class Session:
         self._link: ranks.RankLink | None = None
         self._warned_no_group = False
         self.state = TaskState()  # the one record of this site's task (others observe it)
+        self._end_shared = False  # the other ranks were told the job ended
         self.job_config: dict[str, Any] = {}
         self._session_id: str | None = None
         self._lock = threading.RLock()
@@ -190,7 +191,7 @@ class Session:
                     "total_rounds": msg.total_rounds, "params_type": msg.params_type, "meta": msg.meta,
                 }, None if msg.params is None else encode_params(msg.params))
         elif self.state.ended:
-            self._share(ranks.END, {"end_reason": self.state.end_reason, "job_failed": self.state.job_failed})
+            self._share_end()
         else:
             self._share(ranks.NO_TASK, {})
         return msg
@@ -221,6 +222,13 @@ class Session:
             raise
         link.send(ranks.CONFIG, {"job_config": self.job_config})
         link.shared_config = True
+
+    def _share_end(self) -> None:
+        """Tell the other ranks the job ended, once (each state is a collective every rank joins)."""
+        if self._end_shared:
+            return
+        self._end_shared = True
+        self._share(ranks.END, {"end_reason": self.state.end_reason, "job_failed": self.state.job_failed})
 
     def _share(self, kind: str, header: dict[str, Any], payload: bytes | None = None) -> None:
         link = self._rank_link()
@@ -291,6 +299,8 @@ class Session:
                 state.fetched(fetched)
         task = state.take()
         if task is None:
+            if state.ended:
+                self._share_end()
             return None
         self._diff_base = None
         if task.name == TRAIN and task.params is not None and self._sends_diff():
@@ -307,6 +317,7 @@ class Session:
         """True while the job has work for this site; waits for the next task to find out."""
         state = self.state
         if state.ended or self._launch_done():
+            self._share_end()  # e.g. the heartbeat learned of the end: the other ranks wait for it
             return False
         state.move_on()  # a task kept by send(clear_cache=False) is done with; the loop moves on
         if state.phase == Phase.HELD and self.distributed:
@@ -331,7 +342,7 @@ class Session:
             return False
         if not state.ended:
             state.end(f"this launch answered its {state.answered} task(s)")
-            self._share(ranks.END, {"end_reason": state.end_reason, "job_failed": False})
+            self._share_end()
         return True
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:

@@ -1,7 +1,9 @@
 """The server's shared-memory folder: params for sites on this host go through files, not the socket.
 
 One folder per job, ``/dev/shm/flkit-<pid>-<random>`` (mode 0700), with a probe file a site
-must be able to read (same host, same user) before it uses the folder. The global model of a
+must be able to read (same host, same user) before it uses the folder, and a lock file the server
+holds an ``flock`` on for as long as it lives: a folder whose lock can be taken belongs to a server
+that is gone, whatever process ids say (they repeat, and differ between PID namespaces). The global model of a
 task is written once, whatever the number of sites that map it; a site's result is mapped,
 folded in and deleted at once. The folder goes at job end; a folder left by a server that was
 killed is removed by the next server that starts on this host.
@@ -9,6 +11,7 @@ killed is removed by the next server that starts on this host.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -24,12 +27,30 @@ from flkit.wire.codec import Params
 
 log = logging.getLogger("flkit.server")
 
+LOCK_FILE = "lock"
 # Room kept free in /dev/shm beyond the files a round needs.
 MARGIN_BYTES = 16 * 1024 * 1024
 
 
+def _abandoned(folder: Path, pid: int) -> bool:
+    """True when no live server holds the folder's lock (or, for a folder without one, its pid is gone)."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return not alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a live server holds it
+    finally:
+        os.close(fd)  # closing releases the lock taken here
+    return True
+
+
 def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
-    """Folders of this user whose server process is gone (killed before it could clean up)."""
+    """Folders of this user whose server is gone (killed before it could clean up)."""
     removed: list[Path] = []
     try:
         entries = list(root.glob(f"{shm_files.FOLDER_PREFIX}*"))
@@ -42,7 +63,7 @@ def remove_stale_folders(root: Path = shm_files.SHM_ROOT) -> list[Path]:
             owned = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
         except (IndexError, ValueError, OSError):
             continue
-        if owned and not alive(pid):
+        if owned and _abandoned(folder, pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -54,6 +75,8 @@ class ShmExchange:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.probe = secrets.token_hex(16)
+        self._lock_fd = os.open(folder / LOCK_FILE, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held until close(): the folder is in use
         shm_files.create_private(folder / shm_files.PROBE_FILE)
         (folder / shm_files.PROBE_FILE).write_text(self.probe)
         self._lock = threading.Lock()
@@ -120,6 +143,9 @@ class ShmExchange:
     def close(self) -> None:
         """Remove the folder and every file in it."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._task_files.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+        os.close(self._lock_fd)
