@@ -47,10 +47,6 @@ class ServiceError(FLKitError):
         super().__init__(message)
         self.code = code
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
 
 @dataclass
 class Task:

@@ -71,3 +71,36 @@ def test_round_waits_for_late_joiner_then_runs(harness):
     m2 = second.receive(timeout=60)
     t.join(60)
     assert got["m"].current_round == m2.current_round == 0
+
+
+def test_a_newer_global_model_replaces_one_still_waiting_to_be_saved(tmp_path, monkeypatch):
+    """The writer is busy with round 0: rounds 1 and 2 are handed over meanwhile, and only the
+    newest of them is written. round_state.json names the round whose model is on disk."""
+    import json
+
+    import flkit.server.persistor as persistor_module
+
+    started, release = threading.Event(), threading.Event()
+    real_save = persistor_module.save_params
+
+    def slow_save(path, params, metadata=None):
+        started.set()
+        assert release.wait(30)
+        real_save(path, params, metadata)
+
+    monkeypatch.setattr(persistor_module, "save_params", slow_save)
+    persistor = Persistor(tmp_path)
+    persistor.save_global({"w": torch.zeros(4)}, 0)
+    assert started.wait(30)  # round 0 is being written
+    for round_num in (1, 2):
+        persistor.save_global({"w": torch.full((4,), float(round_num))}, round_num)
+        persistor.save_state({"completed_rounds": round_num + 1})
+    release.set()
+    persistor.flush(timeout=30)
+    assert (persistor.saved_rounds, persistor.handed_rounds) == (2, 3)  # round 1 was never written
+    assert torch.equal(load_params(persistor.global_model_path)["w"], torch.full((4,), 2.0))
+    state = json.loads(persistor.state_path.read_text())
+    assert state["global_model_round"] == 2 and state["completed_rounds"] == 3
+    persistor.close()
+    with pytest.raises(OSError, match="closed"):
+        persistor.save_global({"w": torch.zeros(4)}, 3)

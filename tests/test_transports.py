@@ -39,6 +39,19 @@ def test_the_session_uses_the_transport_asked_for(any_harness):
         assert session.transport.active and session.transport.folder == server.shm.folder
 
 
+def test_memory_is_refused_when_the_server_is_not_in_this_process(harness):
+    from flkit.client.settings import SiteSettings
+    from flkit.errors import ConfigError
+    from flkit.transport import make_transport
+
+    server = harness.start(INITIAL, ["site-1"], num_rounds=1)
+    here = SiteSettings(server=server.address, site_name="site-1", job_id="j", token="t", transport="memory")
+    assert isinstance(make_transport(here), MemoryTransport)
+    elsewhere = SiteSettings(server="127.0.0.1:1", site_name="site-1", job_id="j", token="t", transport="memory")
+    with pytest.raises(ConfigError, match="no server of this process listens on 127.0.0.1:1"):
+        make_transport(elsewhere)
+
+
 def test_a_round_gives_the_weighted_mean_bit_for_bit(any_harness):
     server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=2)
     sites = [any_harness.session(server, s) for s in ("site-1", "site-2")]

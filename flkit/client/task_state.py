@@ -37,7 +37,6 @@ class TaskState:
     end_reason: str = ""
     job_failed: bool = False
     last_task_name: str = ""
-    history: list[str] = field(default_factory=list)  # task ids taken, for diagnostics (bounded)
     # The heartbeat thread ends the job while the script's thread moves the task: one lock.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -68,7 +67,6 @@ class TaskState:
             self.task, self.pending = self.pending, None
             self.phase = Phase.HELD
             self.last_task_name = self.task.name
-            self.history = (self.history + [self.task.task_id])[-16:]
             return self.task
 
     def answer(self, keep: bool) -> None:

@@ -29,7 +29,7 @@ from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
-from flkit.server.sites import SiteRegistry, SiteStatus
+from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.strategy import SiteResult, Strategy
 from flkit.server.validation import all_finite, check_metrics, check_params, weight_of
 from flkit.wire.codec import Params
@@ -38,9 +38,6 @@ log = logging.getLogger("flkit.server")
 
 __all__ = ["SUBMIT_MODEL", "TRAIN", "VALIDATE", "Answer", "Controller", "JobEndedError", "RoundRecord"]
 
-# A site's task outcome while its accepted result is being folded in (outside the registry lock):
-# the round waits for it, and neither a timeout nor a failure report can close it half-way.
-ACCEPTING = "accepting"
 
 Event = dict[str, Any]
 

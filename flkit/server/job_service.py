@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from flkit.errors import ValidationError
-from flkit.messages import ErrorCode, JobEnd, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, TaskOrEnd
 from flkit.report.tracking import TrackingHub
 from flkit.server.controller import Controller, JobEndedError
 from flkit.server.sites import SiteRegistry
@@ -35,10 +35,6 @@ class JobService:
         # Transports the server offers at join beyond its own endpoint (name -> where).
         self.offers: dict[str, str] = {}
 
-    @property
-    def job_id(self) -> str:
-        return self.registry.job_id
-
     def join(self, site: str, job_id: str, token: str, protocol_version: int | None = None) -> JoinReply:
         """Admit a site (again, after a restart or a lost session); its job settings come back."""
         if protocol_version is not None and protocol_version != self.protocol_version:
@@ -59,10 +55,7 @@ class JobService:
         """The site's task (shared with other sites: transports copy it, never change it), the
         end of the job, or None when nothing came within ``wait_s`` (capped at MAX_TASK_WAIT_S)."""
         wait = min(max(wait_s, 0.0), MAX_TASK_WAIT_S)
-        outcome = self.registry.next_task(session_id, wait, header_only=header_only)
-        if isinstance(outcome, (Task, JobEnd)) or outcome is None:
-            return outcome
-        raise TypeError(f"unexpected registry answer {outcome!r}")
+        return self.registry.next_task(session_id, wait, header_only=header_only)
 
     def submit(self, session_id: str, result: Result) -> SubmitReply:
         """Check and fold in a result before returning; ``result.params`` are not kept."""

@@ -18,6 +18,10 @@ from typing import Any
 
 from flkit.messages import ErrorCode, JobEnd, ServiceError, Task
 
+# A site's task outcome while its accepted result is being folded in (outside the registry lock):
+# the round waits for it, and neither a timeout, a failure report nor a re-join closes it half-way.
+ACCEPTING = "accepting"
+
 
 class SiteStatus(str, Enum):
     EXPECTED = "expected"  # listed in the job, not joined yet
@@ -33,7 +37,7 @@ class SiteState:
     session_id: str | None = None
     last_seen: float = 0.0
     task: Task | None = None
-    task_outcome: str | None = None  # None while pending, "done" or a failure message
+    task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
     fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
     failure: str | None = None
 
@@ -97,7 +101,7 @@ class SiteRegistry:
             state.status = SiteStatus.JOINED
             state.failure = None
             state.last_seen = time.monotonic()
-            if state.task is not None and state.task_outcome not in (None, "done", "accepting"):
+            if state.task is not None and state.task_outcome not in (None, "done", ACCEPTING):
                 state.task = None  # a failed task is not handed out again (one being folded in stays)
             self.cond.notify_all()
             return session_id
