@@ -18,6 +18,13 @@ _prefix: ContextVar[str | None] = ContextVar("flkit_output_prefix", default=None
 _install_lock = threading.Lock()
 _installed = 0
 _saved: tuple[Any, TextIO, TextIO] | None = None
+# Every wrapper ever installed, kept alive for the life of the process. Why: CPython 3.11's
+# print() holds a *borrowed* reference to sys.stdout while it writes (fixed upstream in 3.13,
+# gh-130163). A site thread printing while the last site's uninstall restores the real stream
+# would otherwise write through a freed object and crash the whole process (seen as a segfault
+# in about 4 of 10 simulator runs with a print during a site's teardown). Two small objects per
+# simulation run.
+_retired: list[Any] = []
 
 
 class _ContextArgv(list):
@@ -133,6 +140,7 @@ def uninstall() -> None:
     with _install_lock:
         _installed -= 1
         if _installed == 0 and _saved is not None:
+            _retired.append((sys.argv, sys.stdout, sys.stderr))
             sys.argv, sys.stdout, sys.stderr = _saved
             _saved = None
 
