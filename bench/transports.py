@@ -169,8 +169,33 @@ def shm_bytes() -> tuple[int, int, int]:
     return allocated, size, count
 
 
+def memfd_bytes(pids: list[int], seen: set[tuple[int, int]]) -> int:
+    """Allocated bytes of the memfds open in ``pids`` (flkit keeps the global model in one per set:
+    flkit.shared_model), each file counted once however many processes or mappings use it."""
+    total = 0
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                if not os.readlink(path).startswith("/memfd:"):
+                    continue
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+    return total
+
+
 def measure_tree(root: int) -> dict[str, int]:
-    """One sample: private memory summed over the tree plus the job's shared-memory files, in bytes."""
+    """One sample: private memory summed over the tree plus the job's shared-memory files and
+    memfds, in bytes."""
     pids = process_tree(root)
     anon = shmem = 0
     for pid in pids:
@@ -178,8 +203,9 @@ def measure_tree(root: int) -> dict[str, int]:
         anon += a
         shmem += s
     shm_alloc, shm_size, shm_files = shm_bytes()
-    return {"total": anon * 1024 + shm_alloc, "anon": anon * 1024, "rss_shmem": shmem * 1024, "shm": shm_alloc,
-            "shm_size": shm_size, "shm_files": shm_files, "procs": len(pids)}
+    memfd = memfd_bytes(pids, set())
+    return {"total": anon * 1024 + shm_alloc + memfd, "anon": anon * 1024, "rss_shmem": shmem * 1024,
+            "shm": shm_alloc, "memfd": memfd, "shm_size": shm_size, "shm_files": shm_files, "procs": len(pids)}
 
 
 class PeakSampler(threading.Thread):
@@ -316,7 +342,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
             baseline_mib=baseline["total"] / MIB,
             peak_mib=(peak["total"] - baseline["total"]) / MIB,
             peak_model_copies=(peak["total"] - baseline["total"]) / model_bytes,
-            peak_parts_mib={k: (peak[k] - baseline[k]) / MIB for k in ("anon", "rss_shmem", "shm")},
+            peak_parts_mib={k: (peak[k] - baseline[k]) / MIB for k in ("anon", "rss_shmem", "shm", "memfd")},
             peak_abs_mib=peak["total"] / MIB,
             peak_procs=peak["procs"],
             max_procs=sampler.max_procs,

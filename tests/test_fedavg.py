@@ -98,3 +98,51 @@ def test_server_aggregates_what_sites_send(harness, transfer):
     for name, expected in EXPECTED.items():
         assert saved[name].dtype == expected.dtype, name
         torch.testing.assert_close(saved[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_results_folded_together_from_many_threads_give_the_same_bits():
+    """Results submitted at once are folded in one walk over the sums (each joins where the walk
+    is); the new global model has the same bits as folding them one after the other."""
+    torch.manual_seed(1)
+    initial = {"w": torch.zeros(3 * (1 << 18) + 5), "v": torch.zeros(17, 3), "n": torch.tensor(0)}
+    results = [{"w": torch.randn(initial["w"].shape), "v": torch.randn(17, 3), "n": torch.tensor(i)}
+               for i in range(6)]
+    sequential = FedAvg()
+    sequential.start_round(0, initial)
+    for i, params in enumerate(results):
+        sequential.add_result(SiteResult(f"s{i}", params, ParamsType.FULL, float(i + 1)))
+    expected = sequential.finish_round()
+
+    together = FedAvg()
+    together.start_round(0, initial)
+    start = threading.Barrier(len(results))
+    errors = []
+
+    def submit(i: int) -> None:
+        try:
+            start.wait(10)
+            together.add_result(SiteResult(f"s{i}", results[i], ParamsType.FULL, float(i + 1)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    out = together.finish_round()
+    assert all(torch.equal(out[k], expected[k]) for k in expected)
+
+
+def test_a_fold_that_fails_raises_in_its_thread_and_the_next_round_can_start():
+    """The controller then fails the round (its aggregate is not whole); the strategy itself is
+    not left holding the fold (a new round starts and folds normally)."""
+    strategy = FedAvg()
+    strategy.start_round(0, {"w": torch.zeros(4)})
+    broken = {"w": torch.zeros(3)}  # the wrong size: the fold raises part-way
+    with pytest.raises(RuntimeError):
+        strategy.add_result(SiteResult("a", broken, ParamsType.FULL, 1.0))
+    strategy.start_round(1, {"w": torch.zeros(4)})
+    strategy.add_result(SiteResult("b", {"w": torch.ones(4)}, ParamsType.FULL, 1.0))
+    assert torch.equal(strategy.finish_round()["w"], torch.ones(4))

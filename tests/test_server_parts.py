@@ -83,10 +83,10 @@ def test_a_newer_global_model_replaces_one_still_waiting_to_be_saved(tmp_path, m
     started, release = threading.Event(), threading.Event()
     real_save = persistor_module.save_params
 
-    def slow_save(path, params, metadata=None):
+    def slow_save(path, params, metadata=None, direct=None):
         started.set()
         assert release.wait(30)
-        real_save(path, params, metadata)
+        real_save(path, params, metadata, direct)
 
     monkeypatch.setattr(persistor_module, "save_params", slow_save)
     persistor = Persistor(tmp_path)

@@ -96,6 +96,28 @@ def test_a_site_cannot_change_the_global_model_through_its_tensors(any_harness):
     assert torch.equal(server.controller.global_params["w"], INITIAL["w"] + 2.0)
 
 
+def test_params_a_site_keeps_are_never_overwritten_by_later_rounds(any_harness):
+    """The server reuses the memory of old global models (and in-process sites read the global model
+    copy-on-write): a site that keeps what it received in every round still sees it unchanged."""
+    server = any_harness.start(INITIAL, ["site-1", "site-2"], num_rounds=4)
+    keeper, other = any_harness.session(server, "site-1"), any_harness.session(server, "site-2")
+    keeper.connect(timeout=10), other.connect(timeout=10)
+    kept = []
+    for _ in range(4):
+        received = keeper.receive(timeout=30)
+        assert received is not None
+        kept.append((received.params, {k: v.clone() for k, v in received.params.items()}))
+        keeper.send(FLModel(params=_plus(received.params, 1.0)))
+        theirs = other.receive(timeout=30)
+        assert theirs is not None
+        other.send(FLModel(params=_plus(theirs.params, 3.0)))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    for round_num, (params, at_receipt) in enumerate(kept):
+        assert all(torch.equal(params[k], at_receipt[k]) for k in at_receipt), f"round {round_num} changed"
+        assert torch.equal(at_receipt["w"], INITIAL["w"] + 2.0 * round_num)
+
+
 def test_refusals_carry_typed_codes(any_harness):
     server = any_harness.start(INITIAL, ["site-1"], num_rounds=1)
     stranger = any_harness.session(server, "site-9")

@@ -32,6 +32,7 @@ from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.strategy import SiteResult, Strategy
 from flkit.server.validation import all_finite, check_metrics, check_params, weight_of
+from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
 
 log = logging.getLogger("flkit.server")
@@ -104,7 +105,8 @@ class Controller:
         self.strategy = strategy
         self.persistor = persistor
         self.selector = BestModelSelector(config.key_metric, config.negate_key_metric)
-        self.global_params = initial_params
+        # In shared memory from the start, so in-process sites read even round 0's model copy-on-write.
+        self.global_params = copy_into_pool(BufferPool(shared=True), initial_params)
         self.history: list[RoundRecord] = []
         self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event

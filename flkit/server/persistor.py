@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import safetensors
 import safetensors.torch
 
+from flkit.server.direct_write import DirectWriter, DirectWriteUnsupported
 from flkit.wire.codec import Params, to_cpu_params
 
 log = logging.getLogger("flkit.server")
@@ -37,12 +38,23 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     _atomic_write_file(path, to_file)
 
 
-def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None) -> None:
+def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None,
+                direct: DirectWriter | None = None) -> None:
     """Write params as safetensors (string metadata only), replacing ``path`` atomically and
-    fsync'd. safetensors writes straight from the tensors' memory: no serialised copy."""
+    fsync'd. safetensors writes straight from the tensors' memory: no serialised copy. With a
+    ``direct`` writer the file bypasses the page cache (O_DIRECT: a tenth of the CPU) where the
+    file system allows it, and is written the usual way where it does not."""
 
     def write(tmp: str) -> None:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if direct is not None and direct.usable:
+            try:
+                direct.write(tmp, params, meta or None)
+                return
+            except DirectWriteUnsupported as exc:
+                log.info("writing %s without O_DIRECT from now on: %s", path.parent, exc)
+                direct.usable = False
+                os.truncate(tmp, 0)
         try:
             safetensors.torch.save_file(to_cpu_params(params), tmp, metadata=meta or None)
         except safetensors.SafetensorError as exc:  # a full disk: an OS error, as for any other file
@@ -129,6 +141,7 @@ class Persistor:
         self.global_model_round: int | None = None  # the round of the global model on disk
         self.saved_rounds = 0  # global models written
         self.handed_rounds = 0  # global models handed over
+        self._direct = DirectWriter()  # the writer thread's
 
     @property
     def global_model_path(self) -> Path:
@@ -209,6 +222,7 @@ class Persistor:
                 while self._pending.empty() and not self._closed:
                     self._cond.wait()
                 if self._pending.empty():
+                    self._direct.close()
                     return
                 work, self._pending = self._pending, _Pending()
                 self._busy = True
@@ -226,9 +240,9 @@ class Persistor:
     def _write(self, work: _Pending) -> None:
         if work.best is not None:
             params, meta = work.best
-            save_params(self.best_model_path, params, meta)
+            save_params(self.best_model_path, params, meta, self._direct)
         if work.global_params is not None:
-            save_params(self.global_model_path, work.global_params, {"round": work.global_round})
+            save_params(self.global_model_path, work.global_params, {"round": work.global_round}, self._direct)
             with self._cond:
                 self.global_model_round = work.global_round
                 self.saved_rounds += 1

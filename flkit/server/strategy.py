@@ -16,6 +16,7 @@ import torch
 
 from flkit.errors import FLKitError
 from flkit.model import ParamsType
+from flkit.tensor_reuse import BufferPool
 from flkit.wire.codec import Params
 
 
@@ -47,24 +48,36 @@ class Strategy(ABC):
         """Return the new global model (same keys, shapes and dtypes as the old one)."""
 
 
-# Elements folded per step: small enough that the float64 staging buffer stays in cache.
+# Elements folded per step: small enough that the float64 staging buffer and the sum's slice stay in cache.
 FOLD_CHUNK = 1 << 18
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype == torch.float64 or dtype.is_complex:
-        return torch.complex128 if dtype.is_complex else torch.float64
+    if dtype.is_complex:
+        return torch.complex128
     return torch.float64  # float32/half/bfloat16/fp8 and integer/bool buffers: exact products, summed in float64
 
 
-class _Accumulator:
-    """The running weighted sum of one tensor, in float64."""
+@dataclass
+class _Slice:
+    """One FOLD_CHUNK-sized piece of one tensor's running sum."""
 
-    __slots__ = ("sum", "touched")
+    name: str
+    start: int
+    stop: int
+    touched: bool = False  # holds a value of this round (else the first fold writes instead of adding)
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.sum = torch.empty(like.shape, dtype=_acc_dtype(like.dtype))
-        self.touched = False
+
+class _Folding:
+    """One result on its way into the sums; its thread waits until ``left`` reaches 0 (or ``error``)."""
+
+    __slots__ = ("error", "flat", "left", "weight")
+
+    def __init__(self, result: SiteResult, names: list[str]) -> None:
+        self.flat = {name: result.params[name].reshape(-1) for name in names}
+        self.weight = result.weight
+        self.left = -1  # slices still to fold; set when the folder takes it in
+        self.error: BaseException | None = None
 
 
 class FedAvg(Strategy):
@@ -78,43 +91,58 @@ class FedAvg(Strategy):
     With one site the result is that site's tensor bit for bit (for float32 and narrower floats, and
     integers below 2**53).
 
-    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
-    small staging buffer; results are folded in as they arrive and never kept. ``add_result``
-    may be called from several threads at once; folds run one at a time (a fold is bound by
-    memory bandwidth: two at once on two cores were slower than one after the other). DIFF results are summed as
-    differences and the global model is added once, weighted, at the end, so FULL and DIFF
-    sites can be mixed. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are rounded
-    back to their dtype, bool ones by majority.
+    Why one folder at a time, folding several results together: a fold is bound by memory
+    bandwidth (reading the result, reading and writing a float64 sum twice its size), and two
+    folds at once on two cores were slower than one after the other. So the first thread to
+    submit becomes the folder and walks the sums slice by slice (FOLD_CHUNK elements, which stay
+    in cache); a result submitted meanwhile joins the walk at the current slice and goes once
+    around. Each slice of the sum is then read and written once for all the results folded
+    together, not once per result. Every submitting thread returns when its own result is in.
+
+    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, a small
+    staging buffer, and the buffers of the next global model, reused once nobody holds them (two
+    sets: the current global model is still in use while the next is made), kept in shared memory
+    so in-process sites read them copy-on-write instead of copying them. Results are folded
+    in as they arrive and never kept. DIFF results are summed as differences and the global model is
+    added once, weighted, at the end, so FULL and DIFF sites can be mixed. Integer buffers (e.g.
+    BatchNorm's ``num_batches_tracked``) are rounded back to their dtype, bool ones by majority.
     """
 
     def __init__(self) -> None:
         self._global: Params = {}
-        self._acc: dict[str, _Accumulator] = {}
-        self._lock = threading.Lock()  # the weights and counts
-        self._fold_lock = threading.Lock()  # the sums
+        self._sums: dict[str, torch.Tensor] = {}  # flat float64 (complex128) running sums
+        self._slices: list[_Slice] = []
+        self._cond = threading.Condition()  # everything below, and the folder's hand-over
         self._total_weight = 0.0
         self._diff_weight = 0.0
         self._results = 0
         self._round = -1
-        self._staging: torch.Tensor | None = None  # used under _fold_lock only
+        self._joining: list[_Folding] = []  # submitted, not yet taken in by the folder
+        self._folding = False  # a thread is walking the sums
+        self._staging: torch.Tensor | None = None  # used by the folder only
+        # The next global model's buffers, in shared memory: in-process sites map them copy-on-write.
+        self._outputs = BufferPool(depth=2, shared=True)
 
     def start_round(self, round_num: int, global_params: Params) -> None:
-        with self._fold_lock, self._lock:  # a late fold of the last round cannot land in this one
-            self._start_round(round_num, global_params)
+        with self._cond:  # a late fold of the last round cannot land in this one
+            self._wait_idle_locked()
+            self._global = global_params
+            self._total_weight = self._diff_weight = 0.0
+            self._results = 0
+            self._round = round_num
+            sums: dict[str, torch.Tensor] = {}
+            for name, base in global_params.items():
+                old = self._sums.get(name)
+                want = _acc_dtype(base.dtype)
+                sums[name] = old if old is not None and old.numel() == base.numel() and old.dtype == want \
+                    else torch.empty(base.numel(), dtype=want)
+            self._sums = sums
+            self._slices = [_Slice(name, start, min(t.numel(), start + FOLD_CHUNK))
+                            for name, t in sums.items() for start in range(0, t.numel(), FOLD_CHUNK)]
 
-    def _start_round(self, round_num: int, global_params: Params) -> None:
-        self._global = global_params
-        self._total_weight = self._diff_weight = 0.0
-        self._results = 0
-        self._round = round_num
-        for name, base in global_params.items():
-            acc = self._acc.get(name)
-            if acc is None or acc.sum.shape != base.shape or acc.sum.dtype != _acc_dtype(base.dtype):
-                self._acc[name] = _Accumulator(base)
-            else:
-                acc.touched = False
-        for name in [n for n in self._acc if n not in global_params]:
-            del self._acc[name]
+    def _wait_idle_locked(self) -> None:
+        while self._folding or self._joining:
+            self._cond.wait()
 
     def _buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._staging
@@ -123,72 +151,98 @@ class FedAvg(Strategy):
             self._staging = buf
         return buf[:n]
 
-    def _fold(self, acc: _Accumulator, value: torch.Tensor, weight: float) -> None:
-        """acc.sum (+)= weight * value, in FOLD_CHUNK steps through a float64 staging buffer."""
-        flat_sum = acc.sum.view(-1)
-        flat = value.reshape(-1)
-        if flat.dtype == flat_sum.dtype:
-            if acc.touched:
-                flat_sum.add_(flat, alpha=weight)
+    def _fold_slice(self, piece: _Slice, values: list[tuple[torch.Tensor, float]]) -> None:
+        """sum[piece] (+)= w * value for each (flat value, w), through the float64 staging buffer."""
+        part = self._sums[piece.name][piece.start:piece.stop]
+        for flat, weight in values:
+            value = flat[piece.start:piece.stop]
+            if value.dtype != part.dtype:
+                staged = self._buffer(part.numel(), part.dtype)
+                staged.copy_(value)
+                value = staged
+            if piece.touched:
+                part.add_(value, alpha=weight)
             else:
-                torch.mul(flat, weight, out=flat_sum)
-            return
-        n = flat.numel()
-        for start in range(0, n, FOLD_CHUNK):
-            stop = min(n, start + FOLD_CHUNK)
-            part = flat_sum[start:stop]
-            if acc.touched:
-                staged = self._buffer(stop - start, flat_sum.dtype)
-                staged.copy_(flat[start:stop])
-                part.add_(staged, alpha=weight)
-            else:
-                part.copy_(flat[start:stop])
-                part.mul_(weight)
+                torch.mul(value, weight, out=part)
+                piece.touched = True
 
     def add_result(self, result: SiteResult) -> None:
         if not result.weight > 0:
             raise FLKitError(f"site {result.site}: aggregation weight must be > 0, got {result.weight}")
-        with self._fold_lock:
-            for name in self._global:
-                acc = self._acc[name]
-                self._fold(acc, result.params[name], result.weight)
-                acc.touched = True
-        with self._lock:
+        item = _Folding(result, list(self._global))
+        with self._cond:
+            self._joining.append(item)
+            fold_here = not self._folding
+            self._folding = True
+        if fold_here:
+            self._fold_all()
+        else:
+            with self._cond:
+                while item.left != 0 and item.error is None:
+                    self._cond.wait()
+        if item.error is not None:
+            raise item.error
+        with self._cond:
             self._total_weight += result.weight
             if result.params_type == ParamsType.DIFF:
                 self._diff_weight += result.weight
             self._results += 1
 
-    def finish_round(self) -> Params:
-        with self._fold_lock:  # no fold is half-way through the sums
-            return self._finish_round()
+    def _fold_all(self) -> None:
+        """Walk the slices round and round until every result that joined has been folded into each."""
+        active: list[_Folding] = []
+        position = 0
+        try:
+            while True:
+                with self._cond:
+                    for item in self._joining:
+                        item.left = len(self._slices)
+                        active.append(item)
+                    self._joining.clear()
+                    if any(item.left == 0 for item in active):
+                        active = [item for item in active if item.left]
+                        self._cond.notify_all()
+                    if not active or not self._slices:
+                        for item in active:
+                            item.left = 0
+                        self._folding = False
+                        self._cond.notify_all()
+                        return
+                piece = self._slices[position]
+                self._fold_slice(piece, [(item.flat[piece.name], item.weight) for item in active])
+                for item in active:
+                    item.left -= 1
+                position = (position + 1) % len(self._slices)
+        except BaseException as exc:  # the sums are part-way: every result in them failed
+            with self._cond:
+                for item in active + self._joining:
+                    item.error = exc
+                self._joining.clear()
+                self._folding = False
+                self._cond.notify_all()
 
-    def _finish_round(self) -> Params:
-        with self._lock:
+    def finish_round(self) -> Params:
+        with self._cond:  # no fold is half-way through the sums
+            self._wait_idle_locked()
             if not self._results:
                 raise FLKitError(f"round {self._round}: no results to aggregate")
             total, diff_weight = self._total_weight, self._diff_weight
-        out: Params = {}
-        for name, base in self._global.items():
-            acc = self._acc[name]
-            if diff_weight:
-                self._fold(acc, base, diff_weight)
-            out[name] = self._mean(acc.sum, total, base.dtype)
-        return out
+            out = self._outputs.take(self._global)
+            base_flat = {name: base.reshape(-1) for name, base in self._global.items()}
+            for piece in self._slices:
+                if diff_weight:
+                    self._fold_slice(piece, [(base_flat[piece.name], diff_weight)])
+                self._mean(piece, total, out[piece.name].view(-1))
+            return out
 
-    def _mean(self, total_sum: torch.Tensor, total: float, dtype: torch.dtype) -> torch.Tensor:
-        """total_sum / total, rounded once to ``dtype`` (chunked: no model-sized float64 temporary)."""
-        result = torch.empty(total_sum.shape, dtype=dtype)
-        flat_out, flat_sum = result.view(-1), total_sum.view(-1)
-        n = flat_sum.numel()
-        for start in range(0, n, FOLD_CHUNK):
-            stop = min(n, start + FOLD_CHUNK)
-            staged = self._buffer(stop - start, flat_sum.dtype)
-            torch.div(flat_sum[start:stop], total, out=staged)
-            if dtype == torch.bool:
-                flat_out[start:stop].copy_(staged >= 0.5)
-            elif not (dtype.is_floating_point or dtype.is_complex):
-                flat_out[start:stop].copy_(staged.round_())
-            else:
-                flat_out[start:stop].copy_(staged)
-        return result
+    def _mean(self, piece: _Slice, total: float, flat_out: torch.Tensor) -> None:
+        """out[piece] = sum[piece] / total, rounded once to the output's dtype."""
+        staged = self._buffer(piece.stop - piece.start, self._sums[piece.name].dtype)
+        torch.div(self._sums[piece.name][piece.start:piece.stop], total, out=staged)
+        dtype = flat_out.dtype
+        if dtype == torch.bool:
+            flat_out[piece.start:piece.stop].copy_(staged >= 0.5)
+        elif not (dtype.is_floating_point or dtype.is_complex):
+            flat_out[piece.start:piece.stop].copy_(staged.round_())
+        else:
+            flat_out[piece.start:piece.stop].copy_(staged)

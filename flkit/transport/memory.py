@@ -5,6 +5,13 @@ per round, made in the site's own thread, so sites copy in parallel), and its re
 are handed to the job service as they are: the service checks them and folds them into the
 aggregate before ``submit`` returns, so no copy is needed and none is kept.
 
+When the server keeps the global model in shared memory (FedAvg does, flkit.shared_model), the
+site's "copy" is a private copy-on-write mapping of it: the site reads the server's pages, and a
+page is copied only if the site writes to it, for that site alone. Otherwise (the first round's
+initial model, models read back for cross-site evaluation) the copy goes into the buffers of the
+site's previous task when the script no longer holds any of them: memory that was touched before
+costs one ``copy_``, a fresh allocation about five (flkit.tensor_reuse).
+
 Servers in this process register here under their address, so a site whose settings name that
 address finds it without any network.
 """
@@ -15,6 +22,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.shared_model import shared_model_of
+from flkit.tensor_reuse import BufferPool, copy_into_pool
 
 if TYPE_CHECKING:
     from flkit.server.job_service import JobService
@@ -41,10 +50,15 @@ def lookup(address: str) -> JobService | None:
         return _services.get(address)
 
 
-def _own_copy(task: Task) -> Task:
+def _own_copy(task: Task, pool: BufferPool) -> Task:
     params = None
     if task.params is not None:
-        params = {name: tensor.clone() for name, tensor in task.params.items()}
+        shared = shared_model_of(task.params)
+        if shared is not None:
+            pool.clear()  # the copies of earlier rounds are not needed any more
+            params = shared.private_view()
+        else:
+            params = copy_into_pool(pool, task.params)
     return Task(task.task_id, task.name, task.round, task.total_rounds, task.params_type, dict(task.meta), params)
 
 
@@ -56,6 +70,7 @@ class MemoryTransport:
     def __init__(self, service: JobService, address: str) -> None:
         self._service = service
         self.address = address
+        self._buffers = BufferPool(depth=1)  # get_task is called by the site's own thread only
 
     def _live(self) -> JobService:
         if lookup(self.address) is not self._service:
@@ -70,7 +85,7 @@ class MemoryTransport:
         if isinstance(outcome, Task):
             if header_only:
                 return Task(outcome.task_id, outcome.name, outcome.round, outcome.total_rounds)
-            return _own_copy(outcome)
+            return _own_copy(outcome, self._buffers)
         return outcome
 
     def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
@@ -90,7 +105,8 @@ class MemoryTransport:
         self._live().log_metrics(session_id, records_json)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Let go of the site's buffers (the script keeps what it still holds)."""
+        self._buffers.clear()
 
 
 __all__ = ["MemoryTransport", "lookup", "register", "unregister"]

@@ -1,0 +1,97 @@
+"""Model-sized buffers are used again only when nobody else can see them, and in-process sites
+read a shared global model copy-on-write: what one site writes reaches neither the server nor
+another site, and a set still mapped by a site is never overwritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flkit import shared_model
+from flkit.shared_model import SharedModel, shared_model_of
+from flkit.tensor_reuse import BufferPool, copy_into_pool, reuse_supported
+
+MODEL = {"w": torch.arange(3000, dtype=torch.float32).reshape(30, 100), "b": torch.ones(7, dtype=torch.float64),
+         "n": torch.tensor(3, dtype=torch.int64), "empty": torch.zeros(0)}
+
+
+def test_this_torch_lets_the_pool_see_other_holders():
+    assert reuse_supported(), "torch._C._storage_Use_Count is gone: buffers are never reused (slow, not wrong)"
+
+
+def test_a_set_is_reused_once_every_alias_is_dropped():
+    pool = BufferPool()
+    first = copy_into_pool(pool, MODEL)
+    ptr = first["w"].data_ptr()
+    del first
+    second = copy_into_pool(pool, MODEL)
+    assert (pool.allocated, pool.reused) == (1, 1) and second["w"].data_ptr() == ptr
+    assert all(torch.equal(second[k], MODEL[k]) for k in MODEL)
+    assert second["w"]._base is None  # an alias, not a view that leads back to the pool's own tensor
+
+
+@pytest.mark.parametrize("holder", ["alias", "view", "numpy", "autograd"])
+def test_a_set_anyone_still_holds_is_never_overwritten(holder):
+    pool = BufferPool()
+    first = copy_into_pool(pool, MODEL)
+    if holder == "alias":
+        kept = first["w"]
+    elif holder == "view":
+        kept = first["w"][3]
+    elif holder == "numpy":
+        kept = first["w"].numpy()
+    else:
+        kept = first["w"].requires_grad_() * 2  # the graph holds the input
+    before = first["w"].detach().clone()
+    del first
+    second = copy_into_pool(pool, {k: v + 1 if v.is_floating_point() else v for k, v in MODEL.items()})
+    assert pool.reused == 0 and pool.allocated == 2
+    assert kept is not None
+    assert torch.equal(pool._sets[-1].buffers["w"], second["w"]) and not torch.equal(second["w"], before)
+
+
+def test_a_set_shaped_for_another_model_is_not_reused():
+    pool = BufferPool()
+    first = copy_into_pool(pool, MODEL)
+    del first
+    other = copy_into_pool(pool, {"w": torch.zeros(30, 100)})
+    assert pool.reused == 0 and other.keys() == {"w"}
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_private_views_are_copy_on_write():
+    model = SharedModel(MODEL)
+    for name, tensor in MODEL.items():
+        model.tensors[name].copy_(tensor)
+    site_a, site_b = model.private_view(), model.private_view()
+    site_a["w"].fill_(-1)
+    site_a["b"].add_(5)
+    assert torch.equal(model.tensors["w"], MODEL["w"]) and torch.equal(site_b["w"], MODEL["w"])
+    assert torch.equal(site_b["b"], MODEL["b"]) and torch.equal(site_a["b"], MODEL["b"] + 5)
+    assert all(site_b[k].shape == v.shape and site_b[k].dtype == v.dtype for k, v in MODEL.items())
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_a_shared_set_a_site_still_maps_is_never_overwritten():
+    pool = BufferPool(depth=1, shared=True)
+    global_0 = copy_into_pool(pool, MODEL)
+    owner = shared_model_of(global_0)
+    assert owner is not None
+    site_view = owner.private_view()
+    del global_0
+    global_1 = copy_into_pool(pool, {k: v + 1 if v.is_floating_point() else v for k, v in MODEL.items()})
+    assert pool.reused == 0  # the site still maps round 0's set
+    assert torch.equal(site_view["w"], MODEL["w"]) and torch.equal(global_1["w"], MODEL["w"] + 1)
+    del site_view, global_1
+    copy_into_pool(pool, MODEL)
+    assert pool.reused == 1
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_only_tensors_of_a_shared_set_are_recognised():
+    pool = BufferPool(shared=True)
+    shared = copy_into_pool(pool, MODEL)
+    assert shared_model_of(shared) is not None
+    assert shared_model_of({k: v.clone() for k, v in shared.items()}) is None
+    assert shared_model_of({"w": shared["w"]}) is None  # not the whole set
+    assert shared_model_of(MODEL) is None
