@@ -13,6 +13,9 @@ tensors: ``mapped_by_sites()`` tells the first (weak references to the sites' ma
 buffer pool of flkit.tensor_reuse checks the second.
 
 Where ``os.memfd_create`` is missing (not Linux) or fails, callers use ordinary memory.
+
+Whoever hands out a set's tensors keeps its SharedModel alive (a BufferPool does): a SharedModel
+nobody references leaves the registry, and tensors of it are then treated as ordinary memory.
 """
 
 from __future__ import annotations

@@ -104,6 +104,16 @@ class BufferPool:
         self.allocated += 1
         return {name: alias(b) for name, b in entry.buffers.items()}
 
+    def adopt(self, params: Mapping[str, torch.Tensor]) -> bool:
+        """Take a set made elsewhere into the pool (e.g. a model handed in from outside), so it is
+        reused once free instead of a new one being made; only a whole SharedModel set, and only
+        while the pool has room. True if adopted."""
+        owner = shared_model.shared_model_of(params) if self._shared else None
+        if owner is None or len(self._sets) >= self._depth or any(s.shared is owner for s in self._sets):
+            return False
+        self._sets.insert(0, _Set(owner.tensors, owner))
+        return True
+
     def _allocate(self, like: Mapping[str, torch.Tensor]) -> _Set:
         if self._shared and any(t.numel() for t in like.values()):
             try:

@@ -95,3 +95,16 @@ def test_only_tensors_of_a_shared_set_are_recognised():
     assert shared_model_of({k: v.clone() for k, v in shared.items()}) is None
     assert shared_model_of({"w": shared["w"]}) is None  # not the whole set
     assert shared_model_of(MODEL) is None
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_an_adopted_set_is_reused_once_free():
+    elsewhere = BufferPool(shared=True)  # keeps its SharedModel alive, as the controller does
+    made_elsewhere = copy_into_pool(elsewhere, MODEL)
+    pool = BufferPool(depth=2, shared=True)
+    assert pool.adopt(made_elsewhere) and not pool.adopt(made_elsewhere)
+    assert not pool.adopt({k: v.clone() for k, v in MODEL.items()})  # not a shared set
+    ptr = made_elsewhere["w"].data_ptr()
+    del made_elsewhere
+    again = copy_into_pool(pool, MODEL)
+    assert pool.reused == 1 and pool.allocated == 0 and again["w"].data_ptr() == ptr

@@ -105,8 +105,10 @@ class Controller:
         self.strategy = strategy
         self.persistor = persistor
         self.selector = BestModelSelector(config.key_metric, config.negate_key_metric)
-        # In shared memory from the start, so in-process sites read even round 0's model copy-on-write.
-        self.global_params = copy_into_pool(BufferPool(shared=True), initial_params)
+        # In shared memory from the start, so in-process sites read even round 0's model copy-on-write
+        # (the pool keeps its set alive for the job; FedAvg adopts it and reuses it once free).
+        self._initial_buffers = BufferPool(shared=True)
+        self.global_params = copy_into_pool(self._initial_buffers, initial_params)
         self.history: list[RoundRecord] = []
         self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event

@@ -233,6 +233,7 @@ class Persistor:
                 with self._cond:
                     self._error = exc
             finally:
+                del work  # the models written: their buffers may be reused while this thread waits
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
