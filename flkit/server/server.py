@@ -18,12 +18,11 @@ from flkit.server.config import WorkflowConfig
 from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
 from flkit.server.persistor import Persistor
-from flkit.server.service import FLKitService
+from flkit.server.service import FLKitService, add_to_server
 from flkit.server.shm_exchange import ShmExchange
 from flkit.server.sites import SiteRegistry
 from flkit.server.strategy import FedAvg, Strategy
 from flkit.transport import memory
-from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, to_cpu_params
 from flkit.wire.grpc_options import OPTIONS, PROTOCOL_VERSION
 
@@ -115,7 +114,7 @@ class FLServer:
             self.shm = ShmExchange.create(self.controller.model_bytes, len(self.registry.sites))
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
-        pb_grpc.add_FLKitServicer_to_server(FLKitService(self.service, self.shm), self._grpc)
+        add_to_server(FLKitService(self.service, self.shm), self._grpc)
         try:
             self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:

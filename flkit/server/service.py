@@ -2,6 +2,9 @@
 
 Params arrive as safetensors bytes in chunks, written into one buffer and parsed into tensors
 that are views of it (no further copy); they leave as slices of the global model's own memory.
+Payload messages are framed by hand (flkit.wire.frames: the same bytes as protobuf's, without
+its three extra copies per message), so GetTask and SubmitResult are registered with their own
+(de)serializers (``add_to_server``).
 At most ``RESULT_BUFFERS`` results are received at once: further uploads wait (gRPC's flow
 control holds their senders) so the server's memory stays at a few model sizes whatever the
 number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
@@ -18,6 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, Result, ServiceError
@@ -26,7 +31,8 @@ from flkit.server.shm_exchange import ShmExchange
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, json_to_dict
-from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY
+from flkit.wire.frames import copy_into, is_payload, payload_of, payload_prefix
+from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, SERVICE_NAME
 from flkit.wire.tensor_stream import Encoded, parse
 
 log = logging.getLogger("flkit.server")
@@ -53,6 +59,41 @@ def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _task_chunk_bytes(chunk: pb.TaskChunk | bytes) -> bytes:
+    """GetTask's messages: a header message, then payload messages already serialised."""
+    return chunk if isinstance(chunk, bytes) else chunk.SerializeToString()
+
+
+def add_to_server(servicer: FLKitService, server: grpc.Server) -> None:
+    """Register ``servicer`` as the generated ``add_FLKitServicer_to_server`` does, except that
+    GetTask's responses and SubmitResult's requests are passed as serialised bytes."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join, request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString),
+        "GetTask": grpc.unary_stream_rpc_method_handler(
+            servicer.GetTask, request_deserializer=pb.GetTaskRequest.FromString,
+            response_serializer=_task_chunk_bytes),
+        "SubmitResult": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitResult, request_deserializer=None,
+            response_serializer=pb.SubmitReply.SerializeToString),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            servicer.Heartbeat, request_deserializer=pb.HeartbeatRequest.FromString,
+            response_serializer=pb.HeartbeatReply.SerializeToString),
+        "ReportFailure": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportFailure, request_deserializer=pb.FailureReport.FromString,
+            response_serializer=pb.Ack.SerializeToString),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave, request_deserializer=pb.LeaveRequest.FromString,
+            response_serializer=pb.Ack.SerializeToString),
+        "LogMetrics": grpc.unary_unary_rpc_method_handler(
+            servicer.LogMetrics, request_deserializer=pb.MetricsBatch.FromString,
+            response_serializer=pb.Ack.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class FLKitService(pb_grpc.FLKitServicer):
     def __init__(self, service: JobService, shm: ShmExchange | None = None) -> None:
         self.service = service
@@ -67,7 +108,7 @@ class FLKitService(pb_grpc.FLKitServicer):
         return pb.JoinReply(session_id=reply.session_id, job_config_json=json.dumps(reply.job_config),
                             heartbeat_interval_s=reply.heartbeat_interval_s, offers=reply.offers)
 
-    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk | bytes]:
         try:
             outcome = self.service.next_task(request.session_id, request.wait_s, header_only=request.header_only)
         except ServiceError as exc:
@@ -97,15 +138,19 @@ class FLKitService(pb_grpc.FLKitServicer):
                 header.payload_size = encoded.size
         yield pb.TaskChunk(header=header)
         if encoded is not None:
-            for chunk in encoded.chunks(CHUNK_BYTES):
-                yield pb.TaskChunk(payload=chunk)
+            yield from encoded.chunks(CHUNK_BYTES, payload_prefix)  # serialised TaskChunk(payload=...)
 
-    def SubmitResult(self, request_iterator: Iterator[pb.ResultChunk],
+    def SubmitResult(self, request_iterator: Iterator[bytes],
                      context: grpc.ServicerContext) -> pb.SubmitReply:
+        """``request_iterator`` yields serialised ResultChunk messages: a header, then payloads."""
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        try:
+            chunk = None if first is None or is_payload(first) else pb.ResultChunk.FromString(first)
+        except DecodeError:  # not a message of this protocol
+            chunk = None
+        if chunk is None or chunk.WhichOneof("kind") != "header":
             return pb.SubmitReply(accepted=False, error="result stream must start with a header")
-        header = first.header
+        header = chunk.header
         try:
             self.service.site_of(header.session_id)  # nothing is read for an unknown session
         except ServiceError as exc:
@@ -122,19 +167,23 @@ class FLKitService(pb_grpc.FLKitServicer):
         with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
             return self._submit(header, request_iterator, bytearray(header.payload_size), context)
 
-    def _submit(self, header: pb.ResultHeader, request_iterator: Iterator[pb.ResultChunk], buffer: bytearray | None,
+    def _submit(self, header: pb.ResultHeader, request_iterator: Iterator[bytes], buffer: bytearray | None,
                 context: grpc.ServicerContext) -> pb.SubmitReply:
         if buffer is None:
             buffer = bytearray()
-        view = memoryview(buffer)
+        view = np.frombuffer(buffer, dtype=np.uint8)
         received = 0
-        for msg in request_iterator:
-            if msg.WhichOneof("kind") != "payload":
+        for frame in request_iterator:
+            if not is_payload(frame):
                 return pb.SubmitReply(accepted=False, error="unexpected second header in result stream")
-            size = len(msg.payload)
+            try:
+                payload = payload_of(frame)
+            except ValidationError as exc:
+                return pb.SubmitReply(accepted=False, error=str(exc))
+            size = len(payload)
             if received + size > header.payload_size:
                 return pb.SubmitReply(accepted=False, error="result payload longer than its header says")
-            view[received:received + size] = msg.payload
+            copy_into(view, received, payload)
             received += size
         if received != header.payload_size:
             return pb.SubmitReply(

@@ -1,7 +1,9 @@
 """The gRPC transport: a site's end of the wire protocol (``proto/flkit.proto``).
 
 Params leave as slices of the tensors' own memory (one copy, into the messages) and arrive
-in one preallocated buffer that the received tensors are views of (one copy). A refusal's
+in one preallocated buffer that the received tensors are views of (one copy). Payload messages
+are framed by hand (flkit.wire.frames), so the two params streams are called with their own
+(de)serializers. A refusal's
 ``ErrorCode`` comes from the trailing metadata the server sets; a server that does not answer
 is ``UNAVAILABLE``.
 """
@@ -12,13 +14,16 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import json_to_dict, meta_to_json, metrics_to_json
-from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, OPTIONS, PROTOCOL_VERSION
+from flkit.wire.frames import copy_into, is_payload, payload_of, payload_prefix
+from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, OPTIONS, PROTOCOL_VERSION, SERVICE_NAME
 from flkit.wire.tensor_stream import Encoded, parse
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
@@ -47,8 +52,6 @@ class _Stub(Protocol):
     """The calls of the generated ``FLKitStub`` (``flkit_pb2_grpc`` is generated without types)."""
 
     Join: grpc.UnaryUnaryMultiCallable[pb.JoinRequest, pb.JoinReply]
-    GetTask: grpc.UnaryStreamMultiCallable[pb.GetTaskRequest, pb.TaskChunk]
-    SubmitResult: grpc.StreamUnaryMultiCallable[pb.ResultChunk, pb.SubmitReply]
     Heartbeat: grpc.UnaryUnaryMultiCallable[pb.HeartbeatRequest, pb.HeartbeatReply]
     ReportFailure: grpc.UnaryUnaryMultiCallable[pb.FailureReport, pb.Ack]
     Leave: grpc.UnaryUnaryMultiCallable[pb.LeaveRequest, pb.Ack]
@@ -64,6 +67,12 @@ class GrpcTransport:
         self.address = address
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub: _Stub = pb_grpc.FLKitStub(self._channel)
+        # The params streams: serialised chunk messages in and out (payloads framed by hand).
+        self._get_task_stream: grpc.UnaryStreamMultiCallable[pb.GetTaskRequest, bytes] = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/GetTask", request_serializer=pb.GetTaskRequest.SerializeToString,
+            response_deserializer=None)
+        self._submit_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SubmitReply] = self._channel.stream_unary(
+            f"/{SERVICE_NAME}/SubmitResult", request_serializer=None, response_deserializer=pb.SubmitReply.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -89,8 +98,12 @@ class GrpcTransport:
         request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only,
                                     params_by_file=by_file)
         try:
-            stream = self._stub.GetTask(request, timeout=timeout)
-            first = next(stream, None)
+            stream = self._get_task_stream(request, timeout=timeout)
+            frame = next(stream, None)
+            try:
+                first = None if frame is None or is_payload(frame) else pb.TaskChunk.FromString(frame)
+            except DecodeError:
+                first = None
             if first is None or first.WhichOneof("kind") != "header":
                 raise ValidationError("task stream did not start with a header")
             h = first.header
@@ -108,13 +121,14 @@ class GrpcTransport:
                 self._params_from_file(task, h.params_file, h.payload_size)
                 return task
             buffer = bytearray(h.payload_size)
-            view = memoryview(buffer)
+            view = np.frombuffer(buffer, dtype=np.uint8)
             received = 0
-            for msg in stream:
-                size = len(msg.payload)
+            for frame in stream:
+                payload = payload_of(frame)
+                size = len(payload)
                 if received + size > h.payload_size:
                     raise ValidationError("task payload longer than its header says")
-                view[received:received + size] = msg.payload
+                copy_into(view, received, payload)
                 received += size
             del view
         except grpc.RpcError as exc:
@@ -143,14 +157,13 @@ class GrpcTransport:
             params_file=params_file,
         )
 
-        def messages() -> Iterator[pb.ResultChunk]:
-            yield pb.ResultChunk(header=header)
+        def messages() -> Iterator[bytes]:
+            yield pb.ResultChunk(header=header).SerializeToString()
             if encoded is not None:
-                for chunk in encoded.chunks(CHUNK_BYTES):
-                    yield pb.ResultChunk(payload=chunk)
+                yield from encoded.chunks(CHUNK_BYTES, payload_prefix)  # serialised ResultChunk(payload=...)
 
         try:
-            reply = self._stub.SubmitResult(messages(), timeout=timeout)
+            reply = self._submit_stream(messages(), timeout=timeout)
         except grpc.RpcError as exc:
             raise _error(exc, self.address, "sending a result") from None
         return SubmitReply(reply.accepted, reply.error, reply.job_ended)

@@ -17,5 +17,6 @@ OPTIONS = [
 ]
 
 PROTOCOL_VERSION = 3
+SERVICE_NAME = "flkit.v1.FLKit"  # package and service of proto/flkit.proto
 # Trailing-metadata key of a refusal's ErrorCode (flkit.messages), so a site acts on the code.
 ERROR_KEY = "flkit-error"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -73,10 +73,11 @@ class Encoded:
         self.header = struct.pack("<Q", len(text)) + text
         self.size = len(self.header) + offset
 
-    def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+    def chunks(self, chunk_bytes: int, prefix: Callable[[int], bytes] | None = None) -> Iterator[bytes]:
         """The blob in pieces of exactly ``chunk_bytes`` (the last may be shorter); each piece is
-        the one copy this path makes."""
-        pending: list[memoryview] = []
+        the one copy this path makes. ``prefix(size)``, if given, is put before each piece in the
+        same copy (a message's framing, flkit.wire.frames)."""
+        pending: list[memoryview | bytes] = []
         filled = 0
         for view in [memoryview(self.header), *self.views]:
             pos = 0
@@ -86,10 +87,10 @@ class Encoded:
                 filled += take
                 pos += take
                 if filled == chunk_bytes:
-                    yield b"".join(pending)
+                    yield b"".join([prefix(filled), *pending] if prefix else pending)
                     pending, filled = [], 0
         if filled:
-            yield b"".join(pending)
+            yield b"".join([prefix(filled), *pending] if prefix else pending)
 
 
 def _numel(shape: list[int], limit: int) -> int:
