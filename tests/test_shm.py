@@ -174,5 +174,31 @@ print(sorted(p.name for p in Path({str(tmp_path)!r}).iterdir()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "OSError cannot write" in out.stdout
+    assert out.stdout.startswith("OSError") and "cannot write" in out.stdout and "result-ab-cd" in out.stdout
     assert out.stdout.strip().endswith("[]")  # no half-written file left
+
+
+@pytest.mark.skipif(not shm_files.SHM_ROOT.is_dir(), reason="no /dev/shm on this machine")
+def test_a_site_writes_each_result_over_the_memory_of_its_last_one(tmp_path):
+    """A fresh tmpfs file costs the kernel's zeroing of every page: after the server has answered,
+    the site's next result goes into the same file (same inode), and the results stay exact."""
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=3)
+        session = harness.session(server, "site-1")
+        inodes = []
+        for round_num in range(3):
+            model = session.receive(timeout=30)
+            assert model is not None and session.transport.active
+            session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
+            spare = session.transport._spare
+            assert spare is not None and spare.exists()
+            inodes.append(spare.stat().st_ino)
+            assert torch.equal(model.params["w"], INITIAL["w"] + round_num)
+        assert len(set(inodes)) == 1
+        assert not server.wait(30).failed
+        assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 3)
+        session.close()
+        assert not [p for p in server.shm.folder.iterdir() if p.name.startswith(("result-", ".result-"))]
+    finally:
+        harness.close()

@@ -4,8 +4,8 @@ One folder per job, ``/dev/shm/flkit-<pid>-<random>`` (mode 0700), with a probe 
 must be able to read (same host, same user) before it uses the folder, and a lock file the server
 holds an ``flock`` on for as long as it lives: a folder whose lock can be taken belongs to a server
 that is gone, whatever process ids say (they repeat, and differ between PID namespaces). The global model of a
-task is written once, whatever the number of sites that map it; a site's result is mapped,
-folded in and deleted at once. The folder goes at job end; a folder left by a server that was
+task is written once, whatever the number of sites that map it; a site's result is mapped and
+folded in before the server answers, and the site reuses the file's memory for its next result. The folder goes at job end; a folder left by a server that was
 killed is removed by the next server that starts on this host.
 """
 
@@ -81,19 +81,21 @@ class ShmExchange:
         (folder / shm_files.PROBE_FILE).write_text(self.probe)
         self._lock = threading.Lock()
         self._task_files: dict[str, tuple[str, int]] = {}
+        self._spare: Path | None = None  # the next task file, allocated ahead (_prepare_spare)
+        self._spare_maker: threading.Thread | None = None
         self._closed = False
 
     @classmethod
     def create(cls, model_bytes: int, n_sites: int, root: Path = shm_files.SHM_ROOT) -> ShmExchange | None:
         """The folder, or None (with the reason logged) when /dev/shm is missing or too small for
-        a round: the global model and one result per site."""
+        a round: the global model, a spare for the next one and one result per site."""
         if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
             log.info("no shared-memory transport: %s is missing or not writable", root)
             return None
         removed = remove_stale_folders(root)
         if removed:
             log.info("removed %d shared-memory folder(s) of servers that are gone", len(removed))
-        need = model_bytes * (n_sites + 1) + MARGIN_BYTES
+        need = model_bytes * (n_sites + 2) + MARGIN_BYTES  # a task file and its spare, a result per site
         free = shm_files.free_bytes(root)
         if free < need:
             log.warning("no shared-memory transport: %s has %.0f MiB free, a round needs %.0f MiB; sites on this "
@@ -126,19 +128,49 @@ class ShmExchange:
                 (self.folder / old).unlink(missing_ok=True)
             self._task_files.clear()
             name = shm_files.task_file_name(task.task_id)
-            size = shm_files.write_params_file(self.folder, name, task.params)
+            spare = self._take_spare()
+            size = shm_files.write_params_file(self.folder, name, task.params, reuse=spare)
             self._task_files[task.task_id] = (name, size)
+            self._prepare_spare(size)
             return name, size
 
+    def _take_spare(self) -> Path | None:
+        """The spare file made for this write, once its pages are in (None if there is none)."""
+        maker, self._spare_maker = self._spare_maker, None
+        if maker is None:
+            return None
+        maker.join()
+        return self._spare if self._spare is not None and self._spare.exists() else None
+
+    def _prepare_spare(self, size: int) -> None:
+        """Allocate the next task's file now, in the background: a new tmpfs file's pages are zeroed
+        by the kernel when first touched (about three times the cost of the copy), and the next
+        round's sites wait for its task file; nobody maps a spare, so writing over it is safe."""
+        name = shm_files.task_file_name(secrets.token_hex(8))
+        path = self.folder / name
+
+        def allocate() -> None:
+            try:
+                shm_files.create_private(path)
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # /dev/shm tight: the next task file is written into new pages
+                log.debug("no spare task file (%s)", exc)
+                path.unlink(missing_ok=True)
+
+        self._spare = path
+        self._spare_maker = threading.Thread(target=allocate, name="flkit-shm-spare", daemon=True)
+        self._spare_maker.start()
+
     def take_result(self, session_id: str, task_id: str, name: str, size: int) -> Params:
-        """A site's result file, mapped (no copy) and removed from the folder at once."""
+        """A site's result file, mapped copy-on-write (no copy). The file stays the site's: it writes
+        its next result over it once the server has answered (the mapping is not used after that)."""
         if name != shm_files.result_file_name(session_id, task_id):
             raise ValidationError(f"result file {name[:80]!r} is not this session's file for task {task_id}")
-        path = self.folder / shm_files.check_name(name)
-        try:
-            return shm_files.map_params_file(path, size)
-        finally:
-            path.unlink(missing_ok=True)
+        return shm_files.map_params_file(self.folder / shm_files.check_name(name), size)
 
     def close(self) -> None:
         """Remove the folder and every file in it."""
@@ -147,5 +179,8 @@ class ShmExchange:
                 return
             self._closed = True
             self._task_files.clear()
+            maker, self._spare_maker = self._spare_maker, None
+        if maker is not None:
+            maker.join()
         shutil.rmtree(self.folder, ignore_errors=True)
         os.close(self._lock_fd)

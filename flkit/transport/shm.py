@@ -5,7 +5,9 @@ folder that the server offered at join. A site uses the folder only if it can re
 file the server wrote there (same host, same user) and the probe says what the offer said;
 otherwise, and whenever a file cannot be written (``/dev/shm`` full), the bytes go over gRPC,
 with one warning. Received params are copy-on-write views of the server's file (no copy); a
-result is written once, into a file the server maps and deletes.
+result is written once, into a file the server maps and folds in before it answers; the site
+then writes its next result over the same memory (a fresh tmpfs file costs the kernel's zeroing
+of every page) and removes the file when it leaves.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ log = logging.getLogger("flkit.client")
 MARGIN_BYTES = 8 * 1024 * 1024
 
 
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 class ShmTransport(GrpcTransport):
     """gRPC for control, files in the server's shared-memory folder for params."""
 
@@ -37,6 +46,7 @@ class ShmTransport(GrpcTransport):
         self.required = required
         self.folder: Path | None = None
         self._warned = False
+        self._spare: Path | None = None  # this site's last result file, read by the server already
 
     @property
     def active(self) -> bool:
@@ -94,16 +104,30 @@ class ShmTransport(GrpcTransport):
         if folder is None or result.params is None:
             return super().submit(session_id, result, timeout)
         name = shm_files.result_file_name(session_id, result.task_id)
+        reuse, self._spare = self._spare, None
         need = sum(t.numel() * t.element_size() for t in result.params.values()) + MARGIN_BYTES
         try:
-            if shm_files.free_bytes(folder) < need:
+            if shm_files.free_bytes(folder) + (_size_of(reuse) if reuse else 0) < need:
                 raise OSError(f"{need / 2**20:.0f} MiB needed, less free")
-            size = shm_files.write_params_file(folder, name, result.params)
+            size = shm_files.write_params_file(folder, name, result.params, reuse=reuse)
         except OSError as exc:
             (folder / name).unlink(missing_ok=True)
+            if reuse is not None:
+                reuse.unlink(missing_ok=True)
             self._fall_back(f"cannot write the result to {folder}: {exc}")
             return super().submit(session_id, result, timeout)
         try:
-            return self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout)
-        finally:  # taken or refused, the file is done with (the server's mapping outlives the name)
+            reply = self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout)
+        except BaseException:  # the server may still be reading it: never write into this file again
             (folder / name).unlink(missing_ok=True)
+            raise
+        # The server answers only after it has read the result (checked and folded in, or refused), so
+        # the file's memory is free: the next result is written over it (flkit.wire.shm_files).
+        self._spare = folder / name
+        return reply
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.unlink(missing_ok=True)
+            self._spare = None
+        super().close()
