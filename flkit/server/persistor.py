@@ -39,11 +39,13 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None,
-                direct: DirectWriter | None = None) -> None:
+                direct: DirectWriter | None = None, durable: bool = True) -> None:
     """Write params as safetensors (string metadata only), replacing ``path`` atomically and
     fsync'd. safetensors writes straight from the tensors' memory: no serialised copy. With a
     ``direct`` writer the file bypasses the page cache (O_DIRECT: a tenth of the CPU) where the
-    file system allows it, and is written the usual way where it does not."""
+    file system allows it, and is written the usual way where it does not. ``durable=False``
+    skips the fsync (still atomic: a reader sees the old file or the new one), for files that are
+    made again from their source if a crash loses them, such as an exported job's initial model."""
 
     def write(tmp: str) -> None:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -60,21 +62,22 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
         except safetensors.SafetensorError as exc:  # a full disk: an OS error, as for any other file
             raise OSError(f"cannot write {path}: {exc}") from exc
 
-    _atomic_write_file(Path(path), write)
+    _atomic_write_file(Path(path), write, durable)
 
 
-def _atomic_write_file(path: Path, write: Callable[[str], None]) -> None:
+def _atomic_write_file(path: Path, write: Callable[[str], None], durable: bool = True) -> None:
     """Like _atomic_write, for writers that take a file name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
