@@ -21,10 +21,11 @@ transport; a round with S sites needs at least S downloads + S uploads).
 Per configuration, measured in its own fresh child process (so peak memory and import state do
 not leak from one configuration into the next): seconds per round (the controller's
 ``result.rounds[i].seconds``; mean of the rounds after the first, and the first alone); peak
-memory of the whole process tree (sum of PSS over the process and all its descendants, plus the
-allocated size of ``/dev/shm/flkit*`` files, sampled every 20 ms, minus the same measure just
-before ``simulator_run``), in MiB and in model copies; the time from calling ``simulator_run``
-to each site's first task (the slowest site); and how many rounds' global models were written
+memory of the whole process tree (private anonymous memory summed over the process and all its
+descendants, plus the allocated size of ``/dev/shm/flkit*`` files and of the memfds the tree has
+open, sampled every 10 ms, minus the same measure just before ``simulator_run``), in MiB and in
+model copies; the time from calling ``simulator_run`` to each site's first task (the slowest
+site); and how many rounds' global models were written
 to disk (``saved_rounds`` in ``<workspace>/server/round_state.json``, where the run state has it).
 Last, the issue's targets with the measured value and PASS/MISS.
 
