@@ -24,6 +24,7 @@ slower); ``tests/test_tensor_reuse.py`` fails then, so a torch upgrade that remo
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -44,11 +45,17 @@ def reuse_supported() -> bool:
 
 
 def sole_owner(buffer: torch.Tensor) -> bool:
-    """Whether ``buffer``'s storage is referenced by ``buffer`` alone (no alias, view or array of it)."""
+    """Whether ``buffer``'s storage is referenced by ``buffer`` alone (no alias, view, array or
+    storage object of it)."""
     if _use_count is None:
         return False
-    storage = buffer.untyped_storage()  # a new Python object: one reference of its own
-    return int(_use_count(storage._cdata)) == 2
+    storage = buffer.untyped_storage()
+    # The storage's C++ count: ``buffer`` and the storage's Python object. Someone holding that
+    # Python object (``t.untyped_storage()``, ``t.storage()``) shows in its Python count instead, on
+    # torch versions that keep one Python object per storage (older ones make a new one per call,
+    # which then counts in the C++ count): here, this function's name and getrefcount's argument
+    # are 2, and torch's own reference to a preserved object is the third.
+    return int(_use_count(storage._cdata)) == 2 and sys.getrefcount(storage) <= 3
 
 
 class _Set:
@@ -66,9 +73,11 @@ class _Set:
         return all(self.buffers[k].shape == t.shape and self.buffers[k].dtype == t.dtype for k, t in like.items())
 
     def free(self) -> bool:
-        if self.shared is not None and self.shared.mapped_by_sites():
+        # Holders first: a site maps a set only while it holds its tensors (the task's params), so
+        # once nobody holds them no new mapping can appear between the two checks.
+        if not all(sole_owner(b) for b in self.buffers.values() if b.numel()):
             return False
-        return all(sole_owner(b) for b in self.buffers.values() if b.numel())
+        return self.shared is None or not self.shared.mapped_by_sites()
 
 
 class BufferPool:

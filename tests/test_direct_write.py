@@ -69,3 +69,21 @@ def test_the_persistor_writes_its_models_directly(tmp_path, monkeypatch):
     _same(store.global_model_path)
     assert len(used) == 1 and store.global_model_round == 3
     assert persistor.load_params(store.global_model_path).keys() == PARAMS.keys()
+
+
+def test_a_file_system_that_answers_eopnotsupp_is_written_the_usual_way(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(direct_write.os, "open", refuse_direct)
+    writer = DirectWriter()
+    save_params(tmp_path / "a.safetensors", PARAMS, None, writer)
+    _same(tmp_path / "a.safetensors")
+    assert writer.usable is False

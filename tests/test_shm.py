@@ -202,3 +202,23 @@ def test_a_site_writes_each_result_over_the_memory_of_its_last_one(tmp_path):
         assert not [p for p in server.shm.folder.iterdir() if p.name.startswith(("result-", ".result-"))]
     finally:
         harness.close()
+
+
+@pytest.mark.skipif(not shm_files.SHM_ROOT.is_dir(), reason="no /dev/shm on this machine")
+def test_result_files_of_sites_that_are_gone_are_removed(tmp_path):
+    """Sites keep their last result file; one left by a site that died goes two tasks later."""
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=3)
+        session = harness.session(server, "site-1")
+        model = session.receive(timeout=30)
+        assert model is not None and session.transport.active
+        orphan = server.shm.folder / shm_files.result_file_name("deadbeef", "0123456789abcdef")
+        orphan.write_bytes(b"left by a site that was killed")
+        for _ in range(3):
+            session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
+            model = session.receive(timeout=30)
+        assert not server.wait(30).failed
+        assert not orphan.exists()
+    finally:
+        harness.close()

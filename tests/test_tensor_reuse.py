@@ -108,3 +108,31 @@ def test_an_adopted_set_is_reused_once_free():
     del made_elsewhere
     again = copy_into_pool(pool, MODEL)
     assert pool.reused == 1 and pool.allocated == 0 and again["w"].data_ptr() == ptr
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+@pytest.mark.parametrize("holder", ["untyped", "typed"])
+def test_a_held_storage_object_keeps_its_buffer(holder):
+    pool = BufferPool()
+    first = copy_into_pool(pool, MODEL)
+    kept = first["w"].untyped_storage() if holder == "untyped" else first["w"].storage()
+    del first
+    copy_into_pool(pool, MODEL)
+    assert pool.reused == 0 and kept is not None
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_a_site_whose_view_cannot_be_mapped_gets_a_copy(monkeypatch):
+    from flkit.messages import Task
+    from flkit.transport.memory import _own_copy
+
+    def no_room(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(SharedModel, "private_view", no_room)
+    server_side = BufferPool(shared=True)
+    task = Task("t1", "train", 0, 1, "FULL", {}, copy_into_pool(server_side, MODEL))
+    got = _own_copy(task, BufferPool()).params
+    assert got is not None and all(torch.equal(got[k], MODEL[k]) for k in MODEL)
+    got["w"].fill_(-1)
+    assert torch.equal(task.params["w"], MODEL["w"])

@@ -27,6 +27,8 @@ import torch
 from flkit.wire.tensor_stream import Encoded
 
 BOUNCE_BYTES = 8 << 20
+# What file systems answer to an O_DIRECT open or write they do not take.
+_REFUSED = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
 ALIGN = 4096  # a multiple of every common logical block size (512, 4096)
 
 
@@ -61,7 +63,7 @@ class DirectWriter:
         try:
             fd = os.open(path, os.O_WRONLY | flag)
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
+            if exc.errno in _REFUSED:
                 raise DirectWriteUnsupported(exc.errno, f"{path}: the file system refuses O_DIRECT") from exc
             raise
         try:
@@ -99,7 +101,7 @@ class DirectWriter:
         try:
             written = os.write(fd, view)
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
+            if exc.errno in _REFUSED:
                 raise DirectWriteUnsupported(exc.errno, "the file system refuses aligned O_DIRECT writes") from exc
             raise
         finally:

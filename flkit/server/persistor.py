@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import safetensors
 import safetensors.torch
 
+from flkit.errors import ValidationError
 from flkit.server.direct_write import DirectWriter, DirectWriteUnsupported
 from flkit.wire.codec import Params, to_cpu_params
 
@@ -44,8 +45,9 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
     fsync'd. safetensors writes straight from the tensors' memory: no serialised copy. With a
     ``direct`` writer the file bypasses the page cache (O_DIRECT: a tenth of the CPU) where the
     file system allows it, and is written the usual way where it does not. ``durable=False``
-    skips the fsync (still atomic: a reader sees the old file or the new one), for files that are
-    made again from their source if a crash loses them, such as an exported job's initial model."""
+    skips the fsync: readers still see the old file or the new one, but after a power loss the
+    file may be empty, so only for files made again from their source, such as an exported job's
+    initial model."""
 
     def write(tmp: str) -> None:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -56,6 +58,8 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
             except DirectWriteUnsupported as exc:
                 log.info("writing %s without O_DIRECT from now on: %s", path.parent, exc)
                 direct.usable = False
+                os.truncate(tmp, 0)
+            except ValidationError:  # a dtype the stream layout does not name: safetensors may
                 os.truncate(tmp, 0)
         try:
             safetensors.torch.save_file(to_cpu_params(params), tmp, metadata=meta or None)
@@ -233,8 +237,8 @@ class Persistor:
                 self._write(work)
             except BaseException as exc:  # a full disk: the round loop learns it at its next save
                 log.error("cannot save to %s: %s", self.directory, exc)
-                with self._cond:
-                    self._error = exc
+                with self._cond:  # without its traceback, whose frames hold the models
+                    self._error = exc.with_traceback(None)
             finally:
                 del work  # the models written: their buffers may be reused while this thread waits
                 with self._cond:

@@ -82,6 +82,7 @@ class ShmExchange:
         self._lock = threading.Lock()
         self._task_files: dict[str, tuple[str, int]] = {}
         self._spare: Path | None = None  # the next task file, allocated ahead (_prepare_spare)
+        self._recent_tasks: list[str] = []  # the last two tasks given out: their result files stay
         self._spare_maker: threading.Thread | None = None
         self._closed = False
 
@@ -132,7 +133,18 @@ class ShmExchange:
             size = shm_files.write_params_file(self.folder, name, task.params, reuse=spare)
             self._task_files[task.task_id] = (name, size)
             self._prepare_spare(size)
+            self._recent_tasks = [*self._recent_tasks[-1:], task.task_id]
+            self._remove_old_results()
             return name, size
+
+    def _remove_old_results(self) -> None:
+        """Result files of tasks before the last two: a site keeps its last result file to write
+        the next one over, so only a site that died, left or joined again leaves one this old (a
+        live site that finds its file gone simply writes a new one)."""
+        for path in self.folder.glob("result-*.safetensors"):
+            task_id = path.name[:-len(".safetensors")].rsplit("-", 1)[-1]
+            if task_id not in self._recent_tasks:
+                path.unlink(missing_ok=True)
 
     def _take_spare(self) -> Path | None:
         """The spare file made for this write, once its pages are in (None if there is none)."""

@@ -185,7 +185,10 @@ class FedAvg(Strategy):
                 while item.left != 0 and item.error is None:
                     self._cond.wait()
         if item.error is not None:
-            raise item.error
+            if fold_here:  # this thread's own error
+                raise item.error
+            raise FLKitError(f"site {result.site}: the fold this result was part of failed "
+                             f"({type(item.error).__name__}: {item.error})") from item.error
         with self._cond:
             self._total_weight += result.weight
             if result.params_type == ParamsType.DIFF:

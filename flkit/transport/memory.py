@@ -18,6 +18,7 @@ address finds it without any network.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from flkit.tensor_reuse import BufferPool, copy_into_pool
 
 if TYPE_CHECKING:
     from flkit.server.job_service import JobService
+
+log = logging.getLogger("flkit.client")
 
 _lock = threading.Lock()
 _services: dict[str, JobService] = {}
@@ -54,10 +57,14 @@ def _own_copy(task: Task, pool: BufferPool) -> Task:
     params = None
     if task.params is not None:
         shared = shared_model_of(task.params)
+        params = None
         if shared is not None:
-            pool.clear()  # the copies of earlier rounds are not needed any more
-            params = shared.private_view()
-        else:
+            try:
+                params = shared.private_view()
+                pool.clear()  # the copies of earlier rounds are not needed any more
+            except OSError as exc:  # no memory or map count left for a mapping: a copy will do
+                log.warning("copy-on-write view of the global model failed (%s); the site gets a copy", exc)
+        if params is None:
             params = copy_into_pool(pool, task.params)
     return Task(task.task_id, task.name, task.round, task.total_rounds, task.params_type, dict(task.meta), params)
 
