@@ -136,3 +136,38 @@ def test_a_site_whose_view_cannot_be_mapped_gets_a_copy(monkeypatch):
     assert got is not None and all(torch.equal(got[k], MODEL[k]) for k in MODEL)
     got["w"].fill_(-1)
     assert torch.equal(task.params["w"], MODEL["w"])
+
+
+def _open_memfds() -> int:
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:flkit")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_in_process_jobs_leave_no_shared_memory_behind(tmp_path):
+    """Each job keeps its global models in memfds; when the job is over they are gone, however many
+    rounds and jobs ran (a real simulator job, in-process sites)."""
+    import gc
+
+    from flkit.job import FedAvgJob, ScriptRunner
+
+    from conftest import REPO
+
+    gc.collect()
+    before = _open_memfds()
+    for job_no in range(2):
+        job = FedAvgJob(name=f"memfd{job_no}", initial_model=torch.nn.Linear(300, 300), n_clients=2,
+                        num_rounds=5, final_validation=False)
+        job.to_clients(ScriptRunner(script=str(REPO / "bench" / "noop_site.py")))
+        result = job.simulator_run(tmp_path / f"ws{job_no}", quiet=True)
+        assert result.ok, result.reason
+        del job, result
+        gc.collect()
+        assert _open_memfds() <= before
