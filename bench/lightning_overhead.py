@@ -3,7 +3,8 @@
 Plain: one Trainer runs ``--rounds`` x (validate(); fit() of one epoch) in this process, with
 the epoch budget raised by hand each round, as FLCallback does. FL: the same module and data in
 a FedAvgJob whose ``--sites`` in-process sites run bench/lightning_site.py (patch(trainer), then
-validate + fit per round) against the real gRPC server on loopback. The data is 2 random
+validate + fit per round) against the real server (in-process sites use the memory transport:
+the global model copy-on-write, no serialisation). The data is 2 random
 batches, so the seconds are Lightning's and flkit's own: with 1 site, FL minus plain is what
 the federation costs per round (receive, load, send, aggregate, save).
 
