@@ -33,6 +33,7 @@ from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, json_to_dict
 from flkit.wire.frames import copy_into, is_payload, payload_of, payload_prefix
 from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, SERVICE_NAME
+from flkit.wire.receive_buffers import ReceiveBuffers
 from flkit.wire.tensor_stream import Encoded, parse
 
 log = logging.getLogger("flkit.server")
@@ -99,6 +100,7 @@ class FLKitService(pb_grpc.FLKitServicer):
         self.service = service
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
         self._buffers = threading.BoundedSemaphore(RESULT_BUFFERS)
+        self._received = ReceiveBuffers(keep=RESULT_BUFFERS)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -165,7 +167,11 @@ class FLKitService(pb_grpc.FLKitServicer):
         if not header.payload_size:
             return self._submit(header, request_iterator, None, context)
         with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
-            return self._submit(header, request_iterator, bytearray(header.payload_size), context)
+            buffer = self._received.take(header.payload_size)
+            try:
+                return self._submit(header, request_iterator, buffer, context)
+            finally:  # the result was folded in (or refused): the buffer serves the next one
+                self._received.give_back(buffer)
 
     def _submit(self, header: pb.ResultHeader, request_iterator: Iterator[bytes], buffer: bytearray | None,
                 context: grpc.ServicerContext) -> pb.SubmitReply:

@@ -24,6 +24,7 @@ from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import json_to_dict, meta_to_json, metrics_to_json
 from flkit.wire.frames import copy_into, is_payload, payload_of, payload_prefix
 from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, OPTIONS, PROTOCOL_VERSION, SERVICE_NAME
+from flkit.wire.receive_buffers import ReceiveBuffers
 from flkit.wire.tensor_stream import Encoded, parse
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
@@ -67,6 +68,7 @@ class GrpcTransport:
         self.address = address
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub: _Stub = pb_grpc.FLKitStub(self._channel)
+        self._received = ReceiveBuffers(keep=1)
         # The params streams: serialised chunk messages in and out (payloads framed by hand).
         self._get_task_stream: grpc.UnaryStreamMultiCallable[pb.GetTaskRequest, bytes] = self._channel.unary_stream(
             f"/{SERVICE_NAME}/GetTask", request_serializer=pb.GetTaskRequest.SerializeToString,
@@ -120,7 +122,7 @@ class GrpcTransport:
                 task.meta = json_to_dict(h.meta_json, "task meta")
                 self._params_from_file(task, h.params_file, h.payload_size)
                 return task
-            buffer = bytearray(h.payload_size)
+            buffer = self._received.take(h.payload_size)
             view = np.frombuffer(buffer, dtype=np.uint8)
             received = 0
             for frame in stream:
@@ -137,6 +139,7 @@ class GrpcTransport:
             raise ServiceError(ErrorCode.UNAVAILABLE, f"task payload truncated ({received} of {h.payload_size} bytes)")
         task.meta = json_to_dict(h.meta_json, "task meta")
         task.params = parse(buffer) if h.payload_size else None
+        self._received.give_back(buffer)  # reused once the site holds none of these params
         return task
 
     def submit(self, session_id: str, result: Result, timeout: float) -> SubmitReply:
