@@ -97,12 +97,12 @@ class FedAvg(Strategy):
     Why one folder at a time, folding several results together: a fold is bound by memory
     bandwidth (reading the result, reading and writing a float64 sum twice its size), and two
     folds at once on two cores were slower than one after the other. So the first thread to
-    submit becomes the folder and walks the sums slice by slice (FOLD_CHUNK elements, which stay
-    in cache); a result submitted meanwhile joins the walk at the current slice and goes once
-    around. Each slice of the sum is then read and written once for all the results folded
-    together, not once per result. Every submitting thread returns when its own result is in.
+    submit becomes the folder and walks the sums slice by slice (FOLD_CHUNK elements); a result
+    submitted meanwhile joins the walk at the current slice and goes once around. Every
+    submitting thread returns when its own result is in. (Folding two results in one walk saves
+    little, the sums' traffic dominates, but it keeps many sites from queueing one fold each.)
 
-    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, a small
+    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, a 16 MiB
     staging buffer, and the buffers of the next global model, reused once nobody holds them (two
     sets: the current global model is still in use while the next is made), kept in shared memory
     so in-process sites read them copy-on-write instead of copying them. Results are folded

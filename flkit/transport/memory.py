@@ -1,16 +1,16 @@
 """The memory transport: for sites that live in the server's process (the simulator's threads).
 
-Nothing is serialised. A site gets its own copy of the task's params (one memory copy per site
-per round, made in the site's own thread, so sites copy in parallel), and its result's tensors
-are handed to the job service as they are: the service checks them and folds them into the
-aggregate before ``submit`` returns, so no copy is needed and none is kept.
+Nothing is serialised. A site gets params of its own (it may change them; neither the global
+model nor another site sees it), and its result's tensors are handed to the job service as they
+are: the service checks them and folds them into the aggregate before ``submit`` returns, so no
+copy is needed and none is kept.
 
-When the server keeps the global model in shared memory (FedAvg does, flkit.shared_model), the
-site's "copy" is a private copy-on-write mapping of it: the site reads the server's pages, and a
-page is copied only if the site writes to it, for that site alone. Otherwise (the first round's
-initial model, models read back for cross-site evaluation) the copy goes into the buffers of the
-site's previous task when the script no longer holds any of them: memory that was touched before
-costs one ``copy_``, a fresh allocation about five (flkit.tensor_reuse).
+When the server keeps the global model in shared memory (FedAvg does, flkit.shared_model), a
+site's params are a private copy-on-write mapping of it: the site reads the server's pages, and a
+page is copied only if the site writes to it, for that site alone. Otherwise (models read back
+for cross-site evaluation, a system without memfd) the site gets a copy, in the buffers of its
+previous task when the script no longer holds any of them: memory that was touched before costs
+one ``copy_``, a fresh allocation about five (flkit.tensor_reuse).
 
 Servers in this process register here under their address, so a site whose settings name that
 address finds it without any network.
@@ -57,7 +57,6 @@ def _own_copy(task: Task, pool: BufferPool) -> Task:
     params = None
     if task.params is not None:
         shared = shared_model_of(task.params)
-        params = None
         if shared is not None:
             try:
                 params = shared.private_view()
