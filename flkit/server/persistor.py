@@ -246,11 +246,17 @@ class Persistor:
                     self._cond.notify_all()
 
     def _write(self, work: _Pending) -> None:
+        # Each model is let go of as soon as it is written (``work`` and ``params`` would otherwise
+        # hold it through the next write), so its buffers can serve the round after next.
         if work.best is not None:
             params, meta = work.best
+            work.best = None
             save_params(self.best_model_path, params, meta, self._direct)
+            del params
         if work.global_params is not None:
-            save_params(self.global_model_path, work.global_params, {"round": work.global_round}, self._direct)
+            params, work.global_params = work.global_params, None
+            save_params(self.global_model_path, params, {"round": work.global_round}, self._direct)
+            del params
             with self._cond:
                 self.global_model_round = work.global_round
                 self.saved_rounds += 1
