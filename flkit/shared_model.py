@@ -54,6 +54,11 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Same names, and for each the same shape and dtype."""
+    return a.keys() == b.keys() and all(a[k].shape == t.shape and a[k].dtype == t.dtype for k, t in b.items())
+
+
 def supported() -> bool:
     return hasattr(os, "memfd_create") and hasattr(mmap, "MAP_PRIVATE")
 
@@ -101,8 +106,7 @@ class SharedModel:
         return out
 
     def fits(self, like: Mapping[str, torch.Tensor]) -> bool:
-        return self._layout.keys() == like.keys() and all(
-            self._layout[k][1] == t.dtype and self._layout[k][2] == t.shape for k, t in like.items())
+        return same_layout(self.tensors, like)
 
     def private_view(self) -> Params:
         """Tensors that read this set's memory and copy a page only when written (for one site)."""
@@ -132,4 +136,4 @@ def shared_model_of(params: Mapping[str, torch.Tensor]) -> SharedModel | None:
     return found
 
 
-__all__ = ["SharedModel", "alias", "shared_model_of", "supported"]
+__all__ = ["SharedModel", "alias", "same_layout", "shared_model_of", "supported"]

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from flkit import shared_model
-from flkit.shared_model import SharedModel, alias
+from flkit.shared_model import SharedModel, alias, same_layout
 
 log = logging.getLogger("flkit")
 
@@ -68,9 +68,7 @@ class _Set:
         self.shared = shared
 
     def fits(self, like: Mapping[str, torch.Tensor]) -> bool:
-        if self.buffers.keys() != like.keys():
-            return False
-        return all(self.buffers[k].shape == t.shape and self.buffers[k].dtype == t.dtype for k, t in like.items())
+        return same_layout(self.buffers, like)
 
     def free(self) -> bool:
         # Holders first: a site maps a set only while it holds its tensors (the task's params), so

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flkit import shared_model
 from flkit.errors import ValidationError
 from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import ParamsType
@@ -108,7 +109,8 @@ class Controller:
         # In shared memory from the start, so in-process sites read even round 0's model copy-on-write
         # (the pool keeps its set alive for the job; FedAvg adopts it and reuses it once free).
         self._initial_buffers = BufferPool(shared=True)
-        self.global_params = copy_into_pool(self._initial_buffers, initial_params)
+        self.global_params = (copy_into_pool(self._initial_buffers, initial_params) if shared_model.supported()
+                              else initial_params)  # a copy in plain memory would gain nothing
         self.history: list[RoundRecord] = []
         self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event

@@ -1,17 +1,19 @@
 """Writing a model file without the page cache (O_DIRECT), so saving does not slow the round.
 
-Why: a buffered write of a 100 MB model costs about 45 ms of CPU here (the kernel copies every
-page into the page cache and allocates it), on a machine whose two cores are running the round
-at the same time. With O_DIRECT the disk reads the data straight from memory: about 5 ms of CPU
-for the same file (measured: ``../shared/PERF-NOTES.md`` style, 2-core VM, ext4 on virtio).
+Why: a buffered write of a 100 MB model costs 40-45 ms of CPU here (the kernel allocates page
+cache pages and copies every byte into them), on a machine whose two cores are running the round
+at the same time. With O_DIRECT the disk reads the data straight from memory (about 5 ms of CPU for
+the writes themselves); with the copy into the bounce buffer below, a save costs 18-27 ms of CPU
+(2-core VM, ext4 on virtio; bench/README.md).
 
 O_DIRECT wants the memory, the file offset and the length aligned to the device's block size,
 which tensors are not. So the file is written through one page-aligned bounce buffer
 (BOUNCE_BYTES, reused): the safetensors bytes are copied into it (numpy, without the GIL) and
 written in whole blocks; the last block is padded and the file is then cut to its exact size.
 
-Where the file system refuses O_DIRECT (tmpfs, some network file systems) or an aligned write,
-``write_direct`` raises ``DirectWriteUnsupported`` and the caller writes the usual way.
+Where the file system refuses O_DIRECT (older tmpfs, some network and FUSE file systems) or an
+aligned write, ``DirectWriter.write`` raises ``DirectWriteUnsupported`` and the caller writes the
+usual way.
 """
 
 from __future__ import annotations

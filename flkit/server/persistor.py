@@ -43,7 +43,7 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
                 direct: DirectWriter | None = None, durable: bool = True) -> None:
     """Write params as safetensors (string metadata only), replacing ``path`` atomically and
     fsync'd. safetensors writes straight from the tensors' memory: no serialised copy. With a
-    ``direct`` writer the file bypasses the page cache (O_DIRECT: a tenth of the CPU) where the
+    ``direct`` writer the file bypasses the page cache (O_DIRECT: about half the CPU) where the
     file system allows it, and is written the usual way where it does not. ``durable=False``
     skips the fsync: readers still see the old file or the new one, but after a power loss the
     file may be empty, so only for files made again from their source, such as an exported job's

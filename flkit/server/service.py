@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -60,6 +60,16 @@ def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     raise AssertionError("unreachable")  # context.abort raises
 
 
+# The unary calls of proto/flkit.proto: (request, reply) message types.
+_UNARY: dict[str, tuple[type[Any], type[Any]]] = {
+    "Join": (pb.JoinRequest, pb.JoinReply),
+    "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+    "ReportFailure": (pb.FailureReport, pb.Ack),
+    "Leave": (pb.LeaveRequest, pb.Ack),
+    "LogMetrics": (pb.MetricsBatch, pb.Ack),
+}
+
+
 def _task_chunk_bytes(chunk: pb.TaskChunk | bytes) -> bytes:
     """GetTask's messages: a header message, then payload messages already serialised."""
     return chunk if isinstance(chunk, bytes) else chunk.SerializeToString()
@@ -68,29 +78,16 @@ def _task_chunk_bytes(chunk: pb.TaskChunk | bytes) -> bytes:
 def add_to_server(servicer: FLKitService, server: grpc.Server) -> None:
     """Register ``servicer`` as the generated ``add_FLKitServicer_to_server`` does, except that
     GetTask's responses and SubmitResult's requests are passed as serialised bytes."""
-    handlers = {
-        "Join": grpc.unary_unary_rpc_method_handler(
-            servicer.Join, request_deserializer=pb.JoinRequest.FromString,
-            response_serializer=pb.JoinReply.SerializeToString),
-        "GetTask": grpc.unary_stream_rpc_method_handler(
-            servicer.GetTask, request_deserializer=pb.GetTaskRequest.FromString,
-            response_serializer=_task_chunk_bytes),
-        "SubmitResult": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitResult, request_deserializer=None,
-            response_serializer=pb.SubmitReply.SerializeToString),
-        "Heartbeat": grpc.unary_unary_rpc_method_handler(
-            servicer.Heartbeat, request_deserializer=pb.HeartbeatRequest.FromString,
-            response_serializer=pb.HeartbeatReply.SerializeToString),
-        "ReportFailure": grpc.unary_unary_rpc_method_handler(
-            servicer.ReportFailure, request_deserializer=pb.FailureReport.FromString,
-            response_serializer=pb.Ack.SerializeToString),
-        "Leave": grpc.unary_unary_rpc_method_handler(
-            servicer.Leave, request_deserializer=pb.LeaveRequest.FromString,
-            response_serializer=pb.Ack.SerializeToString),
-        "LogMetrics": grpc.unary_unary_rpc_method_handler(
-            servicer.LogMetrics, request_deserializer=pb.MetricsBatch.FromString,
-            response_serializer=pb.Ack.SerializeToString),
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString)
+        for name, (request, reply) in _UNARY.items()
     }
+    handlers["GetTask"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetTask, request_deserializer=pb.GetTaskRequest.FromString, response_serializer=_task_chunk_bytes)
+    handlers["SubmitResult"] = grpc.stream_unary_rpc_method_handler(
+        servicer.SubmitResult, request_deserializer=None, response_serializer=pb.SubmitReply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
