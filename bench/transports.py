@@ -170,10 +170,10 @@ def shm_bytes() -> tuple[int, int, int]:
     return allocated, size, count
 
 
-def memfd_bytes(pids: list[int], seen: set[tuple[int, int]]) -> int:
-    """Allocated bytes of the memfds open in ``pids`` (flkit keeps the global model in one per set:
-    flkit.shared_model), each file counted once however many processes or mappings use it."""
-    total = 0
+def memfd_paths(pids: list[int]) -> list[str]:
+    """The ``/proc/<pid>/fd/<n>`` links of the memfds open in ``pids`` (flkit keeps a global model
+    in one when it has no /dev/shm folder for it: flkit.shared_model)."""
+    paths = []
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -182,48 +182,79 @@ def memfd_bytes(pids: list[int], seen: set[tuple[int, int]]) -> int:
         for fd in fds:
             path = f"/proc/{pid}/fd/{fd}"
             try:
-                if not os.readlink(path).startswith("/memfd:"):
-                    continue
-                st = os.stat(path)
+                if os.readlink(path).startswith("/memfd:"):
+                    paths.append(path)
             except OSError:
                 continue
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += st.st_blocks * 512
+    return paths
+
+
+def memfd_bytes(paths: list[str]) -> int:
+    """Allocated bytes of these memfds, each file counted once however many processes or mappings
+    use it."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key not in seen:
+            seen.add(key)
+            total += st.st_blocks * 512
     return total
 
 
-def measure_tree(root: int) -> dict[str, int]:
-    """One sample: private memory summed over the tree plus the job's shared-memory files and
-    memfds, in bytes."""
-    pids = process_tree(root)
+def measure(pids: list[int], memfds: list[str]) -> dict[str, int]:
+    """One sample: private memory summed over ``pids`` plus the job's shared-memory files and
+    ``memfds``, in bytes."""
     anon = shmem = 0
     for pid in pids:
         a, s = private_kib(pid)
         anon += a
         shmem += s
     shm_alloc, shm_size, shm_files = shm_bytes()
-    memfd = memfd_bytes(pids, set())
+    memfd = memfd_bytes(memfds)
     return {"total": anon * 1024 + shm_alloc + memfd, "anon": anon * 1024, "rss_shmem": shmem * 1024,
             "shm": shm_alloc, "memfd": memfd, "shm_size": shm_size, "shm_files": shm_files, "procs": len(pids)}
 
 
-class PeakSampler(threading.Thread):
-    """Samples ``measure_tree(root)`` every ``interval`` seconds and keeps the largest sample."""
+def measure_tree(root: int) -> dict[str, int]:
+    """One sample of ``root``'s whole process tree (``measure``)."""
+    pids = process_tree(root)
+    return measure(pids, memfd_paths(pids))
 
-    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL_S) -> None:
+
+class PeakSampler(threading.Thread):
+    """Samples the memory of ``root``'s process tree every ``interval`` seconds and keeps the
+    largest sample.
+
+    Why the tree and its memfds are looked up only every ``rescan`` samples: finding them scans all
+    of /proc (about 0.5 ms here), and the sampler runs in the server's process, so it would take
+    that much CPU and GIL from the job every 10 ms; reading the known processes' counters costs a
+    tenth of it. A process is seen within ``rescan * interval`` of its start (a new Python process
+    takes far longer than that to grow).
+    """
+
+    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL_S, rescan: int = 10) -> None:
         super().__init__(name="bench-memory-sampler", daemon=True)
         self.root = root
         self.interval = interval
+        self.rescan = rescan
         self.peak: dict[str, int] | None = None
         self.samples = 0
         self.max_procs = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
+        pids: list[int] = []
+        memfds: list[str] = []
         while not self._halt.is_set():
-            sample = measure_tree(self.root)
+            if self.samples % self.rescan == 0:
+                pids = process_tree(self.root)
+                memfds = memfd_paths(pids)
+            sample = measure(pids, memfds)
             self.samples += 1
             self.max_procs = max(self.max_procs, sample["procs"])
             if self.peak is None or sample["total"] > self.peak["total"]:

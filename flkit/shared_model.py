@@ -1,36 +1,48 @@
-"""A model's tensors in one anonymous shared-memory file, read copy-on-write by in-process sites.
+"""A model's tensors in one shared-memory file, read copy-on-write by sites.
 
-Why: an in-process site must get params it may change without changing the global model or
-another site's params. A copy per site per round does that at the price of a model-sized copy
-(and a model's worth of memory) per site. When the global model lives in a memfd, each site
-instead maps the file privately (``MAP_PRIVATE``): it reads the server's pages directly, and only
-a page it writes to is copied, for that site alone. A site that loads the params into its own
-model, as training scripts do, never copies anything; memory per site drops by a model.
+Why: a site must get params it may change without changing the global model or another site's
+params. A copy per site per round does that at the price of a model-sized copy (and a model's
+worth of memory) per site. When the global model lives in a shared-memory file, each site instead
+maps the file privately (``MAP_PRIVATE``): it reads the server's pages directly, and only a page it
+writes to is copied, for that site alone. A site that loads the params into its own model, as
+training scripts do, never copies anything; memory per site drops by a model.
 
-A set may be written again only when no site mapping of it is left (Linux shows a private
-mapping later changes of the file on pages the site has not written) and nobody holds its
-tensors: ``mapped_by_sites()`` tells the first (weak references to the sites' mappings), the
-buffer pool of flkit.tensor_reuse checks the second.
+The file is a safetensors file (header first, the data page-aligned after it), so the same memory
+serves both kinds of site: in-process sites map the file's descriptor (``private_view()``), and
+sites in other processes on this host map it by name when it lives in the job's /dev/shm folder
+(the shared-memory transport, flkit.server.shm_exchange): the server writes the next global model
+straight into the file the sites will read. Without a folder it is an anonymous memfd.
+
+A set may be written again only when nobody reads it any more (Linux shows a private mapping
+later changes of the file on pages the site has not written) and nobody holds its tensors:
+``mapped_by_sites()`` tells the first (weak references to in-process mappings, and the sessions
+of other processes that were given the file and have not said they let it go), the buffer pool
+of flkit.tensor_reuse checks the second.
 
 Where ``os.memfd_create`` is missing (not Linux) or fails, callers use ordinary memory.
 
 Whoever hands out a set's tensors keeps its SharedModel alive (a BufferPool does): a SharedModel
-nobody references leaves the registry, and tensors of it are then treated as ordinary memory.
+nobody references leaves the registry (and removes its file from the folder), and tensors of it
+are then treated as ordinary memory.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import threading
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
+from flkit.wire.tensor_stream import Layout
+
 Params = dict[str, torch.Tensor]
 
-ALIGN = 4096  # each tensor starts on its own page: a site's write copies only that tensor's pages
+ALIGN = 4096  # the data starts on a page of its own, after the header
 
 _lock = threading.Lock()
 _sets: weakref.WeakValueDictionary[int, SharedModel] = weakref.WeakValueDictionary()
@@ -63,30 +75,48 @@ def supported() -> bool:
     return hasattr(os, "memfd_create") and hasattr(mmap, "MAP_PRIVATE")
 
 
-class SharedModel:
-    """Tensors shaped like ``like``, backed by one memfd; ``private_view()`` maps it copy-on-write."""
+def _discard(fd: int, path: Path | None) -> None:
+    os.close(fd)
+    if path is not None:
+        path.unlink(missing_ok=True)
 
-    def __init__(self, like: Mapping[str, torch.Tensor], name: str = "flkit-model") -> None:
-        layout: dict[str, tuple[int, torch.dtype, torch.Size]] = {}
-        offset = 0
-        for key, tensor in like.items():
-            offset = -(-offset // ALIGN) * ALIGN
-            layout[key] = (offset, tensor.dtype, tensor.shape)
-            offset += tensor.numel() * tensor.element_size()
-        self.size = max(ALIGN, -(-offset // ALIGN) * ALIGN)
-        self._layout = layout
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+
+class SharedModel:
+    """Tensors shaped like ``like`` in one safetensors file; ``private_view()`` maps it copy-on-write.
+
+    ``folder``: make the file there (a tmpfs folder such as the job's /dev/shm folder, where other
+    processes of this user can open it by ``path``); its memory is reserved up front, so a full
+    folder raises OSError here instead of a SIGBUS on a later write. Without a folder: a memfd.
+    """
+
+    def __init__(self, like: Mapping[str, torch.Tensor], folder: Path | None = None,
+                 name: str = "flkit-model") -> None:
+        layout = Layout(like, data_align=ALIGN)
+        self.size = layout.size
+        self._layout = {key: (layout.offsets[key], t.dtype, t.shape) for key, t in like.items()}
+        self.path: Path | None = None
+        if folder is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        else:
+            path = folder / f"task-{secrets.token_hex(16)}.safetensors"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.path = path
         try:
-            os.ftruncate(fd, self.size)
+            if folder is None:
+                os.ftruncate(fd, self.size)
+            else:
+                os.posix_fallocate(fd, 0, self.size)
             self._mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED,
                                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.close(fd)
+            _discard(fd, self.path)
             raise
+        self._mapping[:len(layout.header)] = layout.header
         self._fd = fd
-        weakref.finalize(self, os.close, fd)
+        weakref.finalize(self, _discard, fd, self.path)
         self._readers: list[weakref.ref[mmap.mmap]] = []
-        self._readers_lock = threading.Lock()  # sites map from their own threads
+        self._holders: set[str] = set()  # other processes' sessions given the file (by path)
+        self._readers_lock = threading.Lock()  # sites map and release from their own threads
         self.tensors = self._tensors(self._mapping)
         with _lock:
             for tensor in self.tensors.values():
@@ -116,10 +146,22 @@ class SharedModel:
             self._readers.append(weakref.ref(mapping))
         return self._tensors(mapping)
 
-    def mapped_by_sites(self) -> bool:
-        """Whether a site still holds a private view (its tensors keep the mapping alive)."""
+    def hold(self, holder: str) -> None:
+        """``holder`` (a site's session in another process) was given the file to map by its path;
+        the file is in use until it says it let go (``release``). A holder that never says so (it
+        died, or left while still mapping it) keeps the file from being written again for good."""
         with self._readers_lock:
-            return any(ref() is not None for ref in self._readers)
+            self._holders.add(holder)
+
+    def release(self, holder: str) -> None:
+        with self._readers_lock:
+            self._holders.discard(holder)
+
+    def mapped_by_sites(self) -> bool:
+        """Whether a site may still read the file: an in-process site's private view is alive (its
+        tensors keep the mapping alive), or a site in another process has not released it."""
+        with self._readers_lock:
+            return bool(self._holders) or any(ref() is not None for ref in self._readers)
 
 
 def shared_model_of(params: Mapping[str, torch.Tensor]) -> SharedModel | None:

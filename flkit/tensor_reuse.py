@@ -13,8 +13,10 @@ storage is referenced by the pool's tensor alone. Every alias, view, numpy array
 node of it adds a reference, so a buffer still in use anywhere is never reused; a new one is
 allocated instead, and the old one is left to whoever holds it.
 
-A pool made with ``shared=True`` keeps each set in one memfd (flkit.shared_model), so in-process
-sites can read it copy-on-write; such a set is also in use while any site still maps it.
+A pool made with ``shared=True`` keeps each set in one shared-memory file (flkit.shared_model): a
+memfd, or a file in a folder given with ``keep_in`` (the job's /dev/shm folder, so sites in other
+processes on this host read it by name), so sites can read it copy-on-write; such a set is also in
+use while any site still maps it.
 
 The reference count of a storage is read with ``torch._C._storage_Use_Count``, which torch has
 had since 2.0 but does not document. Where it is missing, nothing is ever reused (correct, just
@@ -26,10 +28,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from flkit import shared_model
+from flkit.errors import ValidationError
 from flkit.shared_model import SharedModel, alias, same_layout
 
 log = logging.getLogger("flkit")
@@ -84,8 +88,9 @@ class BufferPool:
     ``take(like)`` returns a set shaped like ``like`` (same keys, shapes, dtypes), contiguous,
     with undefined contents: a free set of the pool if there is one, else a new one, which joins
     the pool in place of a set still in use (the pool then forgets that one; its holders keep it).
-    ``shared=True``: new sets live in a memfd each where the system has memfd (else plain memory).
-    Not thread-safe: one owner (a site's transport, the strategy) calls it.
+    ``shared=True``: new sets live in a shared-memory file each where the system has memfd (else
+    plain memory): in the folder given to ``keep_in``, or a memfd.
+    Not thread-safe: one owner (a site's transport, the controller) calls it.
     """
 
     def __init__(self, depth: int = 1, shared: bool = False) -> None:
@@ -93,6 +98,7 @@ class BufferPool:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._depth = depth
         self._shared = shared and shared_model.supported()
+        self._folder: Path | None = None
         self._sets: list[_Set] = []
         self.reused = 0  # sets handed out again (for tests and benchmarks)
         self.allocated = 0
@@ -111,22 +117,24 @@ class BufferPool:
         self.allocated += 1
         return {name: alias(b) for name, b in entry.buffers.items()}
 
-    def adopt(self, params: Mapping[str, torch.Tensor]) -> bool:
-        """Take a set made elsewhere into the pool (e.g. a model handed in from outside), so it is
-        reused once free instead of a new one being made; only a whole SharedModel set, and only
-        while the pool has room. True if adopted."""
-        owner = shared_model.shared_model_of(params) if self._shared else None
-        if owner is None or len(self._sets) >= self._depth or any(s.shared is owner for s in self._sets):
-            return False
-        self._sets.insert(0, _Set(owner.tensors, owner))
-        return True
+    def keep_in(self, folder: Path | None) -> None:
+        """Make new shared sets as files in ``folder`` (None: memfds); sets made so far stay as they are."""
+        self._folder = folder
 
     def _allocate(self, like: Mapping[str, torch.Tensor]) -> _Set:
+        if self._shared and self._folder is not None and any(t.numel() for t in like.values()):
+            try:
+                model = SharedModel(like, self._folder)
+                return _Set(model.tensors, model)
+            except (OSError, ValidationError) as exc:  # the folder is full (or gone): a memfd then
+                log.warning("cannot keep the model in %s (%s); sites on this host get it written to a file "
+                            "each round", self._folder, exc)
+                self._folder = None
         if self._shared and any(t.numel() for t in like.values()):
             try:
                 model = SharedModel(like)
                 return _Set(model.tensors, model)
-            except OSError as exc:  # out of file descriptors or memory for a memfd: plain memory
+            except (OSError, ValidationError) as exc:  # no memfd, or a dtype safetensors lacks: plain memory
                 log.warning("cannot keep the model in shared memory (%s); sites get copies", exc)
                 self._shared = False
         return _Set({name: torch.empty(t.shape, dtype=t.dtype) for name, t in like.items()}, None)

@@ -18,6 +18,7 @@ from flkit.messages import ErrorCode, ServiceError
 from flkit.model import FLModel
 from flkit.server import shm_exchange
 from flkit.server.persistor import load_params
+from flkit.shared_model import shared_model_of
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import shm_files
 
@@ -220,5 +221,33 @@ def test_result_files_of_sites_that_are_gone_are_removed(tmp_path):
             model = session.receive(timeout=30)
         assert not server.wait(30).failed
         assert not orphan.exists()
+    finally:
+        harness.close()
+
+
+@pytest.mark.skipif(not shm_files.SHM_ROOT.is_dir(), reason="no /dev/shm on this machine")
+def test_the_global_model_is_given_out_as_its_own_file_and_reused_once_let_go(tmp_path):
+    """The aggregate is written into a file of the job's folder, and that file is what the site
+    maps: the server writes no copy for it. A script that holds each round's model until the next
+    one arrives (the usual loop) lets go of the previous one when it receives the next, says so with
+    its result, and two files take turns; results stay exact."""
+    harness = ServerHarness(tmp_path, transport="shm")
+    try:
+        server = harness.start(INITIAL, ["site-1"], num_rounds=5)
+        session = harness.session(server, "site-1")
+        names = []
+        for round_num in range(5):
+            model = session.receive(timeout=30)
+            assert model is not None and session.transport.active
+            owner = shared_model_of(server.controller.global_params)
+            assert owner is not None and owner.path is not None and owner.path.parent == server.shm.folder
+            assert list(session.transport._mapped)[-1] == owner.path.name  # what the site mapped
+            names.append(owner.path.name)
+            assert torch.equal(model.params["w"], INITIAL["w"] + round_num)
+            session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
+        assert not server.wait(30).failed
+        assert not server.shm._task_files  # no params file was written for any task
+        assert names[0::2] == [names[0]] * 3 and names[1::2] == [names[1]] * 2 and names[0] != names[1]
+        assert torch.equal(load_params(server.persistor.global_model_path)["w"], INITIAL["w"] + 5)
     finally:
         harness.close()

@@ -98,16 +98,51 @@ def test_only_tensors_of_a_shared_set_are_recognised():
 
 
 @pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
-def test_an_adopted_set_is_reused_once_free():
-    elsewhere = BufferPool(shared=True)  # keeps its SharedModel alive, as the controller does
-    made_elsewhere = copy_into_pool(elsewhere, MODEL)
-    pool = BufferPool(depth=2, shared=True)
-    assert pool.adopt(made_elsewhere) and not pool.adopt(made_elsewhere)
-    assert not pool.adopt({k: v.clone() for k, v in MODEL.items()})  # not a shared set
-    ptr = made_elsewhere["w"].data_ptr()
-    del made_elsewhere
-    again = copy_into_pool(pool, MODEL)
-    assert pool.reused == 1 and pool.allocated == 0 and again["w"].data_ptr() == ptr
+def test_a_set_kept_in_a_folder_is_a_safetensors_file_that_goes_with_the_set(tmp_path):
+    """Sites in other processes read the global model by file name: the file is plain safetensors
+    (safetensors itself and flkit's checked parser read it), and it goes when the set goes."""
+    from safetensors.torch import load_file
+
+    from flkit.wire.shm_files import map_params_file
+
+    pool = BufferPool(depth=1, shared=True)
+    pool.keep_in(tmp_path)
+    params = copy_into_pool(pool, MODEL)
+    owner = shared_model_of(params)
+    assert owner is not None and owner.path is not None and owner.path.parent == tmp_path
+    assert owner.path.stat().st_mode & 0o777 == 0o600
+    for read in (load_file(owner.path), map_params_file(owner.path, owner.size)):
+        assert read.keys() == MODEL.keys() and all(torch.equal(read[k], MODEL[k]) for k in MODEL)
+    path = owner.path
+    del owner, params, read
+    pool.clear()
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_a_set_given_to_another_process_is_reused_only_once_released(tmp_path):
+    pool = BufferPool(depth=1, shared=True)
+    pool.keep_in(tmp_path)
+    first = copy_into_pool(pool, MODEL)
+    owner = shared_model_of(first)
+    assert owner is not None
+    owner.hold("session-a")
+    owner.hold("session-b")
+    del first
+    copy_into_pool(pool, MODEL)  # a site may still map the file: a new set
+    assert pool.reused == 0 and pool.allocated == 2
+    second = shared_model_of(copy_into_pool(pool, MODEL))  # the set made last is free: reused
+    assert second is not None and second is not owner and pool.reused == 1
+    pool = BufferPool(depth=1, shared=True)
+    pool.keep_in(tmp_path)
+    held = copy_into_pool(pool, MODEL)
+    model = shared_model_of(held)
+    assert model is not None
+    model.hold("session-a")
+    del held
+    model.release("session-a")
+    copy_into_pool(pool, MODEL)
+    assert pool.reused == 1
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")

@@ -106,11 +106,12 @@ class Controller:
         self.strategy = strategy
         self.persistor = persistor
         self.selector = BestModelSelector(config.key_metric, config.negate_key_metric)
-        # In shared memory from the start, so in-process sites read even round 0's model copy-on-write
-        # (the pool keeps its set alive for the job; FedAvg adopts it and reuses it once free).
-        self._initial_buffers = BufferPool(shared=True)
-        self.global_params = (copy_into_pool(self._initial_buffers, initial_params) if shared_model.supported()
-                              else initial_params)  # a copy in plain memory would gain nothing
+        # Where global models live: two sets (the current model, read by the sites, and the next,
+        # written by the strategy), reused once nobody reads them, in shared memory that sites map
+        # copy-on-write (flkit.tensor_reuse). The initial model moves in when the job starts (``run``),
+        # once ``keep_models_in`` may have named the folder sites on this host read from.
+        self._models = BufferPool(depth=2, shared=True)
+        self.global_params = initial_params
         self.history: list[RoundRecord] = []
         self.cross_site: CrossSiteEvaluation | None = None
         self._on_event = on_event
@@ -137,9 +138,16 @@ class Controller:
 
     # -- the workflow -------------------------------------------------------
 
+    def keep_models_in(self, folder: Path | None) -> None:
+        """Make the global models files in ``folder`` (the job's shared-memory folder), so sites on
+        this host read them there without the server writing a copy for them. Before ``run``."""
+        self._models.keep_in(folder)
+
     def run(self) -> JobEnd:
         """Run the whole job; never raises, the outcome is returned and published."""
         try:
+            if shared_model.supported():  # a copy in plain memory would gain nothing
+                self.global_params = copy_into_pool(self._models, self.global_params)
             outcome = self._run()
         except Exception as exc:
             log.exception("controller crashed")
@@ -265,7 +273,10 @@ class Controller:
             return JobEnd(True, f"round {round_num}: {self._poisoned}; the global model of round "
                                 f"{round_num - 1} is kept")
 
-        new_global = self.strategy.finish_round() if task_name == TRAIN else None
+        new_global = None
+        if task_name == TRAIN:
+            new_global = self._models.take(self.global_params)
+            self.strategy.finish_round(new_global)
         if new_global is not None:
             bad = [name for name, t in new_global.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
             if bad:

@@ -114,6 +114,7 @@ class FLServer:
             self.shm = ShmExchange.create(self.controller.model_bytes, len(self.registry.sites))
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
+                self.controller.keep_models_in(self.shm.folder)  # sites on this host map them by name
         add_to_server(FLKitService(self.service, self.shm), self._grpc)
         try:
             self.port = self._grpc.add_insecure_port(self._bind)

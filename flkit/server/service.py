@@ -109,6 +109,9 @@ class FLKitService(pb_grpc.FLKitServicer):
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk | bytes]:
         try:
+            if request.released_files and self.shm is not None:
+                self.service.site_of(request.session_id)  # only a session of the job lets go of files
+                self.shm.release(request.session_id, request.released_files)
             outcome = self.service.next_task(request.session_id, request.wait_s, header_only=request.header_only)
         except ServiceError as exc:
             _abort(context, exc)
@@ -128,7 +131,7 @@ class FLKitService(pb_grpc.FLKitServicer):
         if task.params is not None and not request.header_only:
             if request.params_by_file and self.shm is not None:
                 try:
-                    header.params_file, header.payload_size = self.shm.task_file(task)
+                    header.params_file, header.payload_size = self.shm.task_file(task, request.session_id)
                 except OSError as exc:  # e.g. /dev/shm filled up meanwhile: the bytes go by the socket
                     log.warning("task %s: params not written to shared memory (%s); sending them over gRPC",
                                 task.task_id, exc)
@@ -154,6 +157,8 @@ class FLKitService(pb_grpc.FLKitServicer):
             self.service.site_of(header.session_id)  # nothing is read for an unknown session
         except ServiceError as exc:
             _abort(context, exc)
+        if header.released_files and self.shm is not None:
+            self.shm.release(header.session_id, header.released_files)
         limit = self.service.max_result_bytes()
         if header.payload_size > limit:
             return pb.SubmitReply(

@@ -3,10 +3,19 @@
 One folder per job, ``/dev/shm/flkit-<pid>-<random>`` (mode 0700), with a probe file a site
 must be able to read (same host, same user) before it uses the folder, and a lock file the server
 holds an ``flock`` on for as long as it lives: a folder whose lock can be taken belongs to a server
-that is gone, whatever process ids say (they repeat, and differ between PID namespaces). The global model of a
-task is written once, whatever the number of sites that map it; a site's result is mapped and
-folded in before the server answers, and the site reuses the file's memory for its next result. The folder goes at job end; a folder left by a server that was
-killed is removed by the next server that starts on this host.
+that is gone, whatever process ids say (they repeat, and differ between PID namespaces).
+
+Global models are files of this folder from the start: the controller keeps them here
+(flkit.shared_model, ``Controller.keep_models_in``), so a task's params are already a file the
+sites can map, and the strategy wrote them there; nothing is copied to give them out. Such a file
+is written again (two rounds later) only once every site it was given to has said, with its next
+request for a task, that it let go of its mapping; a site that never says so (it died, it keeps
+the params) keeps that file from reuse for good, and a new one is made instead. Params that are
+not such a file (a model loaded for cross-site evaluation, or when the folder filled up) are
+written to a file once per task, whatever the number of sites that map it. A site's result is
+mapped and folded in before the server answers, and the site reuses the file's memory for its
+next result. The folder goes at job end; a folder left by a server that was killed is removed by
+the next server that starts on this host.
 """
 
 from __future__ import annotations
@@ -17,17 +26,22 @@ import os
 import secrets
 import shutil
 import threading
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
 
 from flkit.errors import ValidationError
 from flkit.messages import Task
 from flkit.pids import alive
+from flkit.shared_model import SharedModel, shared_model_of
 from flkit.wire import shm_files
 from flkit.wire.codec import Params
 
 log = logging.getLogger("flkit.server")
 
 LOCK_FILE = "lock"
+# Files a site may say it let go of in one request (it maps one or two at a time).
+MAX_RELEASED = 64
 # Room kept free in /dev/shm beyond the files a round needs.
 MARGIN_BYTES = 16 * 1024 * 1024
 
@@ -83,6 +97,10 @@ class ShmExchange:
         self._task_files: dict[str, tuple[str, int]] = {}
         self._spare: Path | None = None  # the next task file, allocated ahead (_prepare_spare)
         self._recent_tasks: list[str] = []  # the last two tasks given out: their result files stay
+        # Global models given out as they are (files of this folder), by file name; the last two
+        # tasks' are kept alive here, so their files stay for sites that have yet to open them.
+        self._given: weakref.WeakValueDictionary[str, SharedModel] = weakref.WeakValueDictionary()
+        self._kept: dict[str, SharedModel] = {}
         self._spare_maker: threading.Thread | None = None
         self._closed = False
 
@@ -115,13 +133,23 @@ class ShmExchange:
     def offers(self) -> dict[str, str]:
         return {"shm": str(self.folder), "shm_probe": self.probe}
 
-    def task_file(self, task: Task) -> tuple[str, int]:
-        """The file holding ``task``'s params (written at the first request); older task files go."""
+    def task_file(self, task: Task, holder: str) -> tuple[str, int]:
+        """The file holding ``task``'s params, for the site whose session is ``holder``: the params'
+        own file when they are a global model kept in this folder, else a file written at the first
+        request (older such files go)."""
         if task.params is None:
             raise ValueError("a task without params has no file")
+        model = shared_model_of(task.params)
         with self._lock:
             if self._closed:
                 raise OSError("the job's shared-memory folder is closed")
+            if model is not None and model.path is not None and model.path.parent == self.folder:
+                model.hold(holder)
+                self._given[model.path.name] = model
+                if task.task_id not in self._kept:
+                    self._kept = {**dict(list(self._kept.items())[-1:]), task.task_id: model}
+                    self._note_task(task.task_id)
+                return model.path.name, model.size
             known = self._task_files.get(task.task_id)
             if known is not None:
                 return known
@@ -133,9 +161,23 @@ class ShmExchange:
             size = shm_files.write_params_file(self.folder, name, task.params, reuse=spare)
             self._task_files[task.task_id] = (name, size)
             self._prepare_spare(size)
-            self._recent_tasks = [*self._recent_tasks[-1:], task.task_id]
-            self._remove_old_results()
+            self._note_task(task.task_id)
             return name, size
+
+    def release(self, holder: str, names: Iterable[str]) -> None:
+        """The site whose session is ``holder`` no longer maps these files (names of files it was
+        given; anything else is ignored)."""
+        with self._lock:
+            for name in list(names)[:MAX_RELEASED]:
+                model = self._given.get(name)
+                if model is not None:
+                    model.release(holder)
+
+    def _note_task(self, task_id: str) -> None:
+        """A task given out for the first time: result files of tasks before the last two go."""
+        if task_id not in self._recent_tasks:
+            self._recent_tasks = [*self._recent_tasks[-1:], task_id]
+            self._remove_old_results()
 
     def _remove_old_results(self) -> None:
         """Result files of tasks before the last two: a site keeps its last result file to write
@@ -191,6 +233,7 @@ class ShmExchange:
                 return
             self._closed = True
             self._task_files.clear()
+            self._kept.clear()
             maker, self._spare_maker = self._spare_maker, None
         if maker is not None:
             maker.join()

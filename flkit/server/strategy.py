@@ -1,8 +1,10 @@
 """Aggregation strategies: a small ABC and FedAvg.
 
 The Controller calls ``start_round`` once, ``add_result`` for every accepted
-result as it arrives, and ``finish_round`` to get the next global model. A
-strategy therefore keeps O(1) models in memory, not one per site.
+result as it arrives, and ``finish_round`` to have the next global model written
+into buffers it provides. A strategy therefore keeps O(1) models in memory, not
+one per site, and the Controller decides where global models live (shared memory
+that sites read copy-on-write, flkit.tensor_reuse).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 
 from flkit.errors import FLKitError
 from flkit.model import ParamsType
-from flkit.tensor_reuse import BufferPool
 from flkit.wire.codec import Params
 
 
@@ -44,8 +45,11 @@ class Strategy(ABC):
         from several threads at once; ``result.params`` are only valid during the call."""
 
     @abstractmethod
-    def finish_round(self) -> Params:
-        """Return the new global model (same keys, shapes and dtypes as the old one)."""
+    def finish_round(self, out: Params) -> None:
+        """Write the new global model into ``out`` (contiguous CPU tensors with the keys, shapes and
+        dtypes of the round's global model; their contents are undefined until written). Why the
+        caller gives the memory: it knows where sites read the model from (shared memory, a file
+        in /dev/shm), so the aggregate needs no further copy to get there."""
 
 
 # Elements folded per step (a 16 MiB float64 staging buffer). Why this large: each step is a few
@@ -102,11 +106,9 @@ class FedAvg(Strategy):
     submitting thread returns when its own result is in. (Folding two results in one walk saves
     little, the sums' traffic dominates, but it keeps many sites from queueing one fold each.)
 
-    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, a 16 MiB
-    staging buffer, and the buffers of the next global model, reused once nobody holds them (two
-    sets: the current global model is still in use while the next is made), kept in shared memory
-    so in-process sites read them copy-on-write instead of copying them. Results are folded
-    in as they arrive and never kept. DIFF results are summed as differences and the global model is
+    Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
+    16 MiB staging buffer; the next global model goes into the buffers the controller gives
+    ``finish_round``. Results are folded in as they arrive and never kept. DIFF results are summed as differences and the global model is
     added once, weighted, at the end, so FULL and DIFF sites can be mixed. Integer buffers (e.g.
     BatchNorm's ``num_batches_tracked``) are rounded back to their dtype, bool ones by majority.
     """
@@ -123,13 +125,10 @@ class FedAvg(Strategy):
         self._joining: list[_Folding] = []  # submitted, not yet taken in by the folder
         self._folding = False  # a thread is walking the sums
         self._staging: torch.Tensor | None = None  # used by the folder only
-        # The next global model's buffers, in shared memory: in-process sites map them copy-on-write.
-        self._outputs = BufferPool(depth=2, shared=True)
 
     def start_round(self, round_num: int, global_params: Params) -> None:
         with self._cond:  # a late fold of the last round cannot land in this one
             self._wait_idle_locked()
-            self._outputs.adopt(global_params)  # e.g. the initial model: reused once nobody holds it
             self._global = global_params
             self._total_weight = self._diff_weight = 0.0
             self._results = 0
@@ -228,19 +227,17 @@ class FedAvg(Strategy):
                 self._folding = False
                 self._cond.notify_all()
 
-    def finish_round(self) -> Params:
+    def finish_round(self, out: Params) -> None:
         with self._cond:  # no fold is half-way through the sums
             self._wait_idle_locked()
             if not self._results:
                 raise FLKitError(f"round {self._round}: no results to aggregate")
             total, diff_weight = self._total_weight, self._diff_weight
-            out = self._outputs.take(self._global)
             base_flat = {name: base.reshape(-1) for name, base in self._global.items()}
             for piece in self._slices:
                 if diff_weight:
                     self._fold_slice(piece, [(base_flat[piece.name], diff_weight)])
                 self._mean(piece, total, out[piece.name].view(-1))
-            return out
 
     def _mean(self, piece: _Slice, total: float, flat_out: torch.Tensor) -> None:
         """out[piece] = sum[piece] / total, rounded once to the output's dtype."""

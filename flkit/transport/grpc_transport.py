@@ -96,9 +96,9 @@ class GrpcTransport:
         raise ValidationError(f"the server sent params as file {name[:80]!r}, which this transport did not ask for")
 
     def _get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool,
-                  by_file: bool) -> TaskOrEnd:
+                  by_file: bool, released: list[str] | None = None) -> TaskOrEnd:
         request = pb.GetTaskRequest(session_id=session_id, wait_s=wait_s, header_only=header_only,
-                                    params_by_file=by_file)
+                                    params_by_file=by_file, released_files=released or [])
         try:
             stream = self._get_task_stream(request, timeout=timeout)
             frame = next(stream, None)
@@ -148,7 +148,7 @@ class GrpcTransport:
                                    encoded=encoded)
 
     def _submit_header(self, session_id: str, result: Result, size: int, timeout: float, params_file: str = "",
-                       encoded: Encoded | None = None) -> SubmitReply:
+                       encoded: Encoded | None = None, released: list[str] | None = None) -> SubmitReply:
         """Send the result's header, then its params as chunks (``encoded``) or nothing (``params_file``)."""
         header = pb.ResultHeader(
             session_id=session_id,
@@ -158,6 +158,7 @@ class GrpcTransport:
             meta_json=meta_to_json(result.meta),
             payload_size=size,
             params_file=params_file,
+            released_files=released or [],
         )
 
         def messages() -> Iterator[bytes]:

@@ -4,22 +4,27 @@ Control messages go over gRPC; params go through safetensors files in the job's 
 folder that the server offered at join. A site uses the folder only if it can read the probe
 file the server wrote there (same host, same user) and the probe says what the offer said;
 otherwise, and whenever a file cannot be written (``/dev/shm`` full), the bytes go over gRPC,
-with one warning. Received params are copy-on-write views of the server's file (no copy); a
-result is written once, into a file the server maps and folds in before it answers; the site
-then writes its next result over the same memory (a fresh tmpfs file costs the kernel's zeroing
-of every page) and removes the file when it leaves.
+with one warning. Received params are copy-on-write views of the server's file (no copy); once
+nothing of the site holds them any more (the mapping is gone), the site says so with its next
+result or request for a task, and the server may write a later global model into that file. A
+result is written once, into a file the server maps and folds in before it answers; the site then
+writes its next result over the same memory (a fresh tmpfs file costs the kernel's zeroing of
+every page) and removes the file when it leaves.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import weakref
 from pathlib import Path
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
 from flkit.transport.grpc_transport import GrpcTransport
 from flkit.wire import shm_files
+from flkit.wire.tensor_stream import parse
 
 log = logging.getLogger("flkit.client")
 
@@ -47,6 +52,8 @@ class ShmTransport(GrpcTransport):
         self.folder: Path | None = None
         self._warned = False
         self._spare: Path | None = None  # this site's last result file, read by the server already
+        # The server's files this site mapped, by name: told released once every mapping is gone.
+        self._mapped: dict[str, list[weakref.ref[mmap.mmap]]] = {}
 
     @property
     def active(self) -> bool:
@@ -86,13 +93,24 @@ class ShmTransport(GrpcTransport):
         return reply
 
     def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
-        return self._get_task(session_id, wait_s, timeout, header_only, by_file=self.folder is not None)
+        return self._get_task(session_id, wait_s, timeout, header_only, by_file=self.folder is not None,
+                              released=self._released())
+
+    def _released(self) -> list[str]:
+        """Files this site mapped and no longer maps (each told once: a lost message only means the
+        server never writes into that file again)."""
+        gone = [name for name, refs in self._mapped.items() if all(ref() is None for ref in refs)]
+        for name in gone:
+            del self._mapped[name]
+        return gone
 
     def _params_from_file(self, task: Task, name: str, size: int) -> None:
         if self.folder is None:
             raise ValidationError("the server sent a params file, but this site uses no shared-memory folder")
         try:
-            task.params = shm_files.map_params_file(self.folder / shm_files.check_name(name), size)
+            mapping = shm_files.map_file(self.folder / shm_files.check_name(name), size)
+            self._mapped.setdefault(name, []).append(weakref.ref(mapping))
+            task.params = parse(mapping)
         except ValidationError as exc:
             if (self.folder / name).exists():
                 raise
@@ -117,7 +135,8 @@ class ShmTransport(GrpcTransport):
             self._fall_back(f"cannot write the result to {folder}: {exc}")
             return super().submit(session_id, result, timeout)
         try:
-            reply = self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout)
+            reply = self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout,
+                                        released=self._released())
         except BaseException:  # the server may still be reading it: never write into this file again
             (folder / name).unlink(missing_ok=True)
             raise

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66lkit.proto\x12\x08\x66lkit.v1\"Y\n\x0bJoinRequest\x12\x11\n\tsite_name\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\xb6\x01\n\tJoinReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fjob_config_json\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12/\n\x06offers\x18\x04 \x03(\x0b\x32\x1f.flkit.v1.JoinReply.OffersEntry\x1a-\n\x0bOffersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x0eGetTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x13\n\x0bheader_only\x18\x03 \x01(\x08\x12\x16\n\x0eparams_by_file\x18\x04 \x01(\x08\"\x93\x02\n\nTaskHeader\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.flkit.v1.TaskStatus\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\x13\n\x0bstart_round\x18\x06 \x01(\x05\x12\x13\n\x0bparams_type\x18\x07 \x01(\t\x12\x11\n\tmeta_json\x18\x08 \x01(\t\x12\x14\n\x0cpayload_size\x18\t \x01(\x04\x12\x12\n\nend_reason\x18\n \x01(\t\x12\x12\n\njob_failed\x18\x0b \x01(\x08\x12\x13\n\x0bparams_file\x18\x0c \x01(\t\"N\n\tTaskChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.flkit.v1.TaskHeaderH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bparams_type\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x11\n\tmeta_json\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x13\n\x0bparams_file\x18\x07 \x01(\t\"R\n\x0bResultChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.flkit.v1.ResultHeaderH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"A\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tjob_ended\x18\x03 \x01(\x08\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\"e\n\rFailureReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tsite_name\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"2\n\x0cLeaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x0cMetricsBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0crecords_json\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k*\\\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_READY\x10\x01\x12\x0f\n\x0bNO_TASK_YET\x10\x02\x12\x10\n\x0cJOB_FINISHED\x10\x03\x32\x98\x03\n\x05\x46LKit\x12\x32\n\x04Join\x12\x15.flkit.v1.JoinRequest\x1a\x13.flkit.v1.JoinReply\x12:\n\x07GetTask\x12\x18.flkit.v1.GetTaskRequest\x1a\x13.flkit.v1.TaskChunk0\x01\x12>\n\x0cSubmitResult\x12\x15.flkit.v1.ResultChunk\x1a\x15.flkit.v1.SubmitReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.flkit.v1.HeartbeatRequest\x1a\x18.flkit.v1.HeartbeatReply\x12\x37\n\rReportFailure\x12\x17.flkit.v1.FailureReport\x1a\r.flkit.v1.Ack\x12.\n\x05Leave\x12\x16.flkit.v1.LeaveRequest\x1a\r.flkit.v1.Ack\x12\x33\n\nLogMetrics\x12\x16.flkit.v1.MetricsBatch\x1a\r.flkit.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66lkit.proto\x12\x08\x66lkit.v1\"Y\n\x0bJoinRequest\x12\x11\n\tsite_name\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\xb6\x01\n\tJoinReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fjob_config_json\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12/\n\x06offers\x18\x04 \x03(\x0b\x32\x1f.flkit.v1.JoinReply.OffersEntry\x1a-\n\x0bOffersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x0eGetTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x13\n\x0bheader_only\x18\x03 \x01(\x08\x12\x16\n\x0eparams_by_file\x18\x04 \x01(\x08\x12\x16\n\x0ereleased_files\x18\x05 \x03(\t\"\x93\x02\n\nTaskHeader\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.flkit.v1.TaskStatus\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\x13\n\x0bstart_round\x18\x06 \x01(\x05\x12\x13\n\x0bparams_type\x18\x07 \x01(\t\x12\x11\n\tmeta_json\x18\x08 \x01(\t\x12\x14\n\x0cpayload_size\x18\t \x01(\x04\x12\x12\n\nend_reason\x18\n \x01(\t\x12\x12\n\njob_failed\x18\x0b \x01(\x08\x12\x13\n\x0bparams_file\x18\x0c \x01(\t\"N\n\tTaskChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.flkit.v1.TaskHeaderH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xb4\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bparams_type\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x11\n\tmeta_json\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x13\n\x0bparams_file\x18\x07 \x01(\t\x12\x16\n\x0ereleased_files\x18\x08 \x03(\t\"R\n\x0bResultChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.flkit.v1.ResultHeaderH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"A\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tjob_ended\x18\x03 \x01(\x08\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\"e\n\rFailureReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tsite_name\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"2\n\x0cLeaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x0cMetricsBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0crecords_json\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k*\\\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_READY\x10\x01\x12\x0f\n\x0bNO_TASK_YET\x10\x02\x12\x10\n\x0cJOB_FINISHED\x10\x03\x32\x98\x03\n\x05\x46LKit\x12\x32\n\x04Join\x12\x15.flkit.v1.JoinRequest\x1a\x13.flkit.v1.JoinReply\x12:\n\x07GetTask\x12\x18.flkit.v1.GetTaskRequest\x1a\x13.flkit.v1.TaskChunk0\x01\x12>\n\x0cSubmitResult\x12\x15.flkit.v1.ResultChunk\x1a\x15.flkit.v1.SubmitReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.flkit.v1.HeartbeatRequest\x1a\x18.flkit.v1.HeartbeatReply\x12\x37\n\rReportFailure\x12\x17.flkit.v1.FailureReport\x1a\r.flkit.v1.Ack\x12.\n\x05Leave\x12\x16.flkit.v1.LeaveRequest\x1a\r.flkit.v1.Ack\x12\x33\n\nLogMetrics\x12\x16.flkit.v1.MetricsBatch\x1a\r.flkit.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREPLY_OFFERSENTRY']._loaded_options = None
   _globals['_JOINREPLY_OFFERSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1367
-  _globals['_TASKSTATUS']._serialized_end=1459
+  _globals['_TASKSTATUS']._serialized_start=1415
+  _globals['_TASKSTATUS']._serialized_end=1507
   _globals['_JOINREQUEST']._serialized_start=25
   _globals['_JOINREQUEST']._serialized_end=114
   _globals['_JOINREPLY']._serialized_start=117
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY_OFFERSENTRY']._serialized_start=254
   _globals['_JOINREPLY_OFFERSENTRY']._serialized_end=299
   _globals['_GETTASKREQUEST']._serialized_start=301
-  _globals['_GETTASKREQUEST']._serialized_end=398
-  _globals['_TASKHEADER']._serialized_start=401
-  _globals['_TASKHEADER']._serialized_end=676
-  _globals['_TASKCHUNK']._serialized_start=678
-  _globals['_TASKCHUNK']._serialized_end=756
-  _globals['_RESULTHEADER']._serialized_start=759
-  _globals['_RESULTHEADER']._serialized_end=915
-  _globals['_RESULTCHUNK']._serialized_start=917
-  _globals['_RESULTCHUNK']._serialized_end=999
-  _globals['_SUBMITREPLY']._serialized_start=1001
-  _globals['_SUBMITREPLY']._serialized_end=1066
-  _globals['_HEARTBEATREQUEST']._serialized_start=1068
-  _globals['_HEARTBEATREQUEST']._serialized_end=1106
-  _globals['_HEARTBEATREPLY']._serialized_start=1108
-  _globals['_HEARTBEATREPLY']._serialized_end=1145
-  _globals['_FAILUREREPORT']._serialized_start=1147
-  _globals['_FAILUREREPORT']._serialized_end=1248
-  _globals['_LEAVEREQUEST']._serialized_start=1250
-  _globals['_LEAVEREQUEST']._serialized_end=1300
-  _globals['_METRICSBATCH']._serialized_start=1302
-  _globals['_METRICSBATCH']._serialized_end=1358
-  _globals['_ACK']._serialized_start=1360
-  _globals['_ACK']._serialized_end=1365
-  _globals['_FLKIT']._serialized_start=1462
-  _globals['_FLKIT']._serialized_end=1870
+  _globals['_GETTASKREQUEST']._serialized_end=422
+  _globals['_TASKHEADER']._serialized_start=425
+  _globals['_TASKHEADER']._serialized_end=700
+  _globals['_TASKCHUNK']._serialized_start=702
+  _globals['_TASKCHUNK']._serialized_end=780
+  _globals['_RESULTHEADER']._serialized_start=783
+  _globals['_RESULTHEADER']._serialized_end=963
+  _globals['_RESULTCHUNK']._serialized_start=965
+  _globals['_RESULTCHUNK']._serialized_end=1047
+  _globals['_SUBMITREPLY']._serialized_start=1049
+  _globals['_SUBMITREPLY']._serialized_end=1114
+  _globals['_HEARTBEATREQUEST']._serialized_start=1116
+  _globals['_HEARTBEATREQUEST']._serialized_end=1154
+  _globals['_HEARTBEATREPLY']._serialized_start=1156
+  _globals['_HEARTBEATREPLY']._serialized_end=1193
+  _globals['_FAILUREREPORT']._serialized_start=1195
+  _globals['_FAILUREREPORT']._serialized_end=1296
+  _globals['_LEAVEREQUEST']._serialized_start=1298
+  _globals['_LEAVEREQUEST']._serialized_end=1348
+  _globals['_METRICSBATCH']._serialized_start=1350
+  _globals['_METRICSBATCH']._serialized_end=1406
+  _globals['_ACK']._serialized_start=1408
+  _globals['_ACK']._serialized_end=1413
+  _globals['_FLKIT']._serialized_start=1510
+  _globals['_FLKIT']._serialized_end=1918
 # @@protoc_insertion_point(module_scope)

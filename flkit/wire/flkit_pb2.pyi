@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -50,16 +50,18 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., job_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., offers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("session_id", "wait_s", "header_only", "params_by_file")
+    __slots__ = ("session_id", "wait_s", "header_only", "params_by_file", "released_files")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     HEADER_ONLY_FIELD_NUMBER: _ClassVar[int]
     PARAMS_BY_FILE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FILES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     wait_s: float
     header_only: bool
     params_by_file: bool
-    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., header_only: _Optional[bool] = ..., params_by_file: _Optional[bool] = ...) -> None: ...
+    released_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., header_only: _Optional[bool] = ..., params_by_file: _Optional[bool] = ..., released_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
     __slots__ = ("status", "task_id", "task_name", "current_round", "total_rounds", "start_round", "params_type", "meta_json", "payload_size", "end_reason", "job_failed", "params_file")
@@ -98,7 +100,7 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_id", "task_id", "params_type", "metrics_json", "meta_json", "payload_size", "params_file")
+    __slots__ = ("session_id", "task_id", "params_type", "metrics_json", "meta_json", "payload_size", "params_file", "released_files")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class ResultHeader(_message.Message):
     META_JSON_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FILE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FILES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     task_id: str
     params_type: str
@@ -113,7 +116,8 @@ class ResultHeader(_message.Message):
     meta_json: str
     payload_size: int
     params_file: str
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., params_type: _Optional[str] = ..., metrics_json: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., params_file: _Optional[str] = ...) -> None: ...
+    released_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., params_type: _Optional[str] = ..., metrics_json: _Optional[str] = ..., meta_json: _Optional[str] = ..., payload_size: _Optional[int] = ..., params_file: _Optional[str] = ..., released_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("header", "payload")

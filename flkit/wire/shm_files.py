@@ -91,6 +91,13 @@ def write_params_file(folder: Path, name: str, params: Params, reuse: Path | Non
 def map_params_file(path: Path, expected_size: int | None = None) -> Params:
     """Tensors that are copy-on-write views of the file: no copy, and changing them changes
     nothing in the file. The file must be a regular file of this user (not a link)."""
+    return parse(map_file(path, expected_size))
+
+
+def map_file(path: Path, expected_size: int | None = None) -> mmap.mmap:
+    """The file mapped copy-on-write (for ``parse``: its tensors keep the mapping alive, so a weak
+    reference to it tells when nothing reads the file any more). The file must be a regular file
+    of this user (not a link) and, if given, of ``expected_size`` bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -104,10 +111,9 @@ def map_params_file(path: Path, expected_size: int | None = None) -> Params:
                                   f"expected {expected_size}")
         if info.st_size < 8:
             raise ValidationError(f"shared-memory params {path.name} is too short ({info.st_size} bytes)")
-        mapped = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
+        return mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-    return parse(mapped)
 
 
 def free_bytes(folder: Path) -> int:

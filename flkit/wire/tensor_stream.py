@@ -43,35 +43,50 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
-class Encoded:
-    """A model laid out as safetensors: the header bytes, then each tensor's bytes in order.
+class Layout:
+    """Where each tensor of a model goes in a safetensors file: the header bytes (with their
+    8-byte length), and each tensor's byte offset from the start of the file.
 
     Tensors are ordered by element size (largest first), then name, as safetensors does, so
-    every tensor starts at an offset aligned to its element size.
+    every tensor starts at an offset aligned to its element size. ``data_align``: the header is
+    padded with spaces (which JSON and safetensors allow) so the data starts at a multiple of it;
+    a page for a file that is mapped, 8 (as safetensors) otherwise.
     """
 
-    def __init__(self, params: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-        cpu = to_cpu_params(params)
-        order = sorted(cpu, key=lambda name: (-cpu[name].element_size(), name))
+    def __init__(self, params: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 data_align: int = 8) -> None:
+        self.order = sorted(params, key=lambda name: (-params[name].element_size(), name))
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
-        self.views: list[memoryview] = []
-        self._keep = [cpu[name] for name in order]
-        for name in order:
-            tensor = cpu[name]
+        relative: dict[str, int] = {}
+        for name in self.order:
+            tensor = params[name]
             if tensor.dtype not in NAMES:
                 raise ValidationError(f"param '{name}' has dtype {tensor.dtype}, which cannot be sent")
             size = tensor.numel() * tensor.element_size()
             header[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
                             "data_offsets": [offset, offset + size]}
+            relative[name] = offset
             offset += size
-            self.views.append(_byte_view(tensor))
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        text += b" " * (-(8 + len(text)) % data_align)
         self.header = struct.pack("<Q", len(text)) + text
+        self.offsets = {name: len(self.header) + at for name, at in relative.items()}
         self.size = len(self.header) + offset
+
+
+class Encoded:
+    """A model laid out as safetensors (``Layout``): the header bytes, then each tensor's bytes in order."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        cpu = to_cpu_params(params)
+        layout = Layout(cpu, metadata)
+        self._keep = [cpu[name] for name in layout.order]
+        self.views: list[memoryview] = [_byte_view(tensor) for tensor in self._keep]
+        self.header = layout.header
+        self.size = layout.size
 
     def chunks(self, chunk_bytes: int, prefix: Callable[[int], bytes] | None = None) -> Iterator[bytes]:
         """The blob in pieces of exactly ``chunk_bytes`` (the last may be shorter); each piece is
