@@ -6,10 +6,13 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flkit.model import FLModel
 from flkit.server.persistor import Persistor, load_params, save_params
 from flkit.server.selector import BestModelSelector
+from flkit.server.validation import all_finite
 from flkit.wire.grpc_options import MAX_MESSAGE_BYTES
 
 
@@ -104,3 +107,19 @@ def test_a_newer_global_model_replaces_one_still_waiting_to_be_saved(tmp_path, m
     persistor.close()
     with pytest.raises(OSError, match="closed"):
         persistor.save_global({"w": torch.zeros(4)}, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                              st.sampled_from([3.4e38, -3.4e38, 1e20, -1e20, 1e-45])), min_size=1, max_size=40),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    transposed=st.booleans(),
+)
+def test_the_finite_check_agrees_with_isfinite(values, dtype, transposed):
+    """The fast check (a BLAS dot, then aminmax when the dot is not finite) answers exactly what
+    ``isfinite(t).all()`` does: huge finite values whose squares overflow are still finite."""
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    if transposed and t.numel() % 2 == 0:
+        t = t.view(2, -1).t()  # not contiguous: the aminmax path
+    assert all_finite(t) == bool(torch.isfinite(t).all())

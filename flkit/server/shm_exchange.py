@@ -107,14 +107,14 @@ class ShmExchange:
     @classmethod
     def create(cls, model_bytes: int, n_sites: int, root: Path = shm_files.SHM_ROOT) -> ShmExchange | None:
         """The folder, or None (with the reason logged) when /dev/shm is missing or too small for
-        a round: the global model, a spare for the next one and one result per site."""
+        a round: the current global model, the next one and one result per site."""
         if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
             log.info("no shared-memory transport: %s is missing or not writable", root)
             return None
         removed = remove_stale_folders(root)
         if removed:
             log.info("removed %d shared-memory folder(s) of servers that are gone", len(removed))
-        need = model_bytes * (n_sites + 2) + MARGIN_BYTES  # a task file and its spare, a result per site
+        need = model_bytes * (n_sites + 2) + MARGIN_BYTES  # two global models, a result per site
         free = shm_files.free_bytes(root)
         if free < need:
             log.warning("no shared-memory transport: %s has %.0f MiB free, a round needs %.0f MiB; sites on this "

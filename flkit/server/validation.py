@@ -13,7 +13,18 @@ from flkit.wire.codec import Params
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """min and max propagate NaN and show +-Inf: ~10x cheaper than isfinite(t).all() on large tensors."""
+    """Whether every value of ``t`` is finite (no NaN, no +-Inf).
+
+    Why not ``isfinite(t).all()``: it writes a bool per element, about 10x the cost of reading the
+    tensor once. First ``dot(t, t)`` (BLAS, about a third of ``aminmax``'s time here): a NaN or an
+    Inf anywhere makes it NaN or Inf (squares cannot cancel), so a finite result settles it. It can
+    also overflow for huge finite values (beyond about 1e19 in float32), so a non-finite one is
+    settled by ``aminmax``, whose min and max propagate NaN and show +-Inf.
+    """
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and t.device.type == "cpu" and t.numel():
+        flat = t.view(-1)
+        if bool(torch.isfinite(torch.dot(flat, flat))):
+            return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
