@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -44,10 +45,17 @@ def main() -> None:
 @click.option("-l", "--log-config", "log_config", default=None,
               help="A level (DEBUG, INFO...), an NVFlare log mode (concise, full, verbose) or a logging config "
                    "file (JSON dictConfig).")
+@click.option("-s", "--strategy", default=None,
+              help="Run with this registered strategy instead of the job's (e.g. fedavg; a custom one must be "
+                   "registered by a file the job names).")
+@click.option("--strategy-args", "strategy_args", default=None,
+              help='The strategy\'s arguments as a JSON object, e.g. \'{"lr": 0.1}\' (default: the job\'s when '
+                   "--strategy is not given, else none).")
 @click.option("-q", "--quiet", is_flag=True, help="Only print failures and the final summary.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads: int | None, workspace: Path,
-             gpu: str | None, log_config: str | None, quiet: bool, verbose: int) -> None:
+             gpu: str | None, log_config: str | None, strategy: str | None, strategy_args: str | None, quiet: bool,
+             verbose: int) -> None:
     """Run the job in JOB_DIR on this machine: the real server on loopback, in-process sites as
     threads, external ones as processes.
 
@@ -57,9 +65,17 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
 
     _logging(verbose)
     names = None if clients is None else [c.strip() for c in clients.split(",") if c.strip()]
+    args = None
+    if strategy_args is not None:
+        try:
+            args = json.loads(strategy_args)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--strategy-args") from None
+        if not isinstance(args, dict):
+            raise click.BadParameter("must be a JSON object, e.g. '{\"lr\": 0.1}'", param_hint="--strategy-args")
     try:
         result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
-                     clients=names, log_config=log_config)
+                     clients=names, log_config=log_config, strategy=strategy, strategy_args=args)
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if result.ok else 1)
@@ -96,7 +112,7 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
         sites = job.resolve_sites(n_clients, names)
         srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
-                       on_event=ProgressPrinter(console), job_name=job.name)
+                       on_event=ProgressPrinter(console), job_name=job.name, strategy=job.make_strategy())
         address = srv.start()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None

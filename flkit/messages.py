@@ -8,7 +8,7 @@ from the code, never from the text of a message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,16 @@ class Task:
     params_type: str = ""  # "FULL" or "DIFF"; empty when the task carries no params
     meta: dict[str, Any] = field(default_factory=dict)
     params: Params | None = None
+    # Server side only: per-site config the strategy planned (the site sees it merged into meta).
+    site_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_site(self, site: str) -> Task:
+        """The task as ``site`` gets it: its own config merged into ``meta`` (the same task when it
+        has none; the params are shared either way)."""
+        extra = self.site_meta.get(site)
+        if not extra:
+            return self
+        return replace(self, meta={**self.meta, **extra}, site_meta={})
 
 
 @dataclass(frozen=True)

@@ -96,10 +96,11 @@ class ServerHarness:
         self.servers: list[FLServer] = []
         self.sessions: list[Session] = []
 
-    def start(self, initial: dict[str, torch.Tensor], sites: list[str], **workflow) -> FLServer:
+    def start(self, initial: dict[str, torch.Tensor], sites: list[str], strategy=None, **workflow) -> FLServer:
         workflow.setdefault("min_clients", len(sites))
         workflow.setdefault("final_validation", False)
-        server = FLServer(WorkflowConfig(**workflow), sites, initial, self.tmp_path / "server", job_id="test-job")
+        server = FLServer(WorkflowConfig(**workflow), sites, initial, self.tmp_path / "server", job_id="test-job",
+                          strategy=strategy)
         server.start()
         self.servers.append(server)
         return server

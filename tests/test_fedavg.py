@@ -9,7 +9,8 @@ import torch
 
 from flkit.model import FLModel, ParamsType
 from flkit.server.persistor import load_params
-from flkit.server.strategy import FedAvg, SiteResult
+from flkit.strategy import SiteResult
+from flkit.strategy.fedavg import WeightedMean
 
 
 def _initial():
@@ -33,7 +34,7 @@ def finish(strategy, like):
     """The new global model, written by the strategy into buffers shaped like ``like`` (as the
     controller provides them)."""
     out = {name: torch.empty_like(t, memory_format=torch.contiguous_format) for name, t in like.items()}
-    strategy.finish_round(out)
+    strategy.finish(out)
     return out
 
 
@@ -44,11 +45,11 @@ def _diff(full, base):
 @pytest.mark.parametrize("kinds", [("FULL", "FULL"), ("DIFF", "DIFF"), ("FULL", "DIFF")])
 def test_weighted_average_by_hand(kinds):
     initial = _initial()
-    strategy = FedAvg()
-    strategy.start_round(0, initial)
+    strategy = WeightedMean()
+    strategy.start(0, initial)
     for (site, params, weight), kind in zip([("a", SITE_A, 1), ("b", SITE_B, 3)], kinds, strict=True):
         sent = params if kind == "FULL" else _diff(params, initial)
-        strategy.add_result(SiteResult(site, sent, ParamsType(kind), weight))
+        strategy.add(SiteResult(site, sent, ParamsType(kind), weight))
     out = finish(strategy, initial)
     for name, expected in EXPECTED.items():
         assert out[name].dtype == expected.dtype, name
@@ -58,9 +59,9 @@ def test_weighted_average_by_hand(kinds):
 def test_single_result_is_returned_bit_for_bit():
     initial = {"w": torch.randn(100, 100)}
     trained = {"w": torch.randn(100, 100)}
-    strategy = FedAvg()
-    strategy.start_round(0, initial)
-    strategy.add_result(SiteResult("a", trained, ParamsType.FULL, 7.0))
+    strategy = WeightedMean()
+    strategy.start(0, initial)
+    strategy.add(SiteResult("a", trained, ParamsType.FULL, 7.0))
     assert torch.equal(finish(strategy, initial)["w"], trained["w"])
 
 
@@ -68,10 +69,10 @@ def test_many_sites_match_float64_reference():
     torch.manual_seed(0)
     initial = {"w": torch.zeros(50)}
     results = [(torch.randn(50), float(w)) for w in range(1, 9)]
-    strategy = FedAvg()
-    strategy.start_round(0, initial)
+    strategy = WeightedMean()
+    strategy.start(0, initial)
     for i, (p, w) in enumerate(results):
-        strategy.add_result(SiteResult(f"s{i}", {"w": p}, ParamsType.FULL, w))
+        strategy.add(SiteResult(f"s{i}", {"w": p}, ParamsType.FULL, w))
     ref = sum(p.double() * w for p, w in results) / sum(w for _, w in results)
     torch.testing.assert_close(finish(strategy, initial)["w"], ref.float(), rtol=1e-5, atol=1e-6)
 
@@ -115,21 +116,21 @@ def test_results_folded_together_from_many_threads_give_the_same_bits():
     initial = {"w": torch.zeros(3 * (1 << 18) + 5), "v": torch.zeros(17, 3), "n": torch.tensor(0)}
     results = [{"w": torch.randn(initial["w"].shape), "v": torch.randn(17, 3), "n": torch.tensor(i)}
                for i in range(6)]
-    sequential = FedAvg()
-    sequential.start_round(0, initial)
+    sequential = WeightedMean()
+    sequential.start(0, initial)
     for i, params in enumerate(results):
-        sequential.add_result(SiteResult(f"s{i}", params, ParamsType.FULL, float(i + 1)))
+        sequential.add(SiteResult(f"s{i}", params, ParamsType.FULL, float(i + 1)))
     expected = finish(sequential, initial)
 
-    together = FedAvg()
-    together.start_round(0, initial)
+    together = WeightedMean()
+    together.start(0, initial)
     start = threading.Barrier(len(results))
     errors = []
 
     def submit(i: int) -> None:
         try:
             start.wait(10)
-            together.add_result(SiteResult(f"s{i}", results[i], ParamsType.FULL, float(i + 1)))
+            together.add(SiteResult(f"s{i}", results[i], ParamsType.FULL, float(i + 1)))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -146,11 +147,11 @@ def test_results_folded_together_from_many_threads_give_the_same_bits():
 def test_a_fold_that_fails_raises_in_its_thread_and_the_next_round_can_start():
     """The controller then fails the round (its aggregate is not whole); the strategy itself is
     not left holding the fold (a new round starts and folds normally)."""
-    strategy = FedAvg()
-    strategy.start_round(0, {"w": torch.zeros(4)})
+    strategy = WeightedMean()
+    strategy.start(0, {"w": torch.zeros(4)})
     broken = {"w": torch.zeros(3)}  # the wrong size: the fold raises part-way
     with pytest.raises(RuntimeError):
-        strategy.add_result(SiteResult("a", broken, ParamsType.FULL, 1.0))
-    strategy.start_round(1, {"w": torch.zeros(4)})
-    strategy.add_result(SiteResult("b", {"w": torch.ones(4)}, ParamsType.FULL, 1.0))
+        strategy.add(SiteResult("a", broken, ParamsType.FULL, 1.0))
+    strategy.start(1, {"w": torch.zeros(4)})
+    strategy.add(SiteResult("b", {"w": torch.ones(4)}, ParamsType.FULL, 1.0))
     assert torch.equal(finish(strategy, {"w": torch.zeros(4)})["w"], torch.ones(4))

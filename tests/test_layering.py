@@ -56,7 +56,7 @@ def test_nothing_above_the_transports_imports_grpc():
 def test_the_servicer_only_maps_protobuf_to_the_job_service():
     imports = _modules()["flkit/server/service.py"]
     forbidden = [i for i in imports if i.startswith(("flkit.server.controller", "flkit.server.sites",
-                                                     "flkit.server.persistor", "flkit.server.strategy"))]
+                                                     "flkit.server.persistor", "flkit.strategy"))]
     assert forbidden == [], f"the servicer reaches past the JobService: {forbidden}"
     assert "flkit.server.job_service" in imports
 
@@ -81,3 +81,10 @@ def test_the_domain_types_stand_alone():
     assert set(flkit_deps) <= {"flkit.wire.codec", "flkit.wire.codec.Params"}, flkit_deps
     source = (REPO / "flkit" / "messages.py").read_text()
     assert "if TYPE_CHECKING:" in source
+
+
+def test_the_controller_knows_the_strategy_abc_not_fedavg():
+    """The round loop uses Strategy and Aggregator only: any registered strategy runs in it."""
+    imports = _modules()["flkit/server/controller.py"]
+    assert "flkit.strategy.base" in imports
+    assert not [i for i in imports if i.startswith("flkit.strategy.fedavg")]

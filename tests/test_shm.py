@@ -244,6 +244,7 @@ def test_the_global_model_is_given_out_as_its_own_file_and_reused_once_let_go(tm
             assert list(session.transport._mapped)[-1] == owner.path.name  # what the site mapped
             names.append(owner.path.name)
             assert torch.equal(model.params["w"], INITIAL["w"] + round_num)
+            server.persistor.flush(30)  # the writer lets go of last round's model once it is saved
             session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
         assert not server.wait(30).failed
         assert not server.shm._task_files  # no params file was written for any task

@@ -16,7 +16,8 @@ import torch
 from flkit.messages import ErrorCode, ServiceError
 from flkit.model import FLModel, ParamsType
 from flkit.server.persistor import load_params
-from flkit.server.strategy import FedAvg, SiteResult
+from flkit.strategy import SiteResult
+from flkit.strategy.fedavg import WeightedMean
 from flkit.transport.grpc_transport import GrpcTransport
 from flkit.transport.memory import MemoryTransport
 from flkit.transport.shm import ShmTransport
@@ -204,13 +205,13 @@ def test_aggregation_gives_the_same_bits_in_any_arrival_order():
     results = [SiteResult(f"s{i}", {"w": torch.randn(4096, generator=gen) * 10 ** (i - 2), "n": torch.tensor(i)},
                           ParamsType.FULL, float(w)) for i, w in enumerate([3, 1, 250, 17])]
     seen = set()
-    strategy = FedAvg()
+    strategy = WeightedMean()
     for order in itertools.permutations(results):
-        strategy.start_round(0, base)
+        strategy.start(0, base)
         for result in order:
-            strategy.add_result(result)
+            strategy.add(result)
         out = {name: torch.empty_like(t) for name, t in base.items()}
-        strategy.finish_round(out)
+        strategy.finish(out)
         seen.add((out["w"].numpy().tobytes(), int(out["n"])))
     assert len(seen) == 1
     # and it is the float64 mean, rounded once
@@ -252,14 +253,14 @@ def test_a_site_that_joins_again_while_its_result_is_folded_keeps_the_round_whol
     s1.connect(timeout=10), s2.connect(timeout=10)
     m1, m2 = s1.receive(timeout=30), s2.receive(timeout=30)
     s2.send(FLModel(params=_plus(m2.params, 3.0)))
-    real_add = FedAvg.add_result
+    real_add = WeightedMean.add
 
     def join_again_mid_fold(self, result):
         if result.site == "site-1":
             server.registry.join("site-1", server.job_id, server.token)  # the restarted process
         return real_add(self, result)
 
-    monkeypatch.setattr(FedAvg, "add_result", join_again_mid_fold)
+    monkeypatch.setattr(WeightedMean, "add", join_again_mid_fold)
     s1.send(FLModel(params=_plus(m1.params, 1.0)))
     outcome = server.wait(30)
     assert outcome is not None and not outcome.failed, outcome

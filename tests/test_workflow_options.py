@@ -36,8 +36,8 @@ from flkit.server.config import WorkflowConfig
 from flkit.server.persistor import load_params
 from flkit.server.server import FLServer
 from flkit.server.sites import SiteStatus
-from flkit.server.strategy import FedAvg as FedAvgStrategy
 from flkit.sim.progress import ProgressPrinter
+from flkit.strategy.fedavg import WeightedMean
 from flkit.tracking import write_record
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
@@ -695,13 +695,13 @@ def _delta_job(tmp_path: Path, name: str, site1_transfer: str, sent_as: dict[str
 
 def test_diff_transfer_on_one_site_gives_the_same_global_model(tmp_path, monkeypatch):
     sent_as: dict[str, set[str]] = {}  # site -> params types the server's FedAvg was given
-    original = FedAvgStrategy.add_result
+    original = WeightedMean.add
 
     def spy(self, result):
         sent_as.setdefault(result.site, set()).add(ParamsType(result.params_type).value)
         return original(self, result)
 
-    monkeypatch.setattr(FedAvgStrategy, "add_result", spy)
+    monkeypatch.setattr(WeightedMean, "add", spy)
     full_path = _delta_job(tmp_path, "all_full", "FULL", sent_as)
     assert sent_as == {"site-1": {"FULL"}, "site-2": {"FULL"}}
     diff_path = _delta_job(tmp_path, "one_diff", "DIFF", sent_as)

@@ -7,6 +7,7 @@ Script paths are relative to the folder and are checked never to leave it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class JobConfig:
     root: Path
     sites: dict[str, BaseScriptRunner] = field(default_factory=dict)
     clients: BaseScriptRunner | None = None  # the runner every site-N uses (job.to_clients)
+    # The server's strategy: {"name", "args", "file"?} (flkit.strategy.registry.check_spec); None: FedAvg.
+    strategy: dict[str, Any] | None = None
 
     def resolve_sites(self, n_clients: int | None = None,
                       clients: list[str] | None = None) -> dict[str, BaseScriptRunner]:
@@ -71,9 +74,26 @@ class JobConfig:
 
     def workflow_config(self, num_sites: int) -> WorkflowConfig:
         data = dict(self.workflow)
-        if data.get("min_clients") is None:
-            data["min_clients"] = num_sites if data.get("clients_per_round") is None else data["clients_per_round"]
+        if data.get("min_clients") is None:  # every site offered a round must answer (NVFlare's FedAvg)
+            if data.get("clients_per_round") is not None:
+                data["min_clients"] = data["clients_per_round"]
+            elif isinstance(data.get("fraction"), (int, float)) and 0 < data["fraction"] <= 1:
+                data["min_clients"] = max(1, math.ceil(data["fraction"] * num_sites))
+            else:
+                data["min_clients"] = num_sites
         return WorkflowConfig.from_dict(data)
+
+    def make_strategy(self, name: str | None = None, args: dict[str, Any] | None = None) -> Any:
+        """The job's strategy (flkit.strategy), built from ``job.json``; ``name``/``args`` replace the
+        job's choice (``flkit simulate --strategy``; args alone apply to the job's strategy)."""
+        from flkit.strategy import registry
+
+        spec = dict(self.strategy or {"name": "fedavg", "args": {}})
+        if name is not None:
+            spec = {"name": name, "args": {}, **({"file": spec["file"]} if "file" in spec else {})}
+        if args is not None:
+            spec["args"] = args
+        return registry.from_spec(spec, self.root)
 
     def script_path(self, runner: BaseScriptRunner) -> Path:
         path = (self.root / runner.script).resolve()
@@ -98,6 +118,7 @@ class JobConfig:
             "clients": None if self.clients is None else self.clients.to_dict(),
             "sites": {k: v.to_dict() for k, v in self.sites.items()},
             "initial_model": MODEL_FILE,
+            **({"strategy": self.strategy} if self.strategy is not None else {}),
         }
 
 
@@ -123,6 +144,10 @@ def load_job(job_dir: Path) -> JobConfig:
             sites={check_site_name(k): ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
             clients=None if data.get("clients") is None else ScriptRunner.from_dict(data["clients"]),
         )
+        if data.get("strategy") is not None:
+            from flkit.strategy.registry import check_spec
+
+            job.strategy = check_spec(data["strategy"], job.root)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: malformed job config ({exc})") from None
     for name, runner in job.resolve_sites().items():

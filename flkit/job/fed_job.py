@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,19 @@ class FedJob:
 
     ``min_clients``: the fewest sites the job needs (the controller decides how many answer
     each round); ``mandatory_clients``: sites the job cannot run without. ``fail_fast=True``
-    fails the job as soon as any site fails. Further keywords set flkit's workflow directly
-    (``params_transfer_type``, ``final_validation``, ``join_timeout_s``, ``round_timeout_s``,
-    ``heartbeat_interval_s``, ``heartbeat_timeout_s``, ``seed``).
+    fails the job as soon as any site fails. ``strategy``: the server's strategy (flkit.strategy),
+    a registered name with ``strategy_args`` (JSON values) or an instance of a registered class;
+    a custom one's file (``strategy_file``, or the file that defines its class) is exported with
+    the job. Further keywords set flkit's workflow directly (``params_transfer_type``,
+    ``final_validation``, ``clients_per_round`` or ``fraction`` (the sites offered each round,
+    a sample seeded by ``seed``), ``join_timeout_s``, ``round_timeout_s``, ``heartbeat_interval_s``,
+    ``heartbeat_timeout_s``).
     """
 
     def __init__(self, name: str = "fed_job", min_clients: int = 1, mandatory_clients: list[str] | None = None,
                  *, meta_props: dict[str, Any] | None = None, fail_fast: bool = False,
-                 **workflow_options: Any) -> None:
+                 strategy: Any = None, strategy_args: dict[str, Any] | None = None,
+                 strategy_file: str | Path | None = None, **workflow_options: Any) -> None:
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ConfigError(f"job name must be a non-empty folder name, got {name!r}")
         if not isinstance(min_clients, int) or min_clients < 1:
@@ -98,6 +104,8 @@ class FedJob:
         self._sites: dict[str, BaseScriptRunner] = {}
         self._clients: BaseScriptRunner | None = None
         self._resources: list[Path] = []  # files and folders copied into custom/ (every site gets custom/)
+        # The strategy job.json names ({"name", "args"}; None: FedAvg) and the file defining it, if custom.
+        self.strategy, self._strategy_source = _strategy_spec(strategy, strategy_args, strategy_file)
 
     # -- placing components ---------------------------------------------------
 
@@ -243,7 +251,16 @@ class FedJob:
             root=out,
             sites={site: place(r) for site, r in sites.items()},
             clients=None if clients is None else place(clients),
+            strategy=None if self.strategy is None else dict(self.strategy),
         )
+        if job.strategy is not None and self._strategy_source is not None:
+            dest = Path(CODE_DIR) / self._strategy_source.name
+            if (out / dest).exists() and (out / dest).read_bytes() != self._strategy_source.read_bytes():
+                raise ConfigError(f"strategy file {self._strategy_source} would replace {dest} of the job: "
+                                  "rename one of them")
+            (out / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self._strategy_source, out / dest)
+            job.strategy["file"] = dest.as_posix()
         for path in self._resources:
             target = out / CODE_DIR / path.name
             if path.is_dir():
@@ -400,6 +417,48 @@ class FedAvgJob(BaseFedJob):
     def export_job(self, job_root: str | Path, n_clients: int | None = None) -> Path:
         return super().export_job(job_root, n_clients or self.n_clients)
 
+
+
+def _strategy_spec(strategy: Any, args: dict[str, Any] | None,
+                   file: str | Path | None) -> tuple[dict[str, Any] | None, Path | None]:
+    """The job's strategy as job.json names it, built once now so a bad name or argument fails
+    here; and the file to export with it (a custom strategy's)."""
+    from flkit.strategy import registry
+    from flkit.strategy.base import Strategy
+
+    if strategy is None:
+        if args is not None or file is not None:
+            raise ConfigError("strategy_args and strategy_file go with strategy=<name>")
+        return None, None
+    source = None if file is None else Path(file).resolve()
+    if source is not None:
+        if not source.is_file() or source.suffix != ".py":
+            raise ConfigError(f"strategy_file {file} is not a Python file")
+        registry.load_file(source)
+    if isinstance(strategy, Strategy):
+        if args is not None:
+            raise ConfigError("strategy_args go with a strategy name; a Strategy instance carries its own arguments")
+        instance = strategy
+    elif isinstance(strategy, str):
+        instance = registry.create(strategy, args)
+    else:
+        raise ConfigError(f"strategy must be a registered name or a Strategy instance, got {type(strategy).__name__}")
+    spec = registry.spec_of(instance)
+    return spec, source or _defining_file(type(instance))
+
+
+def _defining_file(cls: type) -> Path | None:
+    """The file that defines a custom strategy class (None for flkit's own), to export with the job."""
+    module = cls.__module__
+    if module == "flkit" or module.startswith("flkit."):
+        return None
+    if module == "__main__":
+        raise ConfigError(f"strategy {cls.__name__} is defined in the script that builds the job: put it in a file "
+                          "of its own and pass strategy_file=... (the job folder carries that file)")
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if path is None or not Path(path).is_file():
+        raise ConfigError(f"cannot find the file that defines strategy {cls.__name__}: pass strategy_file=...")
+    return Path(path).resolve()
 
 
 def _check_script(runner: BaseScriptRunner) -> None:

@@ -69,8 +69,10 @@ class WorkflowConfig:
     # is scored (and can win best-model selection) like every other. NVFlare's FedAvg sends no
     # such task, so it is off unless asked for.
     final_validation: bool = False
-    # Sites that take part in each round (a seeded random sample); None: every site.
+    # Sites offered each round (a seeded random sample); None: every site (or ``fraction`` of them).
     clients_per_round: int | None = None
+    # The share of the joined sites offered each round (0 < fraction <= 1; at least min_clients).
+    fraction: float | None = None
     # Seed of the per-round sample (the same job samples the same sites).
     seed: int = 0
     # Sites that must join and answer every round; the job fails without them.
@@ -105,9 +107,14 @@ class WorkflowConfig:
         if self.clients_per_round is not None:
             if not isinstance(self.clients_per_round, int) or self.clients_per_round < 1:
                 raise ConfigError(f"clients_per_round must be >= 1, got {self.clients_per_round!r}")
+            if self.fraction is not None:
+                raise ConfigError("give clients_per_round (a count) or fraction (a share of the sites), not both")
             if self.clients_per_round < self.min_clients:
                 raise ConfigError(f"clients_per_round={self.clients_per_round} is less than min_clients="
                                   f"{self.min_clients}: a round could never get enough answers")
+        if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                          or not 0 < self.fraction <= 1):
+            raise ConfigError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
         try:
             self.params_transfer_type = ParamsType(getattr(self.params_transfer_type, "value",
                                                            self.params_transfer_type)).value

@@ -13,7 +13,9 @@ the sites, the handler and how many answers they need.
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -31,8 +33,8 @@ from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
-from flkit.server.strategy import SiteResult, Strategy
 from flkit.server.validation import all_finite, check_metrics, check_params, weight_of
+from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
 from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
 
@@ -46,6 +48,12 @@ Event = dict[str, Any]
 
 class JobEndedError(Exception):
     """A result came after the job ended; the site is told to stop, not blamed."""
+
+
+def _names(sites: list[str], shown: int = 5) -> str:
+    """A list of sites for a message: the first few names and how many more."""
+    more = len(sites) - shown
+    return ", ".join(sites[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _first_line(text: str | None) -> str:
@@ -62,6 +70,8 @@ class RoundRecord:
     score: float | None = None
     best: bool = False
     seconds: float = 0.0
+    # An evaluation round's metrics as the strategy aggregates them (aggregate_evaluate).
+    aggregated: dict[str, float] | None = None
 
 
 @dataclass
@@ -90,7 +100,8 @@ class _OpenTask:
 
 
 class Controller:
-    """Runs FedAvg-style rounds over the sites in ``registry`` with a pluggable Strategy."""
+    """Runs the job's rounds over the sites in ``registry``; the Strategy plans each round and its
+    Aggregator makes the next global model."""
 
     def __init__(
         self,
@@ -121,6 +132,7 @@ class Controller:
         self._ending: JobEnd | None = None
         # Why this round's aggregate cannot be trusted (a fold failed half-way), if it cannot.
         self._poisoned: str | None = None
+        self._aggregator: Aggregator | None = None  # the round's, while a train round runs
         self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
@@ -230,8 +242,12 @@ class Controller:
         return None
 
     def _sample(self, round_num: int, active: list[str]) -> list[str]:
-        """The round's sites: all, or a seeded sample of clients_per_round (mandatory sites always in)."""
-        k = self.config.clients_per_round
+        """The round's offer: all sites, or a seeded sample of ``clients_per_round`` (or ``fraction`` of
+        them, at least ``min_clients``); mandatory sites are always in."""
+        cfg = self.config
+        k = cfg.clients_per_round
+        if k is None and cfg.fraction is not None:
+            k = max(cfg.min_clients, math.ceil(cfg.fraction * len(active)))
         if k is None or k >= len(active):
             return active
         mandatory = [s for s in self.config.mandatory_clients if s in active]
@@ -239,6 +255,44 @@ class Controller:
         rng = random.Random(f"{self.config.seed}:{round_num}")
         picked = set(mandatory) | set(rng.sample(others, max(0, k - len(mandatory))))
         return [s for s in active if s in picked]
+
+    @property
+    def _strategy_name(self) -> str:
+        # The registered name of exactly this class (a subclass does not inherit its parent's name).
+        return vars(type(self.strategy)).get("strategy_name") or type(self.strategy).__name__
+
+    def _plan(self, round_num: int, task_name: str, offered: list[str]) -> dict[str, SiteConfig] | JobEnd:
+        """The strategy's plan for the round (site -> config), checked: a subset of ``offered``, with
+        every mandatory site offered, enough sites for ``min_clients``, JSON-able configs."""
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}:{round_num}:plan")
+        method = self.strategy.configure_train if task_name == TRAIN else self.strategy.configure_evaluate
+        where = f"round {round_num}: {self._strategy_name}.{method.__name__}"
+        try:
+            plan = method(round_num, list(offered), rng)
+        except Exception as exc:
+            return JobEnd(True, f"{where} failed: {type(exc).__name__}: {exc}")
+        if not isinstance(plan, dict):
+            return JobEnd(True, f"{where} returned {type(plan).__name__}, not a dict of site -> config")
+        strangers = [site for site in plan if site not in offered]
+        if strangers:
+            return JobEnd(True, f"{where} chose site(s) not offered this round: {_names(strangers)} "
+                                f"(offered: {_names(offered)})")
+        left_out = [site for site in cfg.mandatory_clients if site in offered and site not in plan]
+        if left_out:
+            return JobEnd(True, f"{where} left out mandatory site(s) {_names(left_out)}")
+        need = min(cfg.min_clients, len(offered)) if task_name == TRAIN else 1
+        if len(plan) < need:
+            return JobEnd(True, f"{where} chose {len(plan)} site(s); the round needs at least {need} "
+                                f"(min_clients={cfg.min_clients})")
+        for site, config in plan.items():
+            try:
+                if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+                    raise TypeError("not a dict with string keys")
+                json.dumps(config, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                return JobEnd(True, f"{where}: the config of site {site} is not JSON-able ({exc})")
+        return {site: plan[site] for site in offered if site in plan}  # in the offer's order
 
     def _run_round(self, round_num: int, task_name: str) -> JobEnd | None:
         cfg, reg = self.config, self.registry
@@ -252,12 +306,21 @@ class Controller:
             if len(active) < cfg.min_clients:
                 return JobEnd(True, f"round {round_num}: only {len(active)} site(s) available, "
                                     f"min_clients={cfg.min_clients} ({self._failures_locked() or 'sites left'})")
-        sites = self._sample(round_num, active) if task_name == TRAIN else active
+        offered = self._sample(round_num, active) if task_name == TRAIN else active
+        plan = self._plan(round_num, task_name, offered)
+        if isinstance(plan, JobEnd):
+            return plan
+        sites = list(plan)
         record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
         prepare = None
         self._poisoned = None
         if task_name == TRAIN:
-            self.strategy.start_round(round_num, self.global_params)
+            try:
+                self._aggregator = self.strategy.aggregator(round_num)
+                self._aggregator.start(round_num, self.global_params)
+            except Exception as exc:
+                return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
+                                    f"{type(exc).__name__}: {exc}")
             params, prepare = "required", self._fold_in
         else:
             params = "ignored"
@@ -266,7 +329,7 @@ class Controller:
         end = self._dispatch(task_name, round_num, sites, self.global_params, {}, record, params,
                              lambda answer: None, min_answers=min(cfg.min_clients, len(sites)),
                              timeout_s=cfg.round_timeout_s, timeout_label="round_timeout_s", started=started,
-                             prepare=prepare)
+                             prepare=prepare, site_meta=plan)
         if end is not None:
             return end
         if self._poisoned:
@@ -275,13 +338,20 @@ class Controller:
 
         new_global = None
         if task_name == TRAIN:
+            assert self._aggregator is not None
             new_global = self._models.take(self.global_params)
-            self.strategy.finish_round(new_global)
+            self._aggregator.finish(new_global)
         if new_global is not None:
             bad = [name for name, t in new_global.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
             if bad:
                 return JobEnd(True, f"round {round_num}: the aggregate of tensor '{bad[0]}' is not finite "
                                     f"(an overflow); the global model of round {round_num - 1} is kept")
+        if task_name == VALIDATE:
+            try:
+                record.aggregated = self.strategy.aggregate_evaluate(round_num, record.metrics)
+            except Exception as exc:
+                return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregate_evaluate failed: "
+                                    f"{type(exc).__name__}: {exc}")
         score = self.selector.round_score(round_num, record.metrics)
         record.score = None if score is None else score.value
         record.best = self.selector.offer(score)
@@ -303,9 +373,9 @@ class Controller:
     def _fold_in(self, answer: Answer) -> None:
         assert answer.params is not None  # a train answer without params was refused
         weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
+        assert self._aggregator is not None  # a train round is open
         try:
-            self.strategy.add_result(SiteResult(answer.site, answer.params, answer.params_type, weight,
-                                                answer.metrics))
+            self._aggregator.add(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
         except BaseException as exc:  # part of the result may be in the sums: the round cannot finish
             self._poisoned = (f"folding the result of site {answer.site} failed half-way "
                               f"({type(exc).__name__}: {exc})")
@@ -356,8 +426,10 @@ class Controller:
                   meta: dict[str, Any],
                   record: RoundRecord, wants: str, on_answer: Callable[[Answer], None], min_answers: int,
                   timeout_s: float | None, timeout_label: str, started: float | None = None,
-                  prepare: Callable[[Answer], None] | None = None) -> JobEnd | None:
-        """Give ``sites`` the task and wait until each answered or failed (or ``timeout_s`` passed)."""
+                  prepare: Callable[[Answer], None] | None = None,
+                  site_meta: dict[str, SiteConfig] | None = None) -> JobEnd | None:
+        """Give ``sites`` the task (each with its ``site_meta`` on top of ``meta``) and wait until each
+        answered or failed (or ``timeout_s`` passed)."""
         reg = self.registry
         task = Task(
             task_id=secrets.token_hex(8),
@@ -367,6 +439,7 @@ class Controller:
             params_type=ParamsType.FULL.value if params is not None else "",
             meta=meta,
             params=params,
+            site_meta={site: config for site, config in (site_meta or {}).items() if config},
         )
         with reg.cond:
             # Only sites still in the job get the task: one that failed or left since the caller
@@ -507,4 +580,10 @@ class Controller:
         }
         if self.cross_site is not None:
             state["cross_site_results"] = str(self.cross_site.path)
+        try:
+            strategy_state = self.strategy.state_dict()
+            json.dumps(strategy_state, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self._strategy_name}.state_dict() is not JSON-able: {exc}") from None
+        state["strategy"] = {"name": self._strategy_name, "state": strategy_state}
         self.persistor.save_state(state)

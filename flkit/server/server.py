@@ -21,7 +21,8 @@ from flkit.server.persistor import Persistor
 from flkit.server.service import FLKitService, add_to_server
 from flkit.server.shm_exchange import ShmExchange
 from flkit.server.sites import SiteRegistry
-from flkit.server.strategy import FedAvg, Strategy
+from flkit.strategy.base import Strategy
+from flkit.strategy.fedavg import FedAvg
 from flkit.transport import memory
 from flkit.wire.codec import Params, to_cpu_params
 from flkit.wire.grpc_options import OPTIONS, PROTOCOL_VERSION

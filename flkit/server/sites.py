@@ -136,10 +136,10 @@ class SiteRegistry:
                 state = self.touch_locked(session_id)
                 if state.task is not None and state.task_outcome is None:
                     if header_only:
-                        return state.task
+                        return state.task.for_site(state.name)
                     if state.fetched or self._slot_free_locked():
                         state.fetched = True
-                        return state.task
+                        return state.task.for_site(state.name)
                 if self.end is not None:
                     return self.end
                 remaining = deadline - time.monotonic()

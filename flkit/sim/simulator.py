@@ -108,17 +108,21 @@ def apply_log_config(log_config: str | None) -> None:
 def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None = None,
              threads: int | None = None, gpu: str | None = None, quiet: bool = False,
              console: Console | None = None, clients: list[str] | None = None,
-             log_config: str | None = None) -> SimulationResult:
+             log_config: str | None = None, strategy: str | None = None,
+             strategy_args: dict[str, Any] | None = None) -> SimulationResult:
     """Run the job in ``job_dir``; outputs go under ``workspace`` (``server/`` and one folder per site).
 
     ``threads``: at most this many sites hold a task at once; every site's script stays alive
-    (NVFlare's meaning). See ``FedJob.simulator_run`` for the other arguments.
+    (NVFlare's meaning). ``strategy``/``strategy_args``: use this registered strategy (or these
+    arguments for the job's own) instead of what ``job.json`` names. See ``FedJob.simulator_run``
+    for the other arguments.
     """
     console = console or Console(highlight=False, soft_wrap=True)
     apply_log_config(log_config)
     job = load_job(Path(job_dir))
     sites = job.resolve_sites(n_clients, clients)
     workflow = job.workflow_config(len(sites))
+    chosen = job.make_strategy(strategy, strategy_args)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
     cap = threads if threads is not None and threads < len(sites) else None
@@ -139,6 +143,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         on_event=ProgressPrinter(console, quiet),
         max_active_tasks=cap,
         job_name=job.name,
+        strategy=chosen,
     )
     address = server.start()
     if not quiet:

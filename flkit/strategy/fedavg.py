@@ -1,56 +1,22 @@
-"""Aggregation strategies: a small ABC and FedAvg.
+"""FedAvg: every offered site trains, and the results are averaged by weight.
 
-The Controller calls ``start_round`` once, ``add_result`` for every accepted
-result as it arrives, and ``finish_round`` to have the next global model written
-into buffers it provides. A strategy therefore keeps O(1) models in memory, not
-one per site, and the Controller decides where global models live (shared memory
-that sites read copy-on-write, flkit.tensor_reuse).
+The strategy plans nothing beyond the round's offer (sampling is the job's ``clients_per_round``
+or ``fraction``); the work is in its aggregator, ``WeightedMean``, which streams the results into
+float64 sums and writes the mean once into the buffers the Controller gives it.
 """
 
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from flkit.errors import FLKitError
 from flkit.model import ParamsType
+from flkit.strategy.base import Aggregator, SiteResult, Strategy
+from flkit.strategy.registry import register
 from flkit.wire.codec import Params
-
-
-@dataclass
-class SiteResult:
-    """One site's validated answer to a train task."""
-
-    site: str
-    params: Params
-    params_type: ParamsType
-    weight: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class Strategy(ABC):
-    """How a round's results become the next global model."""
-
-    @abstractmethod
-    def start_round(self, round_num: int, global_params: Params) -> None:
-        """Prepare to aggregate results computed from ``global_params``."""
-
-    @abstractmethod
-    def add_result(self, result: SiteResult) -> None:
-        """Fold one accepted result into the running aggregate. Called as results arrive, possibly
-        from several threads at once; ``result.params`` are only valid during the call."""
-
-    @abstractmethod
-    def finish_round(self, out: Params) -> None:
-        """Write the new global model into ``out`` (contiguous CPU tensors with the keys, shapes and
-        dtypes of the round's global model; their contents are undefined until written). Why the
-        caller gives the memory: it knows where sites read the model from (shared memory, a file
-        in /dev/shm), so the aggregate needs no further copy to get there."""
-
 
 # Elements folded per step (a 16 MiB float64 staging buffer). Why this large: each step is a few
 # torch ops, each an OpenMP parallel region, and waking a region's threads costs much more when
@@ -87,8 +53,8 @@ class _Folding:
         self.error: BaseException | None = None
 
 
-class FedAvg(Strategy):
-    """Weighted federated averaging (McMahan et al.): ``sum(w_i * x_i) / sum(w_i)``.
+class WeightedMean(Aggregator):
+    """FedAvg's aggregate (McMahan et al.): ``sum(w_i * x_i) / sum(w_i)``.
 
     Why float64 sums: a float32 value times a whole-number weight (``NUM_STEPS_CURRENT_ROUND``
     < 2**29) is exact in float64, and the sum of a round's products rounds at 2**-53, far below
@@ -108,7 +74,7 @@ class FedAvg(Strategy):
 
     Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
     16 MiB staging buffer; the next global model goes into the buffers the controller gives
-    ``finish_round``. Results are folded in as they arrive and never kept. DIFF results are summed as differences and the global model is
+    ``finish``. Results are folded in as they arrive and never kept. DIFF results are summed as differences and the global model is
     added once, weighted, at the end, so FULL and DIFF sites can be mixed. Integer buffers (e.g.
     BatchNorm's ``num_batches_tracked``) are rounded back to their dtype, bool ones by majority.
     """
@@ -126,7 +92,7 @@ class FedAvg(Strategy):
         self._folding = False  # a thread is walking the sums
         self._staging: torch.Tensor | None = None  # used by the folder only
 
-    def start_round(self, round_num: int, global_params: Params) -> None:
+    def start(self, round_num: int, global_params: Params) -> None:
         with self._cond:  # a late fold of the last round cannot land in this one
             self._wait_idle_locked()
             self._global = global_params
@@ -169,7 +135,7 @@ class FedAvg(Strategy):
                 torch.mul(value, weight, out=part)
                 piece.touched = True
 
-    def add_result(self, result: SiteResult) -> None:
+    def add(self, result: SiteResult) -> None:
         if not result.weight > 0:
             raise FLKitError(f"site {result.site}: aggregation weight must be > 0, got {result.weight}")
         item = _Folding(result, list(self._global))
@@ -227,7 +193,7 @@ class FedAvg(Strategy):
                 self._folding = False
                 self._cond.notify_all()
 
-    def finish_round(self, out: Params) -> None:
+    def finish(self, out: Params) -> None:
         with self._cond:  # no fold is half-way through the sums
             self._wait_idle_locked()
             if not self._results:
@@ -250,3 +216,19 @@ class FedAvg(Strategy):
             flat_out[piece.start:piece.stop].copy_(staged.round_())
         else:
             flat_out[piece.start:piece.stop].copy_(staged)
+
+
+@register("fedavg")
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al., 2017): each offered site trains from the global model,
+    and the next global model is the mean of their results weighted by ``NUM_STEPS_CURRENT_ROUND``
+    (times the job's ``aggregation_weights``). No arguments; no state."""
+
+    def __init__(self) -> None:
+        self._aggregate = WeightedMean()  # one for the job: its sums are reused round after round
+
+    def aggregator(self, round_num: int) -> WeightedMean:
+        return self._aggregate
+
+
+__all__ = ["FOLD_CHUNK", "FedAvg", "WeightedMean"]
