@@ -123,3 +123,31 @@ def test_the_finite_check_agrees_with_isfinite(values, dtype, transposed):
     if transposed and t.numel() % 2 == 0:
         t = t.view(2, -1).t()  # not contiguous: the aminmax path
     assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def test_messages_about_many_sites_stay_short_and_travel_over_grpc(tmp_path):
+    """A job of a thousand sites: an unknown site's refusal and a failure of many sites name a
+    count and the first few, so the refusal fits gRPC's metadata (16 KiB) and the log stays readable."""
+    from flkit.client.session import Session
+    from flkit.client.settings import SiteSettings
+    from flkit.errors import FLKitError
+    from flkit.server.config import WorkflowConfig
+    from flkit.server.listing import failure_list
+    from flkit.server.server import FLServer
+
+    sites = [f"site-with-a-rather-long-name-{i:04d}" for i in range(1000)]
+    server = FLServer(WorkflowConfig(num_rounds=1, min_clients=1, join_timeout_s=30), sites,
+                      {"w": torch.zeros(2)}, tmp_path / "server", job_id="many")
+    server.start()
+    try:
+        settings = SiteSettings(server=server.address, site_name="intruder", job_id="many", token=server.token,
+                                workspace=str(tmp_path / "intruder"), transport="grpc")
+        with pytest.raises(FLKitError) as refused:
+            Session(settings).connect(timeout=30)
+        text = str(refused.value)
+        assert "is not part of job 'many' (1000 sites: site-with-a-rather-long-name-0000" in text
+        assert "and 995 more" in text and len(text) < 1000 and "RESOURCE_EXHAUSTED" not in text
+    finally:
+        server.stop()
+    summary = failure_list({s: "no heartbeat for 61 s\nTraceback ..." for s in sites})
+    assert summary.endswith("(and 995 more sites failed)") and summary.count("no heartbeat") == 5

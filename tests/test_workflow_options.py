@@ -349,6 +349,27 @@ def test_capped_sites_wait_for_a_slot_and_header_peeks_take_none(harness):
     assert_params(load_params(server.persistor.global_model_path), scaled(2))
 
 
+def test_a_site_that_fails_while_queued_for_a_slot_does_not_block_the_others(harness):
+    """Sites waiting for a slot queue first come first served, and only the first in line is woken
+    when one frees; a queued site that fails leaves the queue instead of holding its place."""
+    server = start_server(harness, THREE, num_rounds=1, min_clients=2, max_active_tasks=1)
+    s1, s2, s3 = (harness.session(server, s) for s in THREE)
+    for session in (s1, s2, s3):
+        session.connect(timeout=WAIT_S)
+    first = s1.receive(timeout=WAIT_S)
+    assert first is not None
+    assert s2.receive(timeout=0.3) is None  # queued behind site-1 ...
+    assert s3.receive(timeout=0.3) is None  # ... and site-3 behind site-2
+    server.registry.fail_site("site-2", "killed while queued (the test)")
+    s1.send(FLModel(params=scaled(1)))
+    third = s3.receive(timeout=WAIT_S)  # the freed slot goes past the failed site
+    assert third is not None
+    s3.send(FLModel(params=scaled(3)))
+    outcome = server.wait(WAIT_S)
+    assert outcome is not None and not outcome.failed, outcome
+    assert sorted(server.controller.history[0].metrics) == ["site-1", "site-3"]
+
+
 def _non_overlapping(intervals: list[tuple[float, float, str]]) -> None:
     ordered = sorted(intervals)
     for (_, end_a, who_a), (start_b, _, who_b) in zip(ordered, ordered[1:], strict=False):

@@ -30,6 +30,7 @@ from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import ParamsType
 from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
+from flkit.server.listing import failure_list, site_list
 from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
@@ -48,12 +49,6 @@ Event = dict[str, Any]
 
 class JobEndedError(Exception):
     """A result came after the job ended; the site is told to stop, not blamed."""
-
-
-def _names(sites: list[str], shown: int = 5) -> str:
-    """A list of sites for a message: the first few names and how many more."""
-    more = len(sites) - shown
-    return ", ".join(sites[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _first_line(text: str | None) -> str:
@@ -199,8 +194,8 @@ class Controller:
         return JobEnd(failed=False, reason=f"completed {cfg.num_rounds} round(s){best_txt}")
 
     def _failures_locked(self) -> str:
-        failed = {s.name: s.failure for s in self.registry.sites.values() if s.status == SiteStatus.FAILED}
-        return "; ".join(f"{name}: {_first_line(why)}" for name, why in failed.items())
+        failed = {s.name: s.failure or "" for s in self.registry.sites.values() if s.status == SiteStatus.FAILED}
+        return failure_list(failed)
 
     def _mandatory_failed_locked(self, started: bool = True) -> str | None:
         """Why the job cannot go on without a mandatory site (failed, or left once rounds started)."""
@@ -237,7 +232,7 @@ class Controller:
                 if time.monotonic() >= deadline:
                     return JobEnd(True, f"only {len(joined)} of {len(reg.sites)} sites joined within "
                                         f"{cfg.join_timeout_s:g} s (min_clients={cfg.min_clients}; "
-                                        f"missing: {', '.join(waiting)})")
+                                        f"missing: {site_list(waiting)})")
                 reg.cond.wait(min(1.0, max(0.01, deadline - time.monotonic())))
         return None
 
@@ -276,11 +271,11 @@ class Controller:
             return JobEnd(True, f"{where} returned {type(plan).__name__}, not a dict of site -> config")
         strangers = [site for site in plan if site not in offered]
         if strangers:
-            return JobEnd(True, f"{where} chose site(s) not offered this round: {_names(strangers)} "
-                                f"(offered: {_names(offered)})")
+            return JobEnd(True, f"{where} chose site(s) not offered this round: {site_list(strangers)} "
+                                f"(offered: {site_list(offered)})")
         left_out = [site for site in cfg.mandatory_clients if site in offered and site not in plan]
         if left_out:
-            return JobEnd(True, f"{where} left out mandatory site(s) {_names(left_out)}")
+            return JobEnd(True, f"{where} left out mandatory site(s) {site_list(left_out)}")
         need = min(cfg.min_clients, len(offered)) if task_name == TRAIN else 1
         if len(plan) < need:
             return JobEnd(True, f"{where} chose {len(plan)} site(s); the round needs at least {need} "
@@ -481,7 +476,7 @@ class Controller:
                         why = why or f"mandatory site {missed[0]}: {_first_line(record.failed[missed[0]])}"
                         return JobEnd(True, f"round {task.round}: {why}")
                 if len(done) + len(pending) < min_answers:
-                    why = "; ".join(f"{k}: {_first_line(v)}" for k, v in record.failed.items())
+                    why = failure_list(record.failed)
                     return JobEnd(True, f"round {task.round}: fewer than min_clients={min_answers} sites "
                                         f"can answer ({why})")
                 if not pending:
@@ -492,8 +487,7 @@ class Controller:
                     if left <= 0 and any(s.task_outcome is None for s in pending):
                         for s in pending:
                             if s.task_outcome is None:  # an answer being folded in finishes
-                                s.task_outcome = f"no answer within {timeout_label}={timeout_s:g}"
-                        reg.cond.notify_all()
+                                reg.settle_locked(s, f"no answer within {timeout_label}={timeout_s:g}")
                         continue
                     if left > 0:  # past the deadline only folds are left: they notify when done
                         wait = min(wait, left)
@@ -522,7 +516,7 @@ class Controller:
                 raise ValidationError(f"site {site}: result for a task that is no longer open "
                                       f"(task {result.task_id})")
             expected = self.global_params
-            state.task_outcome = ACCEPTING
+            state.task_outcome = ACCEPTING  # (no one waits for this step: it holds the slot, as pending did)
         try:
             answer = Answer(site, check_metrics(site, result.metrics), result.meta)
             if open_task.params == "required" and result.params is None:
@@ -549,8 +543,7 @@ class Controller:
                 why = f"the server could not use its result: {type(exc).__name__}: {exc}"
             with reg.cond:
                 if state.task_outcome == ACCEPTING:
-                    state.task_outcome = why  # closed here: the site may have failed meanwhile
-                    reg.cond.notify_all()
+                    reg.settle_locked(state, why)  # closed here: the site may have failed meanwhile
             reg.fail_site(site, why)
             raise
         with reg.cond:
@@ -559,8 +552,7 @@ class Controller:
                 raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
             open_task.on_answer(answer)
             open_task.record.metrics[site] = answer.metrics
-            state.task_outcome = "done"
-            reg.cond.notify_all()
+            reg.settle_locked(state, "done")
         self.emit({"type": "result", "round": task.round, "task": task.name, "site": site,
                    "metrics": answer.metrics, "model_name": task.meta.get("model_name")})
 

@@ -17,6 +17,7 @@ from flkit.report.tracking import TrackingHub
 from flkit.server.config import WorkflowConfig
 from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
+from flkit.server.listing import site_list
 from flkit.server.persistor import Persistor
 from flkit.server.service import FLKitService, add_to_server
 from flkit.server.shm_exchange import ShmExchange
@@ -59,7 +60,8 @@ class FLServer:
             raise ConfigError(f"min_clients={workflow.min_clients} is more than the job's {len(sites)} site(s)")
         unknown = [s for s in workflow.mandatory_clients if s not in sites]
         if unknown:
-            raise ConfigError(f"mandatory_clients {unknown} are not sites of this job (sites: {', '.join(sites)})")
+            raise ConfigError(f"mandatory_clients {unknown} are not sites of this job ({len(sites)} sites: "
+                              f"{site_list(sites)})")
         if workflow.clients_per_round is not None and workflow.clients_per_round > len(sites):
             raise ConfigError(f"{workflow.clients_per_round} clients per round (the recipe's min_clients) is more "
                               f"than the job's {len(sites)} site(s)")

@@ -54,9 +54,16 @@ STATUS = {
 }
 
 
+# A refusal's text travels in gRPC's trailing metadata, which is limited to 16 KiB in all.
+MAX_ERROR_CHARS = 2000
+
+
 def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     context.set_trailing_metadata(((ERROR_KEY, exc.code.value),))
-    context.abort(STATUS[exc.code], str(exc))
+    text = str(exc)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    context.abort(STATUS[exc.code], text)
     raise AssertionError("unreachable")  # context.abort raises
 
 

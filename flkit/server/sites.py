@@ -12,11 +12,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from flkit.messages import ErrorCode, JobEnd, ServiceError, Task
+from flkit.server.listing import site_list
 
 # A site's task outcome while its accepted result is being folded in (outside the registry lock):
 # the round waits for it, and neither a timeout, a failure report nor a re-join closes it half-way.
@@ -40,10 +41,18 @@ class SiteState:
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
     fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
     failure: str | None = None
+    # Woken when something this site waits for changes (its task, its session, the job's end);
+    # shares the registry's lock. None until the registry sets it.
+    wake: threading.Condition | None = field(default=None, repr=False, compare=False)
 
 
 class SiteRegistry:
     """Tracks the sites of one job and hands out their tasks.
+
+    One lock guards everything. The Controller waits on ``cond`` (woken by answers, failures,
+    joins and the job's end); each site waits for its next task on its own condition
+    (``SiteState.wake``, the same lock), woken only by what concerns it: giving a round's task to
+    a thousand sites wakes a thousand waits once, not every wait for every answer.
 
     Refusals are ``ServiceError``s with a typed ``ErrorCode``.
     """
@@ -66,8 +75,14 @@ class SiteRegistry:
         self.token = token
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.client_config = client_config
-        self.cond = threading.Condition()
-        self.sites: dict[str, SiteState] = {name: SiteState(name) for name in sites}
+        self._lock = threading.RLock()
+        self.cond = threading.Condition(self._lock)
+        self.sites: dict[str, SiteState] = {name: SiteState(name, wake=threading.Condition(self._lock))
+                                            for name in sites}
+        # With max_active_tasks: the sites holding a slot (task fetched, not settled), and the sites with
+        # a task waiting for one, first come first served (a dict as an ordered set).
+        self._holding: set[str] = set()
+        self._slot_waiters: dict[str, None] = {}
         self._sessions: dict[str, str] = {}
         self.end: JobEnd | None = None
         # Told about every site failure (the Controller reports it as a progress event).
@@ -83,7 +98,9 @@ class SiteRegistry:
         state = self.sites.get(site)
         if state is None:
             raise ServiceError(
-                ErrorCode.UNKNOWN_SITE, f"site '{site}' is not part of job '{self.job_id}' (sites: {', '.join(self.sites)})"
+                ErrorCode.UNKNOWN_SITE,
+                f"site '{site[:100]}' is not part of job '{self.job_id}' ({len(self.sites)} sites: "
+                f"{site_list(list(self.sites))})"
             )
         return state
 
@@ -104,6 +121,7 @@ class SiteRegistry:
             if state.task is not None and state.task_outcome not in (None, "done", ACCEPTING):
                 state.task = None  # a failed task is not handed out again (one being folded in stays)
             self.cond.notify_all()
+            self._wake_locked(state)  # a wait of the old session learns it is gone
             return session_id
 
     def touch_locked(self, session_id: str) -> SiteState:
@@ -137,15 +155,20 @@ class SiteRegistry:
                 if state.task is not None and state.task_outcome is None:
                     if header_only:
                         return state.task.for_site(state.name)
-                    if state.fetched or self._slot_free_locked():
+                    if state.fetched or self._slot_free_locked(state.name):
                         state.fetched = True
+                        if self.max_active_tasks is not None:
+                            self._holding.add(state.name)
+                            self._slot_waiters.pop(state.name, None)
                         return state.task.for_site(state.name)
+                    self._slot_waiters.setdefault(state.name)
                 if self.end is not None:
                     return self.end
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                self.cond.wait(remaining)
+                assert state.wake is not None
+                state.wake.wait(remaining)
 
     def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str) -> None:
         with self.cond:
@@ -166,8 +189,44 @@ class SiteRegistry:
             self._sessions.pop(session_id, None)
             state.session_id = None
             self.cond.notify_all()
+            self._wake_locked(state)
 
     # -- used by the Controller ---------------------------------------------
+
+    def _wake_locked(self, state: SiteState) -> None:
+        if state.wake is not None:
+            state.wake.notify_all()
+
+    def settle_locked(self, state: SiteState, outcome: str) -> None:
+        """Record the outcome of ``state``'s task (ACCEPTING, "done", or why it failed): the Controller
+        is told, and with a cap on tasks held at once, the sites waiting for a slot look again."""
+        state.task_outcome = outcome
+        self.cond.notify_all()
+        self._release_slot_locked(state)
+
+    def _release_slot_locked(self, state: SiteState) -> None:
+        """``state`` no longer holds a slot: wake as many waiting sites as there are free slots
+        (the first in line; one that still finds none queues again), not all of them."""
+        if self.max_active_tasks is None:
+            return
+        self._holding.discard(state.name)
+        for name in self._queue_locked(self.max_active_tasks - len(self._holding)):
+            self._wake_locked(self.sites[name])
+
+    def _queue_locked(self, first: int) -> list[str]:
+        """The first ``first`` sites still waiting for a slot, in order (dropping those that no
+        longer wait: their task settled, they failed or left)."""
+        out: list[str] = []
+        for name in list(self._slot_waiters):
+            if len(out) >= first:
+                break
+            state = self.sites[name]
+            if state.task is None or state.task_outcome is not None or state.fetched \
+                    or state.status != SiteStatus.JOINED:
+                del self._slot_waiters[name]
+                continue
+            out.append(name)
+        return out
 
     def _fail_locked(self, state: SiteState, reason: str) -> None:
         if state.status == SiteStatus.FAILED:
@@ -175,12 +234,13 @@ class SiteRegistry:
         state.status = SiteStatus.FAILED
         state.failure = reason
         if state.task is not None and state.task_outcome is None:
-            state.task_outcome = reason
+            self.settle_locked(state, reason)
         if state.session_id:
             # Its next call must re-join, so a site wrongly declared dead can come back.
             self._sessions.pop(state.session_id, None)
             state.session_id = None
         self.cond.notify_all()
+        self._wake_locked(state)
         if self.on_site_failed is not None:
             self.on_site_failed(state.name, reason)
 
@@ -197,11 +257,15 @@ class SiteRegistry:
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
                 )
 
-    def _slot_free_locked(self) -> bool:
+    def _slot_free_locked(self, site: str) -> bool:
+        """Whether ``site`` may take its task now: a slot is free and no site waits longer for one."""
         if self.max_active_tasks is None:
             return True
-        holding = sum(1 for s in self.sites.values() if s.task is not None and s.task_outcome is None and s.fetched)
-        return holding < self.max_active_tasks
+        free = self.max_active_tasks - len(self._holding)
+        if free <= 0:
+            return False
+        ahead = self._queue_locked(free)
+        return site in ahead or len(ahead) < free
 
     def active_sites_locked(self) -> list[str]:
         return [s.name for s in self.sites.values() if s.status == SiteStatus.JOINED]
@@ -212,6 +276,8 @@ class SiteRegistry:
             state.task = task
             state.task_outcome = None
             state.fetched = False
+            self._holding.discard(name)
+            self._wake_locked(state)
         self.cond.notify_all()
 
     def finish(self, failed: bool, reason: str) -> None:
@@ -219,6 +285,8 @@ class SiteRegistry:
             if self.end is None:
                 self.end = JobEnd(failed=failed, reason=reason)
             self.cond.notify_all()
+            for state in self.sites.values():
+                self._wake_locked(state)
 
     def wait_all_gone(self, timeout: float) -> bool:
         """Wait until no site holds a session (each has left or failed); True if that happened."""
