@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +273,24 @@ def test_launch_once_false_crash_is_reported_with_its_stderr(tmp_path):
     assert error.startswith("script crash_in_round.py exited with status 1")
     assert "RuntimeError: deliberate failure in round 1" in error
     assert (tmp_path / "ws" / "site-2" / "output.log").read_text().count("=== flkit launch ") == 2
+
+
+@pytest.mark.slow
+def test_a_ddp_site_waits_longer_than_its_process_group_timeout_between_tasks(tmp_path):
+    """site-1 is a 2-rank torchrun whose gloo group times out after 3 s; site-2 takes 6 s per task,
+    so site-1's ranks wait 6 s for each next task. Rank 0 tells the other rank it still waits
+    (every third of the group's timeout), so neither rank's collective times out."""
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("ddp_sit_out.py", "slow_answer.py"):
+        shutil.copy(SCRIPTS / name, code / name)
+    job = FedAvgJob(name="sit_out", initial_model={"w": torch.zeros(3)}, n_clients=2, num_rounds=2, key_metric=None)
+    job.to(ScriptRunner(script=str(code / "ddp_sit_out.py"), launch_external_process=True, command=TORCHRUN),
+           "site-1")
+    job.to(ScriptRunner(script=str(code / "slow_answer.py")), "site-2")
+    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    assert result.ok, result.reason
+    for rank in (0, 1):
+        lines = (tmp_path / "ws" / "site-1" / f"rounds_rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["round"] for x in lines] == [0, 1], rank
+    assert torch.equal(load_params(result.global_model_path)["w"], torch.full((3,), 2.0))

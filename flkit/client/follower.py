@@ -64,6 +64,8 @@ class FollowerSession:
     def _next_state(self) -> ranks.SharedState:
         link = self._require_link()
         state = link.receive()
+        while state.kind == ranks.WAITING:  # rank 0 still waits for a task: keep waiting with it
+            state = link.receive()
         if state.kind == ranks.ERROR:
             raise CommunicationError(f"rank 0 of site {self.settings.site_name} failed: {state.header.get('error')}")
         return state

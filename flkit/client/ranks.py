@@ -22,8 +22,9 @@ import torch
 
 from flkit.errors import ConfigError, ValidationError
 
-# Header "kind"s, one per state rank 0 can be in after asking the server.
-CONFIG, TASK, NO_TASK, END, ERROR = "config", "task", "no_task", "end", "error"
+# Header "kind"s, one per state rank 0 can be in after asking the server; WAITING: rank 0 still
+# waits for a task (sent periodically so the other ranks' collective wait never times out).
+CONFIG, TASK, NO_TASK, END, ERROR, WAITING = "config", "task", "no_task", "end", "error", "waiting"
 
 
 def env_rank() -> tuple[int, int]:
@@ -74,6 +75,16 @@ class RankLink:
         else:
             self.device = torch.device("cpu")
         self.shared_config = False
+
+    def timeout_s(self) -> float | None:
+        """The process group's collective timeout in seconds (None when torch does not tell):
+        the longest the other ranks can wait in one broadcast for rank 0's next state."""
+        try:
+            group = self._dist.distributed_c10d._get_default_group()
+            timeout = group._get_backend(self.device).options._timeout
+            return float(timeout.total_seconds())
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            return None
 
     @classmethod
     def current(cls) -> RankLink | None:

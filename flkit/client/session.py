@@ -178,12 +178,25 @@ class Session:
     # -- the Client API -----------------------------------------------------
 
     def _fetch(self, timeout: float | None) -> Task | None:
-        """The next task from the server (None: job ended or timeout), shared with the other ranks."""
-        try:
-            msg = self._fetch_from_server(timeout)
-        except FLKitError as exc:
-            self._share(ranks.ERROR, {"error": str(exc)})
-            raise
+        """The next task from the server (None: job ended or timeout), shared with the other ranks.
+
+        With other ranks, the wait is cut into pieces shorter than their process group's timeout,
+        each ended by a WAITING state, so a site may wait any number of rounds for a task."""
+        link = self._rank_link()
+        keepalive = None if link is None else self._keepalive_s(link)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            piece = left if keepalive is None else (keepalive if left is None else min(left, keepalive))
+            try:
+                msg = self._fetch_from_server(piece)
+            except FLKitError as exc:
+                self._share(ranks.ERROR, {"error": str(exc)})
+                raise
+            if msg is not None or self.state.ended or keepalive is None \
+                    or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self._share(ranks.WAITING, {})
         if msg is not None:
             if self._rank_link() is not None:
                 self._share(ranks.TASK, {
@@ -197,6 +210,14 @@ class Session:
         return msg
 
     # -- sharing with the other ranks (torch.distributed) --------------------
+
+    def _keepalive_s(self, link: ranks.RankLink) -> float:
+        """How long rank 0 may wait before telling the other ranks it still waits."""
+        every = self.settings.rank_keepalive_s
+        group_timeout = link.timeout_s()
+        if group_timeout is not None:
+            every = min(every, group_timeout / 3)
+        return max(0.05, every)
 
     def _rank_link(self) -> ranks.RankLink | None:
         if not self.distributed:

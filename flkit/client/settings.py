@@ -37,6 +37,10 @@ class SiteSettings:
     # Tasks this process answers before is_running() says False; 0 means no limit. The
     # external-process runner sets 1 for launch_once=False (one launch per task).
     max_tasks: int = 0
+    # Under torch.distributed: while rank 0 waits for a task (a site not sampled for many rounds),
+    # it tells the other ranks at least this often (and at a third of the process group's timeout),
+    # so their wait in the collective never reaches that timeout.
+    rank_keepalive_s: float = 60.0
     # The site's own ScriptRunner settings (NVFlare's names):
     # FULL or DIFF for this site's results; None follows the job's params_transfer_type.
     params_transfer_type: str | None = None
