@@ -135,19 +135,39 @@ def test_malformed_payload_is_rejected(tmp_path):
         harness.close()
 
 
-def test_dead_site_is_noticed_by_heartbeat(harness):
-    """A site that stops talking is dropped; the round finishes with the one that answered."""
-    server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1,
-                           heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0)
-    alive, dead = harness.session(server, "site-1"), harness.session(server, "site-2")
-    alive.connect(), dead.connect()
-    alive.receive(timeout=30)
-    dead.receive(timeout=30)
-    dead._heartbeat_stop.set()  # the process "froze": no more heartbeats, no result
-    alive.send(FLModel(params=GOOD))
+def test_dead_site_is_noticed_by_heartbeat(tmp_path):
+    """A site in another process that stops talking is dropped; the round finishes with the one
+    that answered."""
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(INITIAL, ["site-1", "site-2"], num_rounds=1, min_clients=1,
+                               heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0)
+        alive, dead = harness.session(server, "site-1"), harness.session(server, "site-2")
+        alive.connect(), dead.connect()
+        alive.receive(timeout=30)
+        dead.receive(timeout=30)
+        dead._heartbeat_stop.set()  # the process "froze": no more heartbeats, no result
+        alive.send(FLModel(params=GOOD))
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed
+        assert "no heartbeat" in server.controller.history[0].failed["site-2"]
+    finally:
+        harness.close()
+
+
+def test_sites_in_the_servers_process_need_no_heartbeat_thread(harness):
+    """In-process sites (the memory transport) cannot vanish without the server: the server asks no
+    heartbeat of them (no thread per site) and never drops them for silence, even when a task takes
+    longer than the heartbeat timeout."""
+    server = harness.start(INITIAL, ["site-1"], num_rounds=1, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.3)
+    session = harness.session(server, "site-1")
+    model = session.receive(timeout=30)
+    assert model is not None and session._heartbeat_thread is None
+    threading.Event().wait(1.0)  # "training" for more than three heartbeat timeouts
+    session.send(FLModel(params=GOOD))
     outcome = server.wait(30)
-    assert outcome is not None and not outcome.failed
-    assert "no heartbeat" in server.controller.history[0].failed["site-2"]
+    assert outcome is not None and not outcome.failed, outcome
+    assert not server.controller.history[0].failed
 
 
 def test_send_without_receive_is_an_error(harness):

@@ -122,10 +122,11 @@ class Session:
             )
             sid = reply.session_id
             self._session_id, self.job_config = sid, reply.job_config
-            self._heartbeat_interval = reply.heartbeat_interval_s or self._heartbeat_interval
+            self._heartbeat_interval = reply.heartbeat_interval_s
             self.records.configure(reply.job_config, self._send_records)
             log.info("site %s joined job %s at %s", s.site_name, s.job_id, s.server)
-            if self._heartbeat_thread is None:
+            # 0: the server needs no heartbeat from this session (it runs in the server's process).
+            if self._heartbeat_thread is None and self._heartbeat_interval > 0:
                 self._heartbeat_thread = threading.Thread(
                     target=self._beat, name=f"flkit-heartbeat-{s.site_name}", daemon=True
                 )

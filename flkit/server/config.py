@@ -140,6 +140,10 @@ class WorkflowConfig:
                 raise ConfigError(f"cross_site_eval: {exc}") from None
         self.tracking = [_check_tracking(spec) for spec in self.tracking]
         self.client_tracking = [_check_tracking(spec, allow_clients=True) for spec in self.client_tracking]
+        if isinstance(self.heartbeat_interval_s, bool) or not isinstance(self.heartbeat_interval_s, (int, float)) \
+                or not self.heartbeat_interval_s > 0:
+            raise ConfigError(f"heartbeat_interval_s must be a positive number of seconds, got "
+                              f"{self.heartbeat_interval_s!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("heartbeat_timeout_s must be larger than heartbeat_interval_s")
 

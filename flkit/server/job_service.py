@@ -35,13 +35,16 @@ class JobService:
         # Transports the server offers at join beyond its own endpoint (name -> where).
         self.offers: dict[str, str] = {}
 
-    def join(self, site: str, job_id: str, token: str, protocol_version: int | None = None) -> JoinReply:
-        """Admit a site (again, after a restart or a lost session); its job settings come back."""
+    def join(self, site: str, job_id: str, token: str, protocol_version: int | None = None,
+             local: bool = False) -> JoinReply:
+        """Admit a site (again, after a restart or a lost session); its job settings come back.
+        ``local``: the site runs in this process (the memory transport): the reply's heartbeat
+        interval is 0, since it needs none (one thread per site saved)."""
         if protocol_version is not None and protocol_version != self.protocol_version:
             raise ServiceError(ErrorCode.PROTOCOL, f"protocol version {protocol_version} not supported "
                                                    f"(server speaks {self.protocol_version})")
         try:
-            session_id = self.registry.join(site, job_id, token)
+            session_id = self.registry.join(site, job_id, token, local=local)
         except ServiceError as exc:
             log.warning("refused join of site %r: %s", site[:100], exc)
             raise
@@ -49,7 +52,8 @@ class JobService:
                       client_tracking=self.controller.config.client_tracking_for(site))
         log.info("site %s joined", site)
         self.controller.emit({"type": "site_joined", "site": site})
-        return JoinReply(session_id, config, self.controller.config.heartbeat_interval_s, dict(self.offers))
+        interval = 0.0 if local else self.controller.config.heartbeat_interval_s
+        return JoinReply(session_id, config, interval, dict(self.offers))
 
     def next_task(self, session_id: str, wait_s: float, header_only: bool = False) -> TaskOrEnd:
         """The site's task (shared with other sites: transports copy it, never change it), the

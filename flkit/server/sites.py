@@ -41,6 +41,9 @@ class SiteState:
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
     fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
     failure: str | None = None
+    # The session lives in the server's own process (the memory transport): it needs no heartbeat,
+    # since the site cannot vanish without the server, and a stuck script would heartbeat anyway.
+    local: bool = False
     # Woken when something this site waits for changes (its task, its session, the job's end);
     # shares the registry's lock. None until the registry sets it.
     wake: threading.Condition | None = field(default=None, repr=False, compare=False)
@@ -104,8 +107,9 @@ class SiteRegistry:
             )
         return state
 
-    def join(self, site: str, job_id: str, token: str) -> str:
-        """Admit a site (again, after a restart) and return its new session id."""
+    def join(self, site: str, job_id: str, token: str, local: bool = False) -> str:
+        """Admit a site (again, after a restart) and return its new session id. ``local``: the site
+        runs in this process (no heartbeats; see SiteState.local)."""
         with self.cond:
             state = self._check_identity(site, job_id, token)
             if self.end is not None:
@@ -115,6 +119,7 @@ class SiteRegistry:
             session_id = secrets.token_hex(16)
             self._sessions[session_id] = site
             state.session_id = session_id
+            state.local = local
             state.status = SiteStatus.JOINED
             state.failure = None
             state.last_seen = time.monotonic()
@@ -252,7 +257,8 @@ class SiteRegistry:
         """Fail joined sites whose heartbeat lapsed. Caller holds ``cond``."""
         now = time.monotonic()
         for state in self.sites.values():
-            if state.status == SiteStatus.JOINED and now - state.last_seen > self.heartbeat_timeout_s:
+            if state.status == SiteStatus.JOINED and not state.local \
+                    and now - state.last_seen > self.heartbeat_timeout_s:
                 self._fail_locked(
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
                 )

@@ -84,7 +84,7 @@ class MemoryTransport:
         return self._service
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
-        return self._live().join(site, job_id, token, self._service.protocol_version)
+        return self._live().join(site, job_id, token, self._service.protocol_version, local=True)
 
     def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
         outcome = self._live().next_task(session_id, wait_s, header_only=header_only)
