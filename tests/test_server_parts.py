@@ -151,3 +151,32 @@ def test_messages_about_many_sites_stay_short_and_travel_over_grpc(tmp_path):
         server.stop()
     summary = failure_list({s: "no heartbeat for 61 s\nTraceback ..." for s in sites})
     assert summary.endswith("(and 995 more sites failed)") and summary.count("no heartbeat") == 5
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tensors=st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["ok", "nan", "inf", "huge"]),
+                               st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64])),
+                     min_size=1, max_size=8),
+    one_by_one=st.sampled_from([4, 1 << 16]),
+)
+def test_the_finite_check_of_a_whole_model_names_the_first_bad_tensor(tensors, one_by_one):
+    """Small tensors are checked together, large ones one by one; either way the answer is the
+    first tensor with a NaN or an Inf, and huge finite values are never taken for one."""
+    import flkit.server.validation as validation
+
+    built = []
+    for numel, kind, dtype in tensors:
+        t = torch.ones(numel, dtype=torch.float64)
+        if numel and kind != "ok":
+            huge = 6e4 if dtype == torch.float16 else 1e30  # finite, but its square overflows
+            t[numel // 2] = {"nan": float("nan"), "inf": float("inf"), "huge": huge}[kind]
+        built.append(t.to(dtype))
+    expected = next((i for i, t in enumerate(built) if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                    None)
+    saved = validation.ONE_BY_ONE
+    validation.ONE_BY_ONE = one_by_one
+    try:
+        assert validation.first_non_finite(built) == expected
+    finally:
+        validation.ONE_BY_ONE = saved

@@ -34,7 +34,7 @@ from flkit.server.listing import failure_list, site_list
 from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
-from flkit.server.validation import all_finite, check_metrics, check_params, weight_of
+from flkit.server.validation import check_metrics, check_params, first_non_finite, weight_of
 from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
 from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
@@ -337,9 +337,10 @@ class Controller:
             new_global = self._models.take(self.global_params)
             self._aggregator.finish(new_global)
         if new_global is not None:
-            bad = [name for name, t in new_global.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
-            if bad:
-                return JobEnd(True, f"round {round_num}: the aggregate of tensor '{bad[0]}' is not finite "
+            names = list(new_global)
+            bad_index = first_non_finite([new_global[name] for name in names])
+            if bad_index is not None:
+                return JobEnd(True, f"round {round_num}: the aggregate of tensor '{names[bad_index]}' is not finite "
                                     f"(an overflow); the global model of round {round_num - 1} is kept")
         if task_name == VALIDATE:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,32 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+# Tensors at least this large are checked one by one (a BLAS dot each); smaller ones together.
+ONE_BY_ONE = 1 << 16
+
+
+def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """The index of the first floating tensor with a NaN or an Inf, or None when all are finite.
+
+    Why together: a model has many small tensors (biases, norms), and each torch call costs more
+    than their data, the more so when threads take turns with the GIL at every call: all of them
+    go through one ``torch._foreach_norm`` (a NaN or an Inf makes a norm non-finite; so can a
+    huge finite value, which the one-by-one check then settles). Large tensors are checked one
+    by one (``all_finite``), where the work is in the data.
+    """
+    small = [i for i, t in enumerate(tensors)
+             if t.is_floating_point() and 0 < t.numel() < ONE_BY_ONE]
+    suspects: set[int] = set()
+    if small:
+        norms = getattr(torch, "_foreach_norm", None)
+        if norms is None or not bool(torch.stack(norms([tensors[i] for i in small])).isfinite().all()):
+            suspects = set(small)
+    for i, t in enumerate(tensors):
+        if (i in suspects or (t.is_floating_point() and t.numel() >= ONE_BY_ONE)) and not all_finite(t):
+            return i
+    return None
+
+
 def check_params(site: str, params: Params, expected: Params) -> None:
     """Same keys, shapes and dtypes as ``expected``, and only finite values."""
     missing = sorted(set(expected) - set(params))
@@ -48,9 +75,12 @@ def check_params(site: str, params: Params, expected: Params) -> None:
             )
         if got.dtype != ref.dtype:
             raise ValidationError(f"site {site}: tensor '{name}' has dtype {got.dtype}, expected {ref.dtype}")
-        if got.dtype.is_floating_point and got.numel() and not all_finite(got):
-            bad = int((~torch.isfinite(got)).sum())
-            raise ValidationError(f"site {site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
+    names = list(expected)
+    bad_index = first_non_finite([params[name] for name in names])
+    if bad_index is not None:
+        name = names[bad_index]
+        bad = int((~torch.isfinite(params[name])).sum())
+        raise ValidationError(f"site {site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
 
 
 def weight_of(site: str, meta: dict[str, Any]) -> float:
