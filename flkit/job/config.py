@@ -22,6 +22,17 @@ MODEL_FILE = "initial_model.safetensors"
 FORMAT_VERSION = 1
 
 
+def default_min_clients(workflow: dict[str, Any], num_sites: int) -> int:
+    """Without ``min_clients``: every site offered a round must answer (NVFlare's FedAvg waits for
+    all): ``clients_per_round``, or the ``fraction`` of the sites, or all of them."""
+    if workflow.get("clients_per_round") is not None:
+        return int(workflow["clients_per_round"])
+    fraction = workflow.get("fraction")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1:
+        return max(1, math.ceil(fraction * num_sites))
+    return max(1, num_sites)
+
+
 def site_names(n: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n + 1)]
 
@@ -74,13 +85,8 @@ class JobConfig:
 
     def workflow_config(self, num_sites: int) -> WorkflowConfig:
         data = dict(self.workflow)
-        if data.get("min_clients") is None:  # every site offered a round must answer (NVFlare's FedAvg)
-            if data.get("clients_per_round") is not None:
-                data["min_clients"] = data["clients_per_round"]
-            elif isinstance(data.get("fraction"), (int, float)) and 0 < data["fraction"] <= 1:
-                data["min_clients"] = max(1, math.ceil(data["fraction"] * num_sites))
-            else:
-                data["min_clients"] = num_sites
+        if data.get("min_clients") is None:
+            data["min_clients"] = default_min_clients(data, num_sites)
         return WorkflowConfig.from_dict(data)
 
     def make_strategy(self, name: str | None = None, args: dict[str, Any] | None = None) -> Any:

@@ -32,7 +32,7 @@ from flkit.job.components import (
     ValidationJsonGenerator,
     model_params,
 )
-from flkit.job.config import JOB_FILE, MODEL_FILE, JobConfig
+from flkit.job.config import JOB_FILE, MODEL_FILE, JobConfig, default_min_clients
 from flkit.runner.script_runner import BaseScriptRunner
 from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.server.persistor import save_params
@@ -213,7 +213,7 @@ class FedJob:
         data.update(self.options)
         check = dict(data)
         if check.get("min_clients") is None:
-            check["min_clients"] = num_sites or check.get("clients_per_round") or 1
+            check["min_clients"] = default_min_clients(check, num_sites or 1)
         WorkflowConfig.from_dict(check)
         return data
 

@@ -1,0 +1,43 @@
+"""Many sites in one simulation: a thousand in-process sites, all of them every round, and a sample
+of a larger job; each round's sites answer and the model is their exact mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flkit.job import FedAvgJob, ScriptRunner
+from flkit.server.persistor import load_params
+
+PLUS_ONE = """
+import flkit as flare
+
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    flare.send(flare.FLModel(params={k: v + 1 for k, v in model.params.items()}, metrics={"accuracy": 0.5}))
+"""
+
+
+@pytest.mark.slow
+def test_a_thousand_in_process_sites_complete_two_rounds(tmp_path):
+    (tmp_path / "plus_one.py").write_text(PLUS_ONE)
+    job = FedAvgJob(name="thousand", initial_model={"w": torch.zeros(16, 16), "b": torch.zeros(16)},
+                    n_clients=1000, num_rounds=2, key_metric=None)
+    job.to_clients(ScriptRunner(script=str(tmp_path / "plus_one.py")))
+    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    assert result.ok, result.reason
+    assert [len(r.metrics) for r in result.rounds] == [1000, 1000]
+    assert torch.equal(load_params(result.global_model_path)["w"], torch.full((16, 16), 2.0))
+
+
+def test_a_sample_of_a_larger_job_takes_part_and_the_others_wait(tmp_path):
+    (tmp_path / "plus_one.py").write_text(PLUS_ONE)
+    job = FedAvgJob(name="sampled", initial_model={"w": torch.zeros(4)}, n_clients=200, num_rounds=3,
+                    clients_per_round=10, key_metric=None, seed=4)
+    job.to_clients(ScriptRunner(script=str(tmp_path / "plus_one.py")))
+    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    assert result.ok, result.reason
+    assert [len(r.sites) for r in result.rounds] == [10, 10, 10]
+    assert len({frozenset(r.sites) for r in result.rounds}) == 3  # a new sample each round
+    assert torch.equal(load_params(result.global_model_path)["w"], torch.full((4,), 3.0))
