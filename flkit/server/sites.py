@@ -86,6 +86,10 @@ class SiteRegistry:
         # a task waiting for one, first come first served (a dict as an ordered set).
         self._holding: set[str] = set()
         self._slot_waiters: dict[str, None] = {}
+        # Counts of tasks settled (answered or failed) and of failures, so that a waiter for a
+        # round's answers can tell cheaply whether anything it counts has changed.
+        self.settled = 0
+        self.failures = 0
         self._sessions: dict[str, str] = {}
         self.end: JobEnd | None = None
         # Told about every site failure (the Controller reports it as a progress event).
@@ -206,6 +210,9 @@ class SiteRegistry:
         """Record the outcome of ``state``'s task (ACCEPTING, "done", or why it failed): the Controller
         is told, and with a cap on tasks held at once, the sites waiting for a slot look again."""
         state.task_outcome = outcome
+        self.settled += 1
+        if outcome != "done":
+            self.failures += 1
         self.cond.notify_all()
         self._release_slot_locked(state)
 
@@ -238,6 +245,7 @@ class SiteRegistry:
             return
         state.status = SiteStatus.FAILED
         state.failure = reason
+        self.failures += 1
         if state.task is not None and state.task_outcome is None:
             self.settle_locked(state, reason)
         if state.session_id:
