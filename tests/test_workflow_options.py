@@ -370,6 +370,31 @@ def test_a_site_that_fails_while_queued_for_a_slot_does_not_block_the_others(har
     assert sorted(server.controller.history[0].metrics) == ["site-1", "site-3"]
 
 
+def test_a_site_that_stops_waiting_for_a_slot_does_not_keep_its_place(harness):
+    """A site whose receive(timeout) ran out while queued gives up its place: the slot that frees
+    next goes at once to a site still waiting, not to the one that stopped asking."""
+    server = start_server(harness, THREE, num_rounds=1, max_active_tasks=1)
+    s1, s2, s3 = (harness.session(server, s) for s in THREE)
+    for session in (s1, s2, s3):
+        session.connect(timeout=WAIT_S)
+    assert s1.receive(timeout=WAIT_S) is not None
+    assert s2.receive(timeout=0.05) is None  # queued, then gave up
+    got: list[FLModel | None] = []
+    waiter = threading.Thread(target=lambda: got.append(s3.receive(timeout=WAIT_S)))
+    waiter.start()
+    threading.Event().wait(0.2)  # site-3 is waiting behind site-2's old place (nobody sets this event)
+    started = time.monotonic()
+    s1.send(FLModel(params=scaled(1)))
+    waiter.join(WAIT_S)
+    assert got and got[0] is not None
+    assert time.monotonic() - started < 2.0  # at once, not after site-3's own wait ran out
+    s3.send(FLModel(params=scaled(3)))
+    assert s2.receive(timeout=WAIT_S) is not None
+    s2.send(FLModel(params=scaled(2)))
+    outcome = server.wait(WAIT_S)
+    assert outcome is not None and not outcome.failed, outcome
+
+
 def _non_overlapping(intervals: list[tuple[float, float, str]]) -> None:
     ordered = sorted(intervals)
     for (_, end_a, who_a), (start_b, _, who_b) in zip(ordered, ordered[1:], strict=False):

@@ -454,6 +454,10 @@ class Controller:
                 self._open = None
                 if end is not None:
                     self._ending = end
+                for name in sites:  # settled: the task need not keep its model alive (a site left out of
+                    state = reg.sites[name]  # the next rounds would hold it, and its buffers, for good)
+                    if state.task is task and state.task_outcome not in (None, ACCEPTING):
+                        state.task = None
 
     def _collect(self, task: Task, sites: list[str], record: RoundRecord, min_answers: int,
                  timeout_s: float | None, timeout_label: str, started: float) -> JobEnd | None:
@@ -472,7 +476,10 @@ class Controller:
                 now = time.monotonic()
                 if last is not None and reg.failures == last[2] and reg.settled - last[1] < last[3] \
                         and now - last[0] < 1.0 and (timeout_s is None or now < started + timeout_s):
-                    reg.cond.wait(min(1.0 - (now - last[0]), 1.0))
+                    wait = 1.0 - (now - last[0])
+                    if timeout_s is not None:
+                        wait = min(wait, started + timeout_s - now)
+                    reg.cond.wait(max(wait, 0.0))
                     continue
                 reg.reap_dead_locked()
                 states = [reg.sites[s] for s in sites]

@@ -175,6 +175,8 @@ class SiteRegistry:
                     return self.end
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if self._slot_waiters.pop(state.name, 0) is None:  # it stops waiting: no place kept,
+                        self._wake_queue_locked()  # so a free slot goes to the next one who waits
                     return None
                 assert state.wake is not None
                 state.wake.wait(remaining)
@@ -222,6 +224,12 @@ class SiteRegistry:
         if self.max_active_tasks is None:
             return
         self._holding.discard(state.name)
+        self._wake_queue_locked()
+
+    def _wake_queue_locked(self) -> None:
+        """Wake as many sites waiting for a slot as there are free slots, the first in line."""
+        if self.max_active_tasks is None:
+            return
         for name in self._queue_locked(self.max_active_tasks - len(self._holding)):
             self._wake_locked(self.sites[name])
 
