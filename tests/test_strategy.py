@@ -43,8 +43,9 @@ class PerSiteLr(FedAvg):
         return {"planned": self.planned}
 
 
-def _run_sites(harness, server, sites, reply):
-    """Each site answers every task with ``reply(site, model)``; returns what each received."""
+def _run_sites(harness, server, sites, reply, keep=True):
+    """Each site answers every task with ``reply(site, model)``; returns what each received (with
+    ``keep=False`` nothing: a site then drops each model once answered, as a script does)."""
     seen: dict[str, list[FLModel]] = {s: [] for s in sites}
     errors: list[BaseException] = []
 
@@ -55,8 +56,10 @@ def _run_sites(harness, server, sites, reply):
                 model = session.receive(timeout=30)
                 if model is None:
                     break
-                seen[site].append(model)
+                if keep:
+                    seen[site].append(model)
                 session.send(reply(site, model))
+                del model
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -294,21 +297,8 @@ def test_sites_left_out_of_a_round_do_not_keep_old_global_models_alive(harness):
     sites = [f"site-{i}" for i in range(1, 21)]
     server = harness.start(INITIAL, sites, num_rounds=8, clients_per_round=3, min_clients=3, seed=2)
 
-    def loop(site: str) -> None:  # like a script: the received model is dropped once answered
-        session = harness.session(server, site)
-        while session.is_running():
-            model = session.receive(timeout=30)
-            if model is None:
-                break
-            session.send(FLModel(params={k: v + 1 for k, v in model.params.items()}))
-            del model
-
-    threads = [threading.Thread(target=loop, args=(s,)) for s in sites]
-    for t in threads:
-        t.start()
-    outcome = server.wait(60)
-    for t in threads:
-        t.join(30)
+    outcome, _ = _run_sites(harness, server, sites, lambda site, m: FLModel(params={k: v + 1 for k, v in m.params.items()}),
+                            keep=False)
     assert outcome is not None and not outcome.failed, outcome
     pool = server.controller._models
     # 9 sets taken (the initial model and 8 aggregates): without reuse all 9 would be new. A set the

@@ -36,6 +36,7 @@ from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.validation import check_metrics, check_params, first_non_finite, weight_of
 from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
+from flkit.strategy.registry import name_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
 
@@ -253,8 +254,7 @@ class Controller:
 
     @property
     def _strategy_name(self) -> str:
-        # The registered name of exactly this class (a subclass does not inherit its parent's name).
-        return vars(type(self.strategy)).get("strategy_name") or type(self.strategy).__name__
+        return name_of(self.strategy) or type(self.strategy).__name__
 
     def _plan(self, round_num: int, task_name: str, offered: list[str]) -> dict[str, SiteConfig] | JobEnd:
         """The strategy's plan for the round (site -> config), checked: a subset of ``offered``, with

@@ -115,9 +115,16 @@ def check_args(args: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
                           f"{exc}") from None
 
 
+def name_of(strategy: Strategy) -> str | None:
+    """The name ``strategy``'s own class was registered under (not a parent's: a subclass needs its
+    own name), or None."""
+    name = vars(type(strategy)).get("strategy_name")
+    return name if isinstance(name, str) else None
+
+
 def spec_of(strategy: Strategy) -> dict[str, Any]:
     """``{"name", "args"}`` that rebuild ``strategy`` with ``create`` (what an export writes)."""
-    name = vars(type(strategy)).get("strategy_name")  # not a parent's: a subclass needs its own name
+    name = name_of(strategy)
     if name is None or _classes.get(name) is not type(strategy):
         raise ConfigError(f"{type(strategy).__name__} is not a registered strategy: decorate it with "
                           "@flkit.strategy.register('name') so a job can name it")
@@ -185,4 +192,5 @@ def from_spec(spec: Mapping[str, Any], job_root: Path | None = None) -> Strategy
     return create(checked["name"], checked["args"])
 
 
-__all__ = ["BUILTIN", "check_args", "check_spec", "create", "from_spec", "load_file", "names", "register", "spec_of"]
+__all__ = ["BUILTIN", "check_args", "check_spec", "create", "from_spec", "load_file", "name_of", "names", "register",
+           "spec_of"]
