@@ -1,16 +1,14 @@
 """Benchmark: seconds per round and memory with many sites in one simulation.
 
 Each configuration runs in a fresh child process: a 10K-parameter model (``Linear(100, 100)``),
-in-process sites running ``bench/noop_site.py`` (add 0.001, send back), FedAvg, no final
-validation. Prints one row per configuration and the targets of issue 12 that apply to it.
+sites running ``bench/noop_site.py`` (add 0.001, send back), FedAvg, no final validation, on
+the simulator's ``processes`` backend (its default) and on ``threads``, with as many workers as
+cores. Prints one row per configuration and the targets of issue 12 that apply to it; "peak" is
+the largest sum of the resident memory of the simulator and its worker processes.
 
     .venv/bin/python bench/many_sites.py                 # 100 and 1,000 sites, 10,000 with 100 per round
-    .venv/bin/python bench/many_sites.py --sites 1000 --rounds 5
+    .venv/bin/python bench/many_sites.py --sites 1000 --rounds 5 --backend threads
     .venv/bin/python bench/many_sites.py --sites 10000 --per-round 100
-
-What "threads" means here: today's in-process path, a thread per site (no heartbeat thread:
-in-process sites need none). The pooled backends of issue 12 (a bounded set of workers) are
-measured here once they exist.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +28,35 @@ HERE = Path(__file__).resolve().parent
 TAG = "BENCH_MANY_SITES "
 # (sites, sites per round or None for all): the issue's shapes.
 DEFAULT = [(100, None), (1000, None), (10000, 100)]
-TARGETS = {(100, None): 0.1, (1000, None): 1.0}  # s/round on threads (issue 12)
+# s/round (issue 12), by backend.
+TARGETS = {("threads", 100, None): 0.1, ("threads", 1000, None): 1.0,
+           ("processes", 100, None): 0.3, ("processes", 1000, None): 3.0}
 PEAK_LIMIT_MIB = 4096  # 10,000 sites, 100 per round: peak memory of the process tree
 
 
-def run_one(sites: int, per_round: int | None, rounds: int) -> dict:
+class TreePeak(threading.Thread):
+    """The largest sum of resident memory of this process and its children, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.wait(0.05):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+
+def run_one(sites: int, per_round: int | None, rounds: int, backend: str) -> dict:
     import torch
 
     from flkit.job import FedAvgJob, ScriptRunner
@@ -44,16 +66,21 @@ def run_one(sites: int, per_round: int | None, rounds: int) -> dict:
                     final_validation=False, key_metric=None,
                     **({"clients_per_round": per_round} if per_round else {}))
     job.to_clients(ScriptRunner(script=str(HERE / "noop_site.py")))
+    peak = TreePeak()
+    peak.start()
     with tempfile.TemporaryDirectory() as ws:
         start = time.perf_counter()
-        result = job.simulate(ws, quiet=True)
+        result = job.simulate(ws, quiet=True, backend=backend)
         wall = time.perf_counter() - start
+    peak.stop.set()
+    peak.join()
     seconds = [r.seconds for r in result.rounds]
     steady = seconds[1:] or seconds
-    return {"sites": sites, "per_round": per_round, "rounds": rounds, "ok": result.ok, "reason": result.reason,
+    return {"backend": backend, "sites": sites, "per_round": per_round, "rounds": rounds, "ok": result.ok,
+            "reason": result.reason,
             "round_s": seconds, "s_per_round": statistics.fmean(steady), "first_round_s": seconds[0] if seconds else None,
             "wall_s": wall, "outside_rounds_s": wall - sum(seconds),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak.peak / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,33 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=None, help="one configuration: this many sites")
     parser.add_argument("--per-round", type=int, default=None, help="sites sampled per round (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per job (s/round: mean of rounds 2..N)")
+    parser.add_argument("--backend", choices=("processes", "threads"), action="append", default=None,
+                        help="the simulator's backend (repeat for both; default: processes and threads)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: JSON config
     args = parser.parse_args(argv)
     if args.one:
         cfg = json.loads(args.one)
-        print(TAG + json.dumps(run_one(cfg["sites"], cfg["per_round"], cfg["rounds"])), flush=True)
+        print(TAG + json.dumps(run_one(cfg["sites"], cfg["per_round"], cfg["rounds"], cfg["backend"])), flush=True)
         return 0
     configs = [(args.sites, args.per_round)] if args.sites else DEFAULT
+    backends = args.backend or ["processes", "threads"]
     rows = []
-    for sites, per_round in configs:
-        cfg = json.dumps({"sites": sites, "per_round": per_round, "rounds": args.rounds})
-        print(f"... {sites} sites, {per_round or 'all'} per round", file=sys.stderr, flush=True)
+    for (sites, per_round), backend in [(c, b) for c in configs for b in backends]:
+        cfg = json.dumps({"sites": sites, "per_round": per_round, "rounds": args.rounds, "backend": backend})
+        print(f"... {sites} sites, {per_round or 'all'} per round, {backend}", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", cfg], capture_output=True,
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((x for x in done.stdout.splitlines() if x.startswith(TAG)), None)
         if line is None:
-            rows.append({"sites": sites, "per_round": per_round, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+            rows.append({"backend": backend, "sites": sites, "per_round": per_round,
+                         "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             continue
         rows.append(json.loads(line[len(TAG):]))
-    print(f"many sites, 10K-parameter model, in-process sites (a thread each), {os.cpu_count()} cores, "
-          f"{args.rounds} rounds per job")
-    print(f"{'sites':>6} {'per round':>9} {'s/round':>8} {'first':>7} {'wall s':>7} {'outside':>8} "
+    print(f"many sites, 10K-parameter model, {os.cpu_count()} cores (as many workers), {args.rounds} rounds per job")
+    print(f"{'backend':>9} {'sites':>6} {'per round':>9} {'s/round':>8} {'first':>7} {'wall s':>7} {'outside':>8} "
           f"{'peak MiB':>9}  target")
     for r in rows:
         if "error" in r or not r.get("ok"):
-            print(f"{r['sites']:>6} {r['per_round'] or 'all':>9}  failed: {r.get('error') or r.get('reason')}")
+            print(f"{r['backend']:>9} {r['sites']:>6} {r['per_round'] or 'all':>9}  failed: "
+                  f"{r.get('error') or r.get('reason')}")
             continue
-        key = (r["sites"], r["per_round"])
+        key = (r["backend"], r["sites"], r["per_round"])
         if key in TARGETS:
             limit = TARGETS[key]
             verdict = f"<= {limit:g} s/round: {'PASS' if r['s_per_round'] <= limit else 'MISS'}"
@@ -95,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = f"peak <= {PEAK_LIMIT_MIB} MiB: {'PASS' if r['peak_rss_mib'] <= PEAK_LIMIT_MIB else 'MISS'}"
         else:
             verdict = "-"
-        print(f"{r['sites']:>6} {r['per_round'] or 'all':>9} {r['s_per_round']:>8.3f} {r['first_round_s']:>7.3f} "
+        print(f"{r['backend']:>9} {r['sites']:>6} {r['per_round'] or 'all':>9} {r['s_per_round']:>8.3f} {r['first_round_s']:>7.3f} "
               f"{r['wall_s']:>7.1f} {r['outside_rounds_s']:>8.1f} {r['peak_rss_mib']:>9.0f}  {verdict}")
     return 0
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from flkit.client import ranks, supervision
-from flkit.client.current import AnySession, clear_session, set_session
+from flkit.client.current import AnySession, clear_session, handover, set_session
 from flkit.client.current import current_session as current_session  # flkit.api.current_session, re-exported
 from flkit.client.current import require_session as require_session
 from flkit.client.follower import FollowerSession
@@ -67,7 +67,9 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
     if rank > 0:
         session = FollowerSession(settings, rank, world)
     else:
-        session = Session(settings, distributed=world > 1)
+        handed = handover()  # a worker pool runs this site-task with a session it opened
+        session = Session(settings, distributed=world > 1, transport=None if handed is None else handed.transport,
+                          handed=None if handed is None else handed.reply)
     set_session(session)
     if not in_runner_context():
         atexit.register(_close_at_exit, session)

@@ -35,8 +35,19 @@ def main() -> None:
               help="Number of sites (site-1..site-N) for jobs built with to_clients(); default: the job's.")
 @click.option("-c", "--clients", default=None,
               help="Comma-separated site names instead of site-1..site-N (e.g. hospital-a,hospital-b).")
-@click.option("-t", "--threads", type=int, default=None,
-              help="At most this many sites hold a task at once (default: all); every site's script stays alive.")
+@click.option("--workers", "-t", "--threads", "threads", type=click.IntRange(min=1), default=None,
+              help="Workers that run the sites' scripts (default: this machine's cores). With more sites than "
+                   "workers, a site's script runs once per task on a free worker; else each site keeps one. "
+                   "-t/--threads is NVFlare's name for it.")
+@click.option("-b", "--backend", type=click.Choice(["processes", "threads", "ray"]), default="processes",
+              show_default=True,
+              help="Where the scripts run: processes (each site-task in <workspace>/<site> with fresh module "
+                   "globals and a seeded RNG), threads (threads of this process: fast, but sites share globals, "
+                   "working directory and RNG), or ray (Ray actors, also on a multi-node cluster; needs "
+                   "flkit[ray]).")
+@click.option("--address", default="127.0.0.1:0", show_default=True,
+              help="host:port the job's server listens on (port 0: a free one). For Ray workers on other "
+                   "nodes, an address of this machine they can reach, e.g. 10.0.0.5:8002.")
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
               help="Output folder: server/ holds the global and best models, site-N/ each site's files.")
 @click.option("--gpu", default=None,
@@ -53,11 +64,12 @@ def main() -> None:
                    "--strategy is not given, else none).")
 @click.option("-q", "--quiet", is_flag=True, help="Only print failures and the final summary.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads: int | None, workspace: Path,
-             gpu: str | None, log_config: str | None, strategy: str | None, strategy_args: str | None, quiet: bool,
-             verbose: int) -> None:
-    """Run the job in JOB_DIR on this machine: the real server on loopback, in-process sites as
-    threads, external ones as processes.
+def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads: int | None, backend: str,
+             address: str, workspace: Path, gpu: str | None, log_config: str | None, strategy: str | None,
+             strategy_args: str | None, quiet: bool, verbose: int) -> None:
+    """Run the job in JOB_DIR on this machine: the real server on loopback, and the sites' scripts
+    on a pool of workers (--backend, --workers); sites whose runner launches an external process
+    run as their own processes.
 
     Exits 0 when the job completed, 1 when it failed.
     """
@@ -75,7 +87,8 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
             raise click.BadParameter("must be a JSON object, e.g. '{\"lr\": 0.1}'", param_hint="--strategy-args")
     try:
         result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
-                     clients=names, log_config=log_config, strategy=strategy, strategy_args=args)
+                     clients=names, log_config=log_config, strategy=strategy, strategy_args=args, backend=backend,
+                     address=address)
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if result.ok else 1)

@@ -17,22 +17,24 @@ from conftest import SCRIPTS
 sys.path.insert(0, str(SCRIPTS))
 from digits_task import SmallNet, accuracy, load  # noqa: E402
 
+# (external process, FLKIT_TRANSPORT, simulator backend, what the sites used)
 CASES = {
-    "memory": (False, "auto", {"name": "memory", "shm_active": False}),
-    "shm": (True, "auto", {"name": "shm", "shm_active": True}),
-    "grpc": (True, "grpc", {"name": "grpc", "shm_active": False}),
+    "memory": (False, "auto", "threads", {"name": "memory", "shm_active": False}),
+    "shm": (True, "auto", "processes", {"name": "shm", "shm_active": True}),
+    "shm-pool": (False, "auto", "processes", {"name": "shm", "shm_active": True}),
+    "grpc": (True, "grpc", "processes", {"name": "grpc", "shm_active": False}),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_sites_learn_digits_over_each_transport(tmp_path, monkeypatch, case):
-    external, transport, expected = CASES[case]
+    external, transport, backend, expected = CASES[case]
     monkeypatch.setenv("FLKIT_TRANSPORT", transport)
     torch.manual_seed(0)
     job = FedAvgJob(name=f"e2e_{case}", initial_model=SmallNet(), n_clients=2, num_rounds=3)
     job.to_clients(ScriptRunner(script=str(SCRIPTS / "digits_transport.py"), launch_external_process=external))
-    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    result = job.simulator_run(tmp_path / "ws", quiet=True, backend=backend)
 
     assert result.ok, result.reason
     for site in ("site-1", "site-2"):

@@ -131,8 +131,7 @@ def test_in_process_sites_keep_lightning_outputs_in_their_workspace(in_process_r
     assert not (tmp_path / "lightning_logs").exists()  # the launcher's working directory
 
 
-def test_without_restore_state_and_validate_each_fit_starts_fresh_and_sends_no_metrics(tmp_path, caplog):
-    caplog.set_level(logging.WARNING)
+def test_without_restore_state_and_validate_each_fit_starts_fresh_and_sends_no_metrics(tmp_path, capfd):
     result = _run(tmp_path, "--restore_state 0 --skip_validate", num_rounds=2)
     assert result.ok, result.reason
     records = _records(tmp_path / "rec", "site-1")
@@ -142,8 +141,9 @@ def test_without_restore_state_and_validate_each_fit_starts_fresh_and_sends_no_m
     assert all(rec["fit_metrics"].get(KEY) is not None for rec in records[:2])
     assert [r.metrics for r in result.rounds] == [{"site-1": {}, "site-2": {}}] * 3
     assert result.best_round is None
-    assert "fit() without a validate() of the global model first" in caplog.text
-    assert "task 'validate' reached fit() before any validate()" in caplog.text
+    err = capfd.readouterr().err  # the sites' warnings, from the worker processes' stderr
+    assert "fit() without a validate() of the global model first" in err
+    assert "task 'validate' reached fit() before any validate()" in err
 
 
 def test_nvflare_lightning_script_runs_with_only_its_import_changed(tmp_path):

@@ -241,7 +241,7 @@ def test_the_global_model_is_given_out_as_its_own_file_and_reused_once_let_go(tm
             assert model is not None and session.transport.active
             owner = shared_model_of(server.controller.global_params)
             assert owner is not None and owner.path is not None and owner.path.parent == server.shm.folder
-            assert list(session.transport._mapped)[-1] == owner.path.name  # what the site mapped
+            assert list(session.transport._mapped)[-1][1] == owner.path.name  # what the site mapped
             names.append(owner.path.name)
             assert torch.equal(model.params["w"], INITIAL["w"] + round_num)
             server.persistor.flush(30)  # the writer lets go of last round's model once it is saved

@@ -12,6 +12,7 @@ This module imports neither the Session classes nor gRPC, so ``flkit.api`` and
 from __future__ import annotations
 
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from flkit.client.settings import in_runner_context
@@ -20,8 +21,11 @@ from flkit.errors import FLKitError
 if TYPE_CHECKING:
     from flkit.client.follower import FollowerSession
     from flkit.client.session import Session
+    from flkit.messages import JoinReply
+    from flkit.transport.base import Transport
 
-__all__ = ["AnySession", "clear_session", "current_session", "require_session", "set_session"]
+__all__ = ["AnySession", "Handover", "clear_session", "current_session", "handover", "require_session",
+           "set_handover", "set_session"]
 
 # Rank 0 (or a single-process site) has a Session; ranks > 0 of a torch.distributed job a FollowerSession.
 AnySession: TypeAlias = "Session | FollowerSession"
@@ -59,3 +63,25 @@ def clear_session(session: AnySession) -> None:
     _session_var.set(None)
     if _process_session is session:
         _process_session = None
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A session the simulator's worker pool opened for the site a worker runs now, and the
+    worker's transport: ``flkit.init()`` uses them instead of joining (``Session(handed=...)``)."""
+
+    reply: JoinReply
+    transport: Transport
+
+
+_handover_var: ContextVar[Handover | None] = ContextVar("flkit_handover", default=None)
+
+
+def handover() -> Handover | None:
+    """The pool's session for this site-task, if a pool runs it."""
+    return _handover_var.get()
+
+
+def set_handover(value: Handover | None) -> None:
+    """Used by a pool worker inside the site-task's own context."""
+    _handover_var.set(value)

@@ -23,7 +23,17 @@ from flkit.client.records import RecordQueue
 from flkit.client.settings import SiteSettings
 from flkit.client.task_state import Phase, TaskState
 from flkit.errors import CommunicationError, FLKitError, ResultRejectedError, ValidationError
-from flkit.messages import SUBMIT_MODEL, TRAIN, ErrorCode, JobEnd, Result, ServiceError, Task, TaskOrEnd
+from flkit.messages import (
+    SUBMIT_MODEL,
+    TRAIN,
+    ErrorCode,
+    JobEnd,
+    JoinReply,
+    Result,
+    ServiceError,
+    Task,
+    TaskOrEnd,
+)
 from flkit.model import FLModel, ParamsType
 from flkit.transport import Transport, make_transport
 from flkit.wire.codec import encode_params, plain_meta, plain_metrics, to_cpu_params
@@ -62,10 +72,16 @@ class Session:
     """A site's connection to its job. Create through ``flkit.init()``."""
 
     def __init__(self, settings: SiteSettings, transport: Transport | None = None,
-                 distributed: bool = False) -> None:
-        """``distributed``: this is rank 0 of several; share every state with the other ranks."""
+                 distributed: bool = False, handed: JoinReply | None = None) -> None:
+        """``distributed``: this is rank 0 of several; share every state with the other ranks.
+
+        ``handed``: a session the simulator's worker pool opened for this site, with ``transport``
+        (the worker's, shared by the site-tasks it runs). It is used as it is: no join, no
+        heartbeat (the pool vouches for the site), and closing it neither leaves the job nor
+        reports a failure (the pool reports the site-task's outcome) nor closes the transport."""
         self.settings = settings
         self.transport = transport or make_transport(settings)
+        self.handed = handed is not None
         self.distributed = distributed
         self._link: ranks.RankLink | None = None
         self._warned_no_group = False
@@ -80,6 +96,11 @@ class Session:
         self._heartbeat_thread: threading.Thread | None = None
         self._heartbeat_interval = 5.0
         self.records = RecordQueue(settings.site_name, settings.workspace, settings.job_id)
+        if handed is not None:
+            self.transport.use_offers(handed.offers)
+            self._session_id, self.job_config = handed.session_id, handed.job_config
+            self._heartbeat_interval = 0.0
+            self.records.configure(handed.job_config, self._send_records)
 
     # -- connection ---------------------------------------------------------
 
@@ -452,6 +473,10 @@ class Session:
         self._closed = True
         self._heartbeat_stop.set()
         s = self.settings
+        if self.handed:  # the pool's session: it stays open for the site's next task
+            self.flush_records(timeout=5.0)
+            self.records.close()
+            return
         if silent:
             self.flush_records(timeout=5.0)  # what the script logged still counts
             self.records.close()

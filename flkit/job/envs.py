@@ -99,7 +99,8 @@ def _sites(owner: str, num_clients: int | None, clients: list[str] | None) -> li
 class SimEnv(ExecEnv):
     """Run the job in flkit's simulator, in this process, under ``<workspace_root>/<job name>``.
 
-    ``num_threads``: at most this many sites hold a task at once (default: all);
+    ``num_threads``: the simulator's workers (default: the cores; see ``simulate``), on its default
+    backend, worker processes;
     ``gpu_config``: CUDA devices for the sites ("0,1" or "[0,1],[2,3]"); ``log_config``: a level,
     an NVFlare log mode or a logging config file.
     """

@@ -275,34 +275,38 @@ class FedJob:
 
     def simulator_run(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
                       gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
-                      quiet: bool = False):
+                      quiet: bool = False, backend: str = "processes"):
         """Export to ``<workspace>/job`` and run it with the simulator (NVFlare 2.6's argument order).
 
         ``n_clients``: sites site-1..site-N of a to_clients() job; ``clients``: their names instead.
-        ``threads``: at most this many sites hold a task at once (every site's script stays
-        alive). ``gpu``: CUDA devices given to the sites round-robin ("0,1", or groups
-        "[0,1],[2,3]"); without CUDA a warning, and the sites run on the CPU. ``log_config``:
-        a level name, NVFlare's mode ("concise", "full", "verbose"...) or a logging config
-        file (JSON). Returns a SimulationResult; raises JobFailedError (after printing the
-        summary) if the job failed.
+        ``backend``: where the sites' scripts run: "processes" (a pool of worker processes; each
+        site-task runs in ``<workspace>/<site>`` with fresh module globals and a seeded RNG),
+        "threads" (threads of this process, which share its globals) or "ray" (``flkit[ray]``).
+        ``threads``: the number of workers (default: this machine's cores); with more sites than
+        workers, a site's script runs once per task on a free worker. ``gpu``: CUDA devices given
+        to the sites round-robin ("0,1", or groups "[0,1],[2,3]"); without CUDA a warning, and the
+        sites run on the CPU. ``log_config``: a level name, NVFlare's mode ("concise", "full",
+        "verbose"...) or a logging config file (JSON). Returns a SimulationResult; raises
+        JobFailedError (after printing the summary) if the job failed.
         """
         from flkit.errors import JobFailedError
 
-        result = self.simulate(workspace, n_clients, threads, gpu, log_config, clients=clients, quiet=quiet)
+        result = self.simulate(workspace, n_clients, threads, gpu, log_config, clients=clients, quiet=quiet,
+                               backend=backend)
         if not result.ok:
             raise JobFailedError(f"job {self.name} failed: {result.reason}")
         return result
 
     def simulate(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
                  gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, backend: str = "processes"):
         """``simulator_run`` without the raise: the SimulationResult of a failed job too (SimEnv's Run)."""
         from flkit.sim.simulator import simulate
 
         workspace = Path(workspace)
         job_dir = self.export_job(workspace / "job", n_clients=n_clients or (len(clients) if clients else None))
         return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
-                        clients=clients, log_config=log_config)
+                        clients=clients, log_config=log_config, backend=backend)
 
 
 class BaseFedJob(FedJob):

@@ -1,14 +1,15 @@
-"""Run a site's script in this process: runpy in its own thread, its own argv and context."""
+"""Run a site's script in this process: as `__main__` in its own thread, its own argv and context."""
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import runpy
 import sys
 import threading
 import traceback
+import types
 from pathlib import Path
+from types import CodeType
 
 from flkit.client.settings import SiteSettings, set_context_settings
 from flkit.errors import FLKitError
@@ -65,25 +66,7 @@ class InProcessSite:
     def _main(self) -> None:
         from flkit import api
 
-        set_context_settings(self.settings)
-        thread_io.set_site_io(self.argv, f"[{self.site}] ")
-        site_console.use_own_console()
-        Path(self.settings.workspace).mkdir(parents=True, exist_ok=True)
-        error = None
-        try:
-            if self.gpu is not None:
-                import torch
-
-                torch.cuda.set_device(int(str(self.gpu).split(",")[0]))  # this thread's current device
-            runpy.run_path(str(self.script), run_name="__main__")
-        except SystemExit as exc:
-            if exc.code not in (None, 0):
-                error = f"script {self.script.name} exited with status {exc.code}"
-        except BaseException as exc:
-            error = self._describe(exc)
-        finally:
-            site_console.uninstall()
-            thread_io.uninstall()
+        error = run_script(self.script, self.argv[1:], self.settings, self.gpu)
         if error:
             log.debug("site %s failed: %s", self.site, error)
         session = api.current_session()
@@ -94,11 +77,66 @@ class InProcessSite:
             report_site_failure(self.settings, error)
         self.outcome = SiteOutcome(self.site, error is None, error)
 
-    def _describe(self, exc: BaseException) -> str:
-        """One summary line, then the traceback from the script's own frames on."""
-        tb = exc.__traceback__
-        while tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve() != self.script:
-            tb = tb.tb_next
-        lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
-        head = f"script {self.script.name} raised {type(exc).__name__}: {exc}".splitlines()[0]
-        return head + "\n" + "".join(lines).rstrip()
+
+def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str | None = None) -> str | None:
+    """Run ``script`` to its end in this thread as site ``settings.site_name``: its own ``sys.argv``,
+    output prefixed with the site's name, its settings in this context (call it in a fresh
+    ``contextvars.Context``). ``script``: an absolute path. Returns why the script failed, or None;
+    its session stays open (``flkit.api.current_session()``) for the caller to close."""
+    set_context_settings(settings)
+    thread_io.set_site_io([str(script), *argv], f"[{settings.site_name}] ")
+    site_console.use_own_console()
+    Path(settings.workspace).mkdir(parents=True, exist_ok=True)
+    error = None
+    try:
+        if gpu is not None:
+            import torch
+
+            torch.cuda.set_device(int(str(gpu).split(",")[0]))  # this thread's current device
+        run_as_main(script)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            error = f"script {script.name} exited with status {exc.code}"
+    except BaseException as exc:
+        error = _describe(script, exc)
+    finally:
+        site_console.uninstall()
+        thread_io.uninstall()
+    return error
+
+
+# Compiled scripts by (path, mtime, size): a worker pool runs the same script once per task.
+_compiled: dict[tuple[str, int, int], CodeType] = {}
+_compiled_lock = threading.Lock()
+
+
+def run_as_main(script: Path) -> None:
+    """Run ``script`` as ``__main__``, as ``runpy.run_path`` does for a file (the same module
+    attributes, and ``sys.modules["__main__"]`` while it runs), with its code compiled once."""
+    stat = script.stat()
+    key = (str(script), stat.st_mtime_ns, stat.st_size)
+    with _compiled_lock:
+        code = _compiled.get(key)
+    if code is None:
+        code = compile(script.read_bytes(), str(script), "exec", dont_inherit=True)
+        with _compiled_lock:
+            _compiled[key] = code
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=str(script), __cached__=None, __loader__=None, __package__="", __spec__=None)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+def _describe(script: Path, exc: BaseException) -> str:
+    """One summary line, then the traceback from the script's own frames on."""
+    tb = exc.__traceback__
+    while tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve() != script:
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
+    head = f"script {script.name} raised {type(exc).__name__}: {exc}".splitlines()[0]
+    return head + "\n" + "".join(lines).rstrip()

@@ -41,8 +41,9 @@ class SiteState:
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
     fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
     failure: str | None = None
-    # The session lives in the server's own process (the memory transport): it needs no heartbeat,
-    # since the site cannot vanish without the server, and a stuck script would heartbeat anyway.
+    # The site's liveness is vouched for in the server's own process: it talks through the memory
+    # transport (it cannot vanish without the server), or the simulator's worker pool opened its
+    # session and watches the workers that run its tasks. It needs no heartbeat.
     local: bool = False
     # Woken when something this site waits for changes (its task, its session, the job's end);
     # shares the registry's lock. None until the registry sets it.
@@ -91,9 +92,15 @@ class SiteRegistry:
         self.settled = 0
         self.failures = 0
         self._sessions: dict[str, str] = {}
+        # Sites that joined with a session that must heartbeat (not local): the only ones a look for
+        # lapsed heartbeats visits, so a simulation of 10,000 pooled sites costs it nothing.
+        self._beating: set[str] = set()
         self.end: JobEnd | None = None
         # Told about every site failure (the Controller reports it as a progress event).
         self.on_site_failed: Callable[[str, str], None] | None = None
+        # Told (under the lock: keep it cheap) which sites were just given a task: the simulator's
+        # worker pool runs a site's script only when it has one.
+        self.on_assigned: Callable[[Task, list[str]], None] | None = None
 
     # -- requests from sites -------------------------------------------------
 
@@ -124,6 +131,10 @@ class SiteRegistry:
             self._sessions[session_id] = site
             state.session_id = session_id
             state.local = local
+            if local:
+                self._beating.discard(site)
+            else:
+                self._beating.add(site)
             state.status = SiteStatus.JOINED
             state.failure = None
             state.last_seen = time.monotonic()
@@ -188,6 +199,26 @@ class SiteRegistry:
             else:
                 state = self._check_identity(site, job_id, token)
             self._fail_locked(state, reason)
+
+    def fail_task(self, site: str, reason: str) -> bool:
+        """Fail ``site``'s open task, not the site: a worker that ran it died or the script ended
+        without answering, and the site may be given later tasks. True if a task was open."""
+        with self.cond:
+            state = self.sites[site]
+            if state.task is None or state.task_outcome is not None:
+                return False
+            self.settle_locked(state, reason)
+            self._wake_locked(state)
+        if self.on_site_failed is not None:
+            self.on_site_failed(site, reason)
+        return True
+
+    def task_open(self, site: str, task_id: str) -> bool:
+        """Whether ``site`` still waits to answer task ``task_id`` (not answered, failed or timed out)."""
+        with self.cond:
+            state = self.sites[site]
+            return (state.task is not None and state.task.task_id == task_id and state.task_outcome is None
+                    and self.end is None)
 
     def leave(self, session_id: str, reason: str) -> None:
         with self.cond:
@@ -272,8 +303,12 @@ class SiteRegistry:
     def reap_dead_locked(self) -> None:
         """Fail joined sites whose heartbeat lapsed. Caller holds ``cond``."""
         now = time.monotonic()
-        for state in self.sites.values():
-            if state.status == SiteStatus.JOINED and not state.local \
+        for name in list(self._beating):
+            state = self.sites[name]
+            if state.status != SiteStatus.JOINED:
+                self._beating.discard(name)
+                continue
+            if not state.local \
                     and now - state.last_seen > self.heartbeat_timeout_s:
                 self._fail_locked(
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
@@ -301,6 +336,8 @@ class SiteRegistry:
             self._holding.discard(name)
             self._wake_locked(state)
         self.cond.notify_all()
+        if self.on_assigned is not None and sites:
+            self.on_assigned(task, sites)
 
     def finish(self, failed: bool, reason: str) -> None:
         with self.cond:

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from flkit.runner.processes import sigterm_as_exit
 from flkit.server.controller import RoundRecord
 from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
+from flkit.sim.backend import DEFAULT_BACKEND, check_backend, default_workers, make_backend
+from flkit.sim.pool import SitePool, SiteSpec
 from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
 log = logging.getLogger("flkit.sim")
@@ -109,23 +111,32 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
              threads: int | None = None, gpu: str | None = None, quiet: bool = False,
              console: Console | None = None, clients: list[str] | None = None,
              log_config: str | None = None, strategy: str | None = None,
-             strategy_args: dict[str, Any] | None = None) -> SimulationResult:
+             strategy_args: dict[str, Any] | None = None, backend: str = DEFAULT_BACKEND,
+             address: str = "127.0.0.1:0") -> SimulationResult:
     """Run the job in ``job_dir``; outputs go under ``workspace`` (``server/`` and one folder per site).
 
-    ``threads``: at most this many sites hold a task at once; every site's script stays alive
-    (NVFlare's meaning). ``strategy``/``strategy_args``: use this registered strategy (or these
-    arguments for the job's own) instead of what ``job.json`` names. See ``FedJob.simulator_run``
-    for the other arguments.
+    ``backend`` runs the in-process sites' scripts: "processes" (the default: a pool of worker
+    processes, each site-task in its own folder with fresh module globals and a seeded RNG, as on
+    a machine of its own), "threads" (threads of this process, sharing its globals, folder and
+    RNG), or "ray" (Ray actors; the ``flkit[ray]`` extra). ``threads``: the number of workers
+    (default: the cores of this machine). With more sites than workers, a site's script runs once
+    per task on whichever worker is free; otherwise each site keeps a worker and its script runs
+    once for the job. Sites whose ScriptRunner launches an external process run as their own
+    processes, whatever the backend. ``strategy``/``strategy_args``: use this registered strategy
+    (or these arguments for the job's own) instead of what ``job.json`` names. ``address``: where the
+    job's server listens ("host:port"; Ray workers on other nodes need a host they can reach). See
+    ``FedJob.simulator_run`` for the other arguments.
     """
     console = console or Console(highlight=False, soft_wrap=True)
     apply_log_config(log_config)
+    check_backend(backend)
     job = load_job(Path(job_dir))
     sites = job.resolve_sites(n_clients, clients)
     workflow = job.workflow_config(len(sites))
     chosen = job.make_strategy(strategy, strategy_args)
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
-    cap = threads if threads is not None and threads < len(sites) else None
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads (the number of workers) must be a whole number >= 1, got {threads!r}")
+    workers = threads if threads is not None else default_workers()
     gpus = parse_gpus(gpu)
     workspace = Path(workspace).resolve()
     for name in ("server", *sites):  # a site folder that holds the job itself would be cleared with it
@@ -141,38 +152,64 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         workspace / "server",
         job_id=job_id,
         on_event=ProgressPrinter(console, quiet),
-        max_active_tasks=cap,
         job_name=job.name,
         strategy=chosen,
+        address=address,
     )
     address = server.start()
+    pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
+    if backend == "threads" and len(pooled) <= workers:
+        pooled = {}  # a thread per site for the whole job: the in-process runner as it always was
     if not quiet:
-        at_once = f", at most {cap} at a time" if cap else ""
-        console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s){at_once}, "
+        how = (f"{backend} backend, {min(workers, len(pooled))} worker(s)" if pooled
+               else "a thread per site" if any(not r.launch_external_process for r in sites.values())
+               else "a process per site")
+        console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s) on {how}, "
                       f"{workflow.num_rounds} round(s), server on {address}")
     # In-process sites use the memory transport (FLKIT_TRANSPORT=grpc forces the network path).
     transport = os.environ.get("FLKIT_TRANSPORT", "auto")
     runs = []
+    pool: SitePool | None = None
+    specs = []
     try:
         with sigterm_as_exit():  # SIGTERM still runs the `finally` below, which ends launched processes
             for i, (name, runner) in enumerate(sites.items()):
+                site_transport = transport
+                if name in pooled and backend != "threads" and transport == "memory":
+                    site_transport = "auto"  # a worker process cannot share the server's memory
                 settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
-                                        workspace=str(workspace / name), transport=transport)
-                run = site_for(settings, runner, job.script_path(runner), job_root=job.root,
-                               gpu=gpus[i % len(gpus)] if gpus else None)
+                                        workspace=str(workspace / name), transport=site_transport)
+                site_gpu = gpus[i % len(gpus)] if gpus else None
+                if name in pooled:
+                    settings = replace(settings, **runner.site_settings())
+                    script = job.script_path(runner)
+                    specs.append(SiteSpec(settings, script, list(runner.argv), site_gpu,
+                                          (str(job.root.resolve()), str(script.parent))))
+                    continue
+                run = site_for(settings, runner, job.script_path(runner), job_root=job.root, gpu=site_gpu)
                 run.start()
                 runs.append(run)
+            if specs:
+                pool = SitePool(server.service, make_backend(backend), specs, workers, seed=workflow.seed,
+                                release=None if server.shm is None else server.shm.release)
+                pool.start()
             outcome = server.wait()
             grace = max([SHUTDOWN_GRACE_S, *(run.shutdown_timeout for run in runs)])
             deadline = time.monotonic() + grace
+            if pool is not None:
+                pool.stop(grace)
             for run in runs:
                 if not run.join(max(0.0, deadline - time.monotonic())):
                     log.warning("site %s is still running %.0f s after the job ended; stopping it", run.site, grace)
     finally:
+        if pool is not None:
+            pool.stop(0.0)
         for run in runs:
             run.stop()
         server.stop()
     errors = {r.site: r.outcome.error for r in runs if r.outcome is not None and not r.outcome.ok}
+    if pool is not None:
+        errors.update(pool.errors)
     best = server.controller.selector.best
     cross_site = server.controller.cross_site
     result = SimulationResult(

@@ -24,6 +24,16 @@ class Transport(Protocol):
         """Join the job (again); the reply carries the session id and the job settings."""
         ...
 
+    def use_offers(self, offers: dict[str, str]) -> None:
+        """Use what the server offers beyond its endpoint (``JoinReply.offers``) for a session this
+        transport did not open itself (one a worker pool opened and handed over)."""
+        ...
+
+    def take_released(self, session_id: str) -> list[str]:
+        """The server's files ``session_id`` mapped through this transport and no longer maps (each
+        named once), for a worker pool to tell the server at the end of a site-task."""
+        ...
+
     def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
         """The next task (with the site's own copy of its params), the job's end, or None after ``wait_s``.
         ``header_only``: the task's name, round and id, without params and without taking it."""

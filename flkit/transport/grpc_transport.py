@@ -79,6 +79,13 @@ class GrpcTransport:
     def close(self) -> None:
         self._channel.close()
 
+    def use_offers(self, offers: dict[str, str]) -> None:
+        """Nothing to take up: this transport uses no offer."""
+
+    def take_released(self, session_id: str) -> list[str]:
+        """Nothing: this transport maps no file of the server."""
+        return []
+
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         req = pb.JoinRequest(site_name=site, job_id=job_id, token=token, protocol_version=PROTOCOL_VERSION)
         try:

@@ -83,6 +83,13 @@ class MemoryTransport:
             raise ServiceError(ErrorCode.UNAVAILABLE, f"the server at {self.address} in this process has stopped")
         return self._service
 
+    def use_offers(self, offers: dict[str, str]) -> None:
+        """Nothing to take up: this transport uses no offer."""
+
+    def take_released(self, session_id: str) -> list[str]:
+        """Nothing: this transport maps no file of the server."""
+        return []
+
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         return self._live().join(site, job_id, token, self._service.protocol_version, local=True)
 

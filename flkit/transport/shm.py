@@ -52,8 +52,10 @@ class ShmTransport(GrpcTransport):
         self.folder: Path | None = None
         self._warned = False
         self._spare: Path | None = None  # this site's last result file, read by the server already
-        # The server's files this site mapped, by name: told released once every mapping is gone.
-        self._mapped: dict[str, list[weakref.ref[mmap.mmap]]] = {}
+        # The server's files this site mapped, by (session, name): told released, by the session that
+        # was given them, once every mapping is gone. (A pool worker's transport serves many sessions.)
+        self._mapped: dict[tuple[str, str], list[weakref.ref[mmap.mmap]]] = {}
+        self._fetching_for = ""  # the session whose task is being fetched
 
     @property
     def active(self) -> bool:
@@ -68,15 +70,22 @@ class ShmTransport(GrpcTransport):
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         reply = super().join(site, job_id, token, timeout)
-        folder, probe = reply.offers.get("shm"), reply.offers.get("shm_probe")
+        self.use_offers(reply.offers)
+        return reply
+
+    def use_offers(self, offers: dict[str, str]) -> None:
+        """Take params through the offered folder if this process can use it (see the module doc)."""
+        folder, probe = offers.get("shm"), offers.get("shm_probe")
         if not folder or not probe:
             if self.required:
                 self._fall_back("the server offers no shared-memory folder")
-            return reply
+            return
         path = Path(folder)
+        if path == self.folder:
+            return  # checked already (a pool worker adopts one session after another)
         if not path.exists() and not self.required:
             self.folder = None  # the server is on another host: gRPC it is, nothing to warn about
-            return reply
+            return
         try:
             fd = os.open(path / shm_files.PROBE_FILE, os.O_RDONLY | os.O_NOFOLLOW)
             try:
@@ -85,31 +94,37 @@ class ShmTransport(GrpcTransport):
                 os.close(fd)
         except OSError as exc:
             self._fall_back(f"cannot read {path / shm_files.PROBE_FILE}: {exc.strerror}")
-            return reply
+            return
         if seen != probe:
             self._fall_back(f"{path} belongs to another server")
-            return reply
+            return
         self.folder = path
-        return reply
 
     def get_task(self, session_id: str, wait_s: float, timeout: float, header_only: bool = False) -> TaskOrEnd:
+        self._fetching_for = session_id
         return self._get_task(session_id, wait_s, timeout, header_only, by_file=self.folder is not None,
-                              released=self._released())
+                              released=self._released(session_id))
 
-    def _released(self) -> list[str]:
-        """Files this site mapped and no longer maps (each told once: a lost message only means the
+    def _released(self, session_id: str) -> list[str]:
+        """Files this session mapped and no longer maps (each told once: a lost message only means the
         server never writes into that file again)."""
-        gone = [name for name, refs in self._mapped.items() if all(ref() is None for ref in refs)]
-        for name in gone:
-            del self._mapped[name]
-        return gone
+        gone = [key for key, refs in self._mapped.items()
+                if key[0] == session_id and all(ref() is None for ref in refs)]
+        for key in gone:
+            del self._mapped[key]
+        return [name for _, name in gone]
+
+    def take_released(self, session_id: str) -> list[str]:
+        """The server's files ``session_id`` mapped and no longer maps, for a worker pool to tell the
+        server itself (the session's next call may come from another worker, or never)."""
+        return self._released(session_id)
 
     def _params_from_file(self, task: Task, name: str, size: int) -> None:
         if self.folder is None:
             raise ValidationError("the server sent a params file, but this site uses no shared-memory folder")
         try:
             mapping = shm_files.map_file(self.folder / shm_files.check_name(name), size)
-            self._mapped.setdefault(name, []).append(weakref.ref(mapping))
+            self._mapped.setdefault((self._fetching_for, name), []).append(weakref.ref(mapping))
             task.params = parse(mapping)
         except ValidationError as exc:
             if (self.folder / name).exists():
@@ -136,7 +151,7 @@ class ShmTransport(GrpcTransport):
             return super().submit(session_id, result, timeout)
         try:
             reply = self._submit_header(session_id, result, params_file=name, size=size, timeout=timeout,
-                                        released=self._released())
+                                        released=self._released(session_id))
         except BaseException:  # the server may still be reading it: never write into this file again
             (folder / name).unlink(missing_ok=True)
             raise

@@ -1,0 +1,163 @@
+"""The ``processes`` backend (the simulator's default): a pool of worker processes.
+
+Each worker (``flkit.sim.worker``) imports torch once and runs many site-tasks, each isolated as
+if on its own machine (``flkit.sim.site_task``). Tasks go to a worker as JSON lines on a pipe and
+come back as JSON lines on another; a worker that dies (SIGKILL, a crash in native code, a script
+calling ``os._exit``) fails only the site-task it was running, and a new worker takes its place.
+Workers run in their own process group (Ctrl-C reaches the simulator, which stops them) and end by
+themselves if the simulator dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from flkit.client import supervision
+from flkit.runner import processes
+from flkit.sim.backend import Backend, SiteTask, TaskDone
+
+log = logging.getLogger("flkit.sim")
+
+# A worker that dies this many times in a row before it is ready is not started again.
+MAX_START_FAILURES = 3
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen
+    tasks: TextIO  # the writing end of the task pipe
+    sites: deque[str] = field(default_factory=deque)  # the sites whose tasks it holds, in order
+    ready: bool = False
+    dead: bool = False
+    reader: threading.Thread | None = field(default=None, repr=False)
+
+
+class ProcessBackend(Backend):
+    name = "processes"
+    isolated = True
+
+    def __init__(self, threads_per_worker: int | None = None) -> None:
+        """``threads_per_worker``: torch's intra-op threads in each worker (default: the cores
+        shared out between the workers, at least one)."""
+        self.threads_per_worker = threads_per_worker
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._start_failures: dict[int, int] = {}
+        self._broken: dict[int, str] = {}  # workers not started again, and why
+        self._on_done: Callable[[TaskDone], None] = lambda done: None
+
+    def start(self, workers: int, on_done: Callable[[TaskDone], None]) -> None:
+        self._on_done = on_done
+        if self.threads_per_worker is None:
+            from flkit.sim.backend import default_workers
+
+            self.threads_per_worker = max(1, default_workers() // workers)
+        with self._lock:
+            self._workers = [self._spawn(i) for i in range(workers)]
+
+    def _spawn(self, index: int) -> _Worker:
+        tasks_r, tasks_w = os.pipe()
+        done_r, done_w = os.pipe()
+        env = dict(os.environ, **{supervision.ENV_LAUNCHER_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flkit.sim.worker", str(tasks_r), str(done_w), str(self.threads_per_worker)],
+                pass_fds=(tasks_r, done_w), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+        finally:
+            os.close(tasks_r)
+            os.close(done_w)
+        worker = _Worker(index, proc, os.fdopen(tasks_w, "w", encoding="utf-8"))
+        worker.reader = threading.Thread(target=self._read, args=(worker, os.fdopen(done_r, "r", encoding="utf-8")),
+                                         name=f"flkit-worker-{index}-pid{proc.pid}", daemon=True)
+        worker.reader.start()
+        return worker
+
+    def run(self, worker: int, task: SiteTask) -> None:
+        with self._lock:
+            current = self._workers[worker]
+            if worker in self._broken:
+                failed: str | None = self._broken[worker]
+            else:
+                failed = None
+                current.sites.append(task.site)  # first: if the write fails, the reader reports this task
+                try:
+                    current.tasks.write(task.to_json() + "\n")
+                    current.tasks.flush()
+                except OSError:
+                    pass  # the worker died; its reader fails the task
+        if failed is not None:
+            self._on_done(TaskDone(worker, task.site, failed))
+
+    def _read(self, worker: _Worker, done: TextIO) -> None:
+        with done:
+            for line in done:
+                message = json.loads(line)
+                if "ready" in message:
+                    worker.ready = True
+                    self._start_failures.pop(worker.index, None)
+                    continue
+                with self._lock:
+                    if worker.sites:
+                        worker.sites.popleft()
+                self._on_done(TaskDone(worker.index, str(message["site"]), message.get("error"),
+                                       [str(name) for name in message.get("released", [])]))
+        status = worker.proc.wait()
+        with self._lock:
+            worker.dead = True
+            sites = list(worker.sites)
+            worker.sites.clear()
+            if self._stopping:
+                return
+            why = f"the worker process (pid {worker.proc.pid}) {processes.describe_exit(status)}"
+            if worker.ready:
+                self._start_failures.pop(worker.index, None)
+            else:
+                self._start_failures[worker.index] = self._start_failures.get(worker.index, 0) + 1
+            if self._start_failures.get(worker.index, 0) >= MAX_START_FAILURES:
+                self._broken[worker.index] = (f"{why} before it was ready, {MAX_START_FAILURES} times in a row "
+                                              "(its error is in the output above)")
+                log.error("worker %d: %s", worker.index, self._broken[worker.index])
+            else:
+                log.warning("worker %d: %s%s; starting another", worker.index, why,
+                            f" while running site {sites[0]}'s script" if sites else "")
+                self._workers[worker.index] = self._spawn(worker.index)
+        for i, site in enumerate(sites):
+            if i == 0:
+                reason = f"{why} while running this site's script" + ("" if worker.ready else " (before it was ready)")
+            else:
+                reason = f"{why} before it ran this site's script"
+            self._on_done(TaskDone(worker.index, site, reason, ran=i == 0))
+
+    def stop(self, grace_s: float) -> None:
+        with self._lock:
+            self._stopping = True
+            workers = list(self._workers)
+        for worker in workers:
+            try:
+                worker.tasks.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for worker in workers:
+            try:
+                worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d (pid %d) still runs a site's script %.0f s after the job ended; stopping it",
+                            worker.index, worker.proc.pid, grace_s)
+                processes.end_process_tree(worker.proc, 5.0)
+            processes.reap_group(worker.proc.pid)
+            if worker.reader is not None:
+                worker.reader.join(5)
