@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from flkit.errors import ConfigError
 from flkit.job import FedAvgJob, ScriptRunner
 from flkit.server.persistor import load_params
 from flkit.sim.site_task import task_seed
@@ -100,3 +103,21 @@ def test_with_no_more_sites_than_workers_each_script_runs_once_for_the_job(tmp_p
     result = _job(tmp_path, n_clients=2, num_rounds=3).simulator_run(tmp_path / "ws", threads=2, quiet=True)
     counts = {site: [r.metrics[site]["count"] for r in result.rounds] for site in ("site-1", "site-2")}
     assert counts == {"site-1": [1, 2, 3], "site-2": [1, 2, 3]}  # one script, one module, for the whole job
+
+
+def test_flkit_simulate_takes_the_backend_and_the_workers(tmp_path):
+    job_dir = _job(tmp_path, n_clients=3).export_job(tmp_path / "jobs")
+    done = subprocess.run([sys.executable, "-m", "flkit.cli", "simulate", str(job_dir), "-w", str(tmp_path / "ws"),
+                           "--backend", "processes", "--workers", "2"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 site(s) on processes backend, 2 worker(s)" in done.stdout
+    assert (tmp_path / "ws" / "site-3" / "seen.txt").read_text().splitlines() == ["site-3 0", "site-3 1"]
+    bad = subprocess.run([sys.executable, "-m", "flkit.cli", "simulate", str(job_dir), "--backend", "fibers"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'fibers' is not one of 'processes', 'threads', 'ray'" in bad.stderr
+
+
+def test_a_backend_that_does_not_exist_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="backend must be one of processes, threads, ray, got 'fibers'"):
+        _job(tmp_path, n_clients=3).simulator_run(tmp_path / "ws", quiet=True, backend="fibers")

@@ -36,7 +36,10 @@ class FLServer:
 
     ``token`` authenticates sites (one is generated when not given);
     ``on_event`` receives progress events (dicts) from the controller thread;
-    ``max_active_tasks`` caps how many sites hold a task at once (the simulator's threads).
+    ``max_active_tasks`` caps how many sites hold a task at once (sites wait for a slot);
+    ``concurrent_sites``: at most this many sites' results are in shared memory at once (the
+    simulator's worker pool says how many it runs at once), which sizes the shared-memory folder
+    the server needs (default: every site's).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class FLServer:
         max_active_tasks: int | None = None,
         job_name: str | None = None,
         shared_memory: bool = True,
+        concurrent_sites: int | None = None,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
@@ -69,6 +73,7 @@ class FLServer:
         self.job_id = job_id
         self.token = token or secrets.token_urlsafe(24)
         self._bind = address
+        self._concurrent_sites = concurrent_sites
         self.registry = SiteRegistry(
             job_id=job_id,
             sites=list(sites),
@@ -114,7 +119,8 @@ class FLServer:
         workers = max(16, 2 * len(self.registry.sites) + 8)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
         if self._shared_memory:  # sites on this host may take params through /dev/shm files
-            self.shm = ShmExchange.create(self.controller.model_bytes, len(self.registry.sites))
+            self.shm = ShmExchange.create(self.controller.model_bytes,
+                                          self._concurrent_sites or len(self.registry.sites))
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
                 self.controller.keep_models_in(self.shm.folder)  # sites on this host map them by name

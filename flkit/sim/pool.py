@@ -70,7 +70,8 @@ class SitePool:
         self.errors: dict[str, str] = {}  # the last failure of each site's script
         self._sessions: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="flkit-site-pool", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="flkit-site-pool", daemon=True)
+        self._stopped = False
 
     # -- start and stop --------------------------------------------------------
 
@@ -91,7 +92,11 @@ class SitePool:
                 self._events.put(("run", worker, site))
 
     def stop(self, grace_s: float) -> None:
-        """After the job ended: let the scripts still running end within ``grace_s``, then stop the workers."""
+        """After the job ended: let the scripts still running end within ``grace_s``, then stop the
+        workers. Once; later calls do nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.registry.on_assigned = None
         if self._thread.is_alive():
             self._events.put(_STOP)
@@ -109,6 +114,13 @@ class SitePool:
         self._events.put(("done", done))
 
     # -- the loop --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # no site would get a task again: the job cannot go on
+            log.exception("the site pool failed")
+            self.registry.finish(True, f"the simulator's site pool failed: {type(exc).__name__}: {exc}")
 
     def _loop(self) -> None:
         pending: dict[str, Task] = {}  # sites with a task to run, in order (a newer task replaces an older one)

@@ -35,7 +35,7 @@ MAX_START_FAILURES = 3
 @dataclass
 class _Worker:
     index: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     tasks: TextIO  # the writing end of the task pipe
     sites: deque[str] = field(default_factory=deque)  # the sites whose tasks it holds, in order
     ready: bool = False

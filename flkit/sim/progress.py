@@ -16,19 +16,33 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+# A round with more sites than this prints a count of its results, not a line per site; failures
+# beyond this many per round are counted too.
+MAX_SITE_LINES = 20
+
+
 class ProgressPrinter:
-    """Turns controller events into one line each; safe to call from any thread."""
+    """Turns controller events into one line each; safe to call from any thread. With many sites,
+    a round prints a line per site only up to MAX_SITE_LINES, then counts."""
 
     def __init__(self, console: Console, quiet: bool = False) -> None:
         self.console = console
         self.quiet = quiet
         self._lock = threading.Lock()
+        self._round_sites = 0  # sites of the current round
+        self._results = 0
+        self._failures = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         with self._lock:
             if kind == "site_failed":
-                self.console.print(f"[bold red]{event['site']} failed:[/] {escape(event['reason'])}", highlight=False)
+                self._failures += 1
+                if self._failures <= MAX_SITE_LINES:
+                    self.console.print(f"[bold red]{event['site']} failed:[/] {escape(event['reason'])}",
+                                       highlight=False)
+                elif self._failures == MAX_SITE_LINES + 1:
+                    self.console.print("[bold red]more sites failed this round[/] (counted at its end)")
                 return
             if self.quiet:
                 return
@@ -40,17 +54,25 @@ class ProgressPrinter:
                     f"({event['round'] - event.get('first_round', 0) + 1}/{event['total_rounds']})"
                 )
                 self.console.print(f"[bold]{label}[/]: {event['task']} on {len(event['sites'])} site(s)")
+                self._round_sites, self._results, self._failures = len(event["sites"]), 0, 0
             elif kind == "result":
+                self._results += 1
+                if self._round_sites > MAX_SITE_LINES:
+                    return
                 metrics = ", ".join(f"{k}={v:.4g}" for k, v in event["metrics"].items()) or "no metrics"
                 scored = f" scored {event['model_name']}" if event.get("model_name") else ""
                 self.console.print(f"  {event['site']}{scored}: {metrics}", highlight=False)
             elif kind == "cross_site_started":
                 self.console.print(f"[bold]cross-site evaluation[/] on {len(event['sites'])} site(s)")
+                self._round_sites, self._results, self._failures = len(event["sites"]), 0, 0
             elif kind == "round_finished":
                 rec: RoundRecord = event["record"]
                 best = " [green]new best[/]" if rec.best else ""
                 score = f": {event['key_metric']}={_fmt(rec.score)}{best}" if event["key_metric"] else ""
-                self.console.print(f"  done in {rec.seconds:.1f} s{score}", highlight=False)
+                counts = ""
+                if self._round_sites > MAX_SITE_LINES or self._failures > MAX_SITE_LINES:
+                    counts = f", {len(rec.metrics)} result(s), {len(rec.failed)} failure(s)"
+                self.console.print(f"  done in {rec.seconds:.1f} s{counts}{score}", highlight=False)
 
 
 def summary_table(rounds: list[RoundRecord], key_metric: str | None) -> Table:

@@ -85,7 +85,7 @@ class RayBackend(Backend):
             ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=True)
             self._started_ray = True
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        cpus = float(self._ray.cluster_resources().get("CPU", 1.0))
         threads = self.threads_per_worker or max(1, default_workers() // workers)
         # Every worker must be placed, even with more workers than the cluster's CPUs.
         self._actor_class = ray.remote(num_cpus=min(1.0, cpus / workers), max_restarts=0)(SiteWorker)

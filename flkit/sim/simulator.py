@@ -31,7 +31,7 @@ from flkit.runner.processes import sigterm_as_exit
 from flkit.server.controller import RoundRecord
 from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
-from flkit.sim.backend import DEFAULT_BACKEND, check_backend, default_workers, make_backend
+from flkit.sim.backend import DEFAULT_BACKEND, TASKS_PER_WORKER, check_backend, default_workers, make_backend
 from flkit.sim.pool import SitePool, SiteSpec
 from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
@@ -39,6 +39,8 @@ log = logging.getLogger("flkit.sim")
 
 # How long finished or failed jobs wait for site scripts to return before giving up on them.
 SHUTDOWN_GRACE_S = 10.0
+# Site errors printed in full in the summary; the others are counted.
+MAX_ERRORS_SHOWN = 10
 
 
 @dataclass
@@ -145,6 +147,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
                               f"(and clears); put the job elsewhere{' or rename the site' if name in sites else ''}")
     _clear_previous_run(workspace, list(sites), console, quiet)
     job_id = f"{job.name}-{secrets.token_hex(4)}"
+    pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
+    if backend == "threads" and len(pooled) <= workers:
+        pooled = {}  # a thread per site for the whole job: the in-process runner as it always was
     server = FLServer(
         workflow,
         list(sites),
@@ -155,11 +160,10 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         job_name=job.name,
         strategy=chosen,
         address=address,
+        # The pool runs at most TASKS_PER_WORKER site-tasks per worker at once; the others, one each.
+        concurrent_sites=min(len(sites), len(sites) - len(pooled) + workers * TASKS_PER_WORKER),
     )
     address = server.start()
-    pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
-    if backend == "threads" and len(pooled) <= workers:
-        pooled = {}  # a thread per site for the whole job: the in-process runner as it always was
     if not quiet:
         how = (f"{backend} backend, {min(workers, len(pooled))} worker(s)" if pooled
                else "a thread per site" if any(not r.launch_external_process for r in sites.values())
@@ -250,8 +254,12 @@ def _print_summary(console: Console, result: SimulationResult) -> None:
     if result.cross_site_results:
         console.print(cross_site_table(result.cross_site_results))
         console.print(f"cross-site results -> {result.cross_site_path}")
-    for site, error in result.site_errors.items():
+    errors = list(result.site_errors.items())
+    for site, error in errors[:MAX_ERRORS_SHOWN]:
         console.print(f"[bold red]{site} error:[/] {escape(error)}", highlight=False)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        console.print(f"[bold red]... and {len(errors) - MAX_ERRORS_SHOWN} more site(s) with errors[/] "
+                      f"(SimulationResult.site_errors; each round's failures are in server/{STATE_FILE})")
     if result.ok:
         console.print(f"[bold green]job completed[/]: {result.reason}")
         if result.best_round is not None:
