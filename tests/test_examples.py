@@ -43,6 +43,8 @@ JOB_OPTIONS = [
     "--export_dir",
     "--workspace",
     "--threads",
+    "--workers",
+    "--backend",
 ]
 
 

@@ -105,9 +105,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads",
+        "--workers",
+        dest="threads",
         type=int,
         default=None,
-        help="how many sites run at the same time in the simulator (default: --n_clients, all at once)",
+        help="the simulator's workers (default: --n_clients: each site keeps a worker and its script runs "
+        "once for the job; with fewer, a site's script runs once per round on a free worker)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("processes", "threads", "ray"),
+        default="processes",
+        help="where the simulator runs the scripts: worker processes, each site in its own folder "
+        "<workspace>/<site> (processes), threads of this process (threads), or Ray actors (ray, needs "
+        'flkit[ray]) (default: %(default)s)',
     )
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.export_only:
             print(f"Job {JOB_NAME!r} exported to {job.export_job(args.export_dir)}")
             return
-        job.simulator_run(args.workspace, n_clients=args.n_clients, threads=args.threads)
+        job.simulator_run(args.workspace, n_clients=args.n_clients, threads=args.threads, backend=args.backend)
     except JobFailedError as e:
         print(f"The job failed: {e}", file=sys.stderr)
         sys.exit(1)
