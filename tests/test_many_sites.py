@@ -41,3 +41,16 @@ def test_a_sample_of_a_larger_job_takes_part_and_the_others_wait(tmp_path):
     assert [len(r.sites) for r in result.rounds] == [10, 10, 10]
     assert len({frozenset(r.sites) for r in result.rounds}) == 3  # a new sample each round
     assert torch.equal(load_params(result.global_model_path)["w"], torch.full((4,), 3.0))
+
+
+@pytest.mark.slow
+def test_ten_thousand_sites_with_a_hundred_per_round_cost_what_the_hundred_cost(tmp_path):
+    (tmp_path / "plus_one.py").write_text(PLUS_ONE)
+    job = FedAvgJob(name="cross_device", initial_model={"w": torch.zeros(8)}, n_clients=10_000, num_rounds=2,
+                    clients_per_round=100, key_metric=None, seed=1)
+    job.to_clients(ScriptRunner(script=str(tmp_path / "plus_one.py")))
+    result = job.simulator_run(tmp_path / "ws", quiet=True)
+    assert [len(r.metrics) for r in result.rounds] == [100, 100]
+    assert torch.equal(load_params(result.global_model_path)["w"], torch.full((8,), 2.0))
+    # Only the sites that ran a task have a folder: the other 9,900 cost no worker, no file.
+    assert len([p for p in (tmp_path / "ws").iterdir() if p.name.startswith("site-")]) <= 200
