@@ -1,7 +1,7 @@
 """Server workflow options and site settings of NVFlare jobs, against a real server on loopback.
 
 Covers per-round sampling (clients_per_round, seed), mandatory sites, aggregation weights,
-start_round, the cap on sites holding a task (max_active_tasks / the simulator's threads),
+start_round, header peeks and one simulator worker running one site at a time,
 cross-site evaluation, tracking records (server and site receivers, the LogMetrics RPC), the
 runner's site settings (framework, params_transfer_type, memory_gc_rounds) and the options of
 external-process runners (launcher command, clean-up, shutdown_timeout, launch_timeout).
@@ -61,11 +61,11 @@ def assert_params(actual: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 
 def start_server(harness: ServerHarness, sites: list[str], *, out: str = "server", initial=None,
-                 max_active_tasks: int | None = None, on_event=None, **workflow) -> FLServer:
-    """Like ``harness.start`` but with its own output folder, a concurrency cap and an event listener."""
+                 on_event=None, **workflow) -> FLServer:
+    """Like ``harness.start`` but with its own output folder and an event listener."""
     workflow.setdefault("min_clients", len(sites))
     server = FLServer(WorkflowConfig(**workflow), sites, initial or INITIAL, harness.tmp_path / out,
-                      job_id="test-job", max_active_tasks=max_active_tasks, on_event=on_event)
+                      job_id="test-job", on_event=on_event)
     harness.servers.append(server)
     server.start()
     return server
@@ -322,75 +322,21 @@ def test_start_round_total_rounds_agree_between_config_and_tasks(harness):
     assert session.job_config["total_rounds"] == model.total_rounds
 
 
-# --------------------------------------------------------------------------- 5. max_active_tasks
+# --------------------------------------------------------------------------- 5. one worker, header peeks
 
 
-def test_capped_sites_wait_for_a_slot_and_header_peeks_take_none(harness):
-    server = start_server(harness, THREE, num_rounds=1, max_active_tasks=1)
-    s1, s2, s3 = (harness.session(server, s) for s in THREE)
-    for session in (s1, s2, s3):
-        session.connect(timeout=WAIT_S)
-    peek = s2.peek_task(timeout=WAIT_S)  # a launcher's peek before anyone holds the slot
-    assert peek is not None and peek.name == "train" and peek.round == 0
-    first = s1.receive(timeout=WAIT_S)
-    assert first is not None  # the peek did not take the only slot
-    assert s2.receive(timeout=0.5) is None  # the slot is held by site-1
-    peek = s3.peek_task(timeout=WAIT_S)  # peeks still answer at once while the slot is held
-    assert peek is not None and peek.name == "train"
-    s1.send(FLModel(params=scaled(1)))
-    assert s2.receive(timeout=WAIT_S) is not None
-    assert s3.receive(timeout=0.5) is None
-    s2.send(FLModel(params=scaled(2)))
-    assert s3.receive(timeout=WAIT_S) is not None
-    s3.send(FLModel(params=scaled(3)))
-    outcome = server.wait(WAIT_S)
-    assert outcome is not None and not outcome.failed, outcome
-    assert sorted(server.controller.history[0].metrics) == THREE
-    assert_params(load_params(server.persistor.global_model_path), scaled(2))
-
-
-def test_a_site_that_fails_while_queued_for_a_slot_does_not_block_the_others(harness):
-    """Sites waiting for a slot queue first come first served, and only the first in line is woken
-    when one frees; a queued site that fails leaves the queue instead of holding its place."""
-    server = start_server(harness, THREE, num_rounds=1, min_clients=2, max_active_tasks=1)
-    s1, s2, s3 = (harness.session(server, s) for s in THREE)
-    for session in (s1, s2, s3):
-        session.connect(timeout=WAIT_S)
-    first = s1.receive(timeout=WAIT_S)
-    assert first is not None
-    assert s2.receive(timeout=0.3) is None  # queued behind site-1 ...
-    assert s3.receive(timeout=0.3) is None  # ... and site-3 behind site-2
-    server.registry.fail_site("site-2", "killed while queued (the test)")
-    s1.send(FLModel(params=scaled(1)))
-    third = s3.receive(timeout=WAIT_S)  # the freed slot goes past the failed site
-    assert third is not None
-    s3.send(FLModel(params=scaled(3)))
-    outcome = server.wait(WAIT_S)
-    assert outcome is not None and not outcome.failed, outcome
-    assert sorted(server.controller.history[0].metrics) == ["site-1", "site-3"]
-
-
-def test_a_site_that_stops_waiting_for_a_slot_does_not_keep_its_place(harness):
-    """A site whose receive(timeout) ran out while queued gives up its place: the slot that frees
-    next goes at once to a site still waiting, not to the one that stopped asking."""
-    server = start_server(harness, THREE, num_rounds=1, max_active_tasks=1)
-    s1, s2, s3 = (harness.session(server, s) for s in THREE)
-    for session in (s1, s2, s3):
-        session.connect(timeout=WAIT_S)
-    assert s1.receive(timeout=WAIT_S) is not None
-    assert s2.receive(timeout=0.05) is None  # queued, then gave up
-    got: list[FLModel | None] = []
-    waiter = threading.Thread(target=lambda: got.append(s3.receive(timeout=WAIT_S)))
-    waiter.start()
-    threading.Event().wait(0.2)  # site-3 is waiting behind site-2's old place (nobody sets this event)
-    started = time.monotonic()
-    s1.send(FLModel(params=scaled(1)))
-    waiter.join(WAIT_S)
-    assert got and got[0] is not None
-    assert time.monotonic() - started < 2.0  # at once, not after site-3's own wait ran out
-    s3.send(FLModel(params=scaled(3)))
-    assert s2.receive(timeout=WAIT_S) is not None
-    s2.send(FLModel(params=scaled(2)))
+def test_a_header_peek_does_not_take_the_task(harness):
+    """A launcher that starts one process per task (launch_once=False) peeks at the task's header;
+    the task stays there for the process it then starts."""
+    server = start_server(harness, ["site-1"], num_rounds=1)
+    session = harness.session(server, "site-1")
+    peek = session.peek_task(timeout=WAIT_S)
+    assert peek is not None and peek.name == "train" and peek.round == 0 and peek.params is None
+    again = session.peek_task(timeout=WAIT_S)
+    assert again is not None and again.task_id == peek.task_id
+    model = session.receive(timeout=WAIT_S)
+    assert model is not None and model.current_round == 0
+    session.send(FLModel(params=scaled(2)))
     outcome = server.wait(WAIT_S)
     assert outcome is not None and not outcome.failed, outcome
 
@@ -399,35 +345,6 @@ def _non_overlapping(intervals: list[tuple[float, float, str]]) -> None:
     ordered = sorted(intervals)
     for (_, end_a, who_a), (start_b, _, who_b) in zip(ordered, ordered[1:], strict=False):
         assert end_a <= start_b, f"{who_a} held a task until {end_a:.4f} but {who_b} got one at {start_b:.4f}"
-
-
-def test_cap_of_one_serialises_task_holding_across_threads(harness):
-    """Each site holds its task 0.2 s. A hold is measured from receive() returning to just
-    before send() is called: the server frees the slot when it accepts the result, so the
-    next site may get its task before the sender's send() has returned."""
-    server = start_server(harness, THREE, num_rounds=2, max_active_tasks=1)
-    holds: list[tuple[float, float, str]] = []
-    lock = threading.Lock()
-
-    def site(session: Session) -> None:
-        while session.is_running():
-            model = session.receive(timeout=WAIT_S)
-            assert model is not None
-            got = time.monotonic()
-            threading.Event().wait(0.2)  # a fixed hold (nobody sets this event)
-            with lock:
-                holds.append((got, time.monotonic(), f"{session.settings.site_name}/round {model.current_round}"))
-            session.send(FLModel(params=model.params, metrics={"accuracy": 0.5}))
-
-    pool = SiteThreads()
-    for name in THREE:
-        pool.start(site, harness.session(server, name, receive_timeout_s=60))
-    outcome = server.wait(60)
-    pool.join()
-    assert outcome is not None and not outcome.failed, outcome
-    assert len(holds) == 6
-    _non_overlapping(holds)
-    assert all(sorted(r.metrics) == THREE for r in server.controller.history)
 
 
 def test_simulator_threads_1_runs_one_site_at_a_time_and_every_site_answers(tmp_path):

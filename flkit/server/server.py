@@ -36,7 +36,6 @@ class FLServer:
 
     ``token`` authenticates sites (one is generated when not given);
     ``on_event`` receives progress events (dicts) from the controller thread;
-    ``max_active_tasks`` caps how many sites hold a task at once (sites wait for a slot);
     ``concurrent_sites``: at most this many sites' results are in shared memory at once (the
     simulator's worker pool says how many it runs at once), which sizes the shared-memory folder
     the server needs (default: every site's).
@@ -53,7 +52,6 @@ class FLServer:
         token: str | None = None,
         strategy: Strategy | None = None,
         on_event: Callable[[Event], None] | None = None,
-        max_active_tasks: int | None = None,
         job_name: str | None = None,
         shared_memory: bool = True,
         concurrent_sites: int | None = None,
@@ -87,7 +85,6 @@ class FLServer:
                 "key_metric": workflow.key_metric,
                 "tracking": bool(workflow.tracking),
             },
-            max_active_tasks=max_active_tasks,
         )
         self.persistor = Persistor(output_dir)
         self.controller = Controller(

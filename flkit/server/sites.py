@@ -39,7 +39,7 @@ class SiteState:
     last_seen: float = 0.0
     task: Task | None = None
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
-    fetched: bool = False  # the site has taken its task (it holds one of the concurrency slots)
+    fetched: bool = False  # the site has taken its task
     failure: str | None = None
     # The site's liveness is vouched for in the server's own process: it talks through the memory
     # transport (it cannot vanish without the server), or the simulator's worker pool opened its
@@ -68,13 +68,7 @@ class SiteRegistry:
         token: str,
         heartbeat_timeout_s: float,
         client_config: dict[str, Any],
-        max_active_tasks: int | None = None,
     ) -> None:
-        """``max_active_tasks``: at most this many sites hold a task at once (the simulator's
-        ``threads``); the others wait for a slot with their scripts alive, as in NVFlare."""
-        if max_active_tasks is not None and max_active_tasks < 1:
-            raise ValueError(f"max_active_tasks must be >= 1, got {max_active_tasks}")
-        self.max_active_tasks = max_active_tasks
         self.job_id = job_id
         self.token = token
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -83,10 +77,6 @@ class SiteRegistry:
         self.cond = threading.Condition(self._lock)
         self.sites: dict[str, SiteState] = {name: SiteState(name, wake=threading.Condition(self._lock))
                                             for name in sites}
-        # With max_active_tasks: the sites holding a slot (task fetched, not settled), and the sites with
-        # a task waiting for one, first come first served (a dict as an ordered set).
-        self._holding: set[str] = set()
-        self._slot_waiters: dict[str, None] = {}
         # Counts of tasks settled (answered or failed) and of failures, so that a waiter for a
         # round's answers can tell cheaply whether anything it counts has changed.
         self.settled = 0
@@ -166,7 +156,7 @@ class SiteRegistry:
     def next_task(self, session_id: str, wait_s: float, header_only: bool = False) -> Task | JobEnd | None:
         """The site's pending task, or JobEnd, or None if nothing came within wait_s.
 
-        ``header_only`` (a launcher asking whether a task waits) takes no concurrency slot.
+        ``header_only``: a launcher asks whether a task waits (the task is not taken).
         """
         deadline = time.monotonic() + max(0.0, wait_s)
         with self.cond:
@@ -175,19 +165,12 @@ class SiteRegistry:
                 if state.task is not None and state.task_outcome is None:
                     if header_only:
                         return state.task.for_site(state.name)
-                    if state.fetched or self._slot_free_locked(state.name):
-                        state.fetched = True
-                        if self.max_active_tasks is not None:
-                            self._holding.add(state.name)
-                            self._slot_waiters.pop(state.name, None)
-                        return state.task.for_site(state.name)
-                    self._slot_waiters.setdefault(state.name)
+                    state.fetched = True
+                    return state.task.for_site(state.name)
                 if self.end is not None:
                     return self.end
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    if self._slot_waiters.pop(state.name, 0) is None:  # it stops waiting: no place kept,
-                        self._wake_queue_locked()  # so a free slot goes to the next one who waits
                     return None
                 assert state.wake is not None
                 state.wake.wait(remaining)
@@ -240,44 +223,13 @@ class SiteRegistry:
             state.wake.notify_all()
 
     def settle_locked(self, state: SiteState, outcome: str) -> None:
-        """Record the outcome of ``state``'s task (ACCEPTING, "done", or why it failed): the Controller
-        is told, and with a cap on tasks held at once, the sites waiting for a slot look again."""
+        """Record the outcome of ``state``'s task (ACCEPTING, "done", or why it failed); the Controller
+        is told."""
         state.task_outcome = outcome
         self.settled += 1
         if outcome != "done":
             self.failures += 1
         self.cond.notify_all()
-        self._release_slot_locked(state)
-
-    def _release_slot_locked(self, state: SiteState) -> None:
-        """``state`` no longer holds a slot: wake as many waiting sites as there are free slots
-        (the first in line; one that still finds none queues again), not all of them."""
-        if self.max_active_tasks is None:
-            return
-        self._holding.discard(state.name)
-        self._wake_queue_locked()
-
-    def _wake_queue_locked(self) -> None:
-        """Wake as many sites waiting for a slot as there are free slots, the first in line."""
-        if self.max_active_tasks is None:
-            return
-        for name in self._queue_locked(self.max_active_tasks - len(self._holding)):
-            self._wake_locked(self.sites[name])
-
-    def _queue_locked(self, first: int) -> list[str]:
-        """The first ``first`` sites still waiting for a slot, in order (dropping those that no
-        longer wait: their task settled, they failed or left)."""
-        out: list[str] = []
-        for name in list(self._slot_waiters):
-            if len(out) >= first:
-                break
-            state = self.sites[name]
-            if state.task is None or state.task_outcome is not None or state.fetched \
-                    or state.status != SiteStatus.JOINED:
-                del self._slot_waiters[name]
-                continue
-            out.append(name)
-        return out
 
     def _fail_locked(self, state: SiteState, reason: str) -> None:
         if state.status == SiteStatus.FAILED:
@@ -314,16 +266,6 @@ class SiteRegistry:
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
                 )
 
-    def _slot_free_locked(self, site: str) -> bool:
-        """Whether ``site`` may take its task now: a slot is free and no site waits longer for one."""
-        if self.max_active_tasks is None:
-            return True
-        free = self.max_active_tasks - len(self._holding)
-        if free <= 0:
-            return False
-        ahead = self._queue_locked(free)
-        return site in ahead or len(ahead) < free
-
     def active_sites_locked(self) -> list[str]:
         return [s.name for s in self.sites.values() if s.status == SiteStatus.JOINED]
 
@@ -333,7 +275,6 @@ class SiteRegistry:
             state.task = task
             state.task_outcome = None
             state.fetched = False
-            self._holding.discard(name)
             self._wake_locked(state)
         self.cond.notify_all()
         if self.on_assigned is not None and sites:
