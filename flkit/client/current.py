@@ -21,7 +21,7 @@ from flkit.errors import FLKitError
 if TYPE_CHECKING:
     from flkit.client.follower import FollowerSession
     from flkit.client.session import Session
-    from flkit.messages import JoinReply
+    from flkit.messages import JoinReply, Task
     from flkit.transport.base import Transport
 
 __all__ = ["AnySession", "Handover", "clear_session", "current_session", "handover", "require_session",
@@ -72,6 +72,8 @@ class Handover:
 
     reply: JoinReply
     transport: Transport
+    # The site's task, already taken for it by the pool (None: the session asks the server).
+    task: Task | None = None
 
 
 _handover_var: ContextVar[Handover | None] = ContextVar("flkit_handover", default=None)

@@ -72,13 +72,14 @@ class Session:
     """A site's connection to its job. Create through ``flkit.init()``."""
 
     def __init__(self, settings: SiteSettings, transport: Transport | None = None,
-                 distributed: bool = False, handed: JoinReply | None = None) -> None:
+                 distributed: bool = False, handed: JoinReply | None = None, first_task: Task | None = None) -> None:
         """``distributed``: this is rank 0 of several; share every state with the other ranks.
 
         ``handed``: a session the simulator's worker pool opened for this site, with ``transport``
         (the worker's, shared by the site-tasks it runs). It is used as it is: no join, no
         heartbeat (the pool vouches for the site), and closing it neither leaves the job nor
-        reports a failure (the pool reports the site-task's outcome) nor closes the transport."""
+        reports a failure (the pool reports the site-task's outcome) nor closes the transport.
+        ``first_task``: the site's task, which the pool already took for it."""
         self.settings = settings
         self.transport = transport or make_transport(settings)
         self.handed = handed is not None
@@ -101,6 +102,8 @@ class Session:
             self._session_id, self.job_config = handed.session_id, handed.job_config
             self._heartbeat_interval = 0.0
             self.records.configure(handed.job_config, self._send_records)
+            if first_task is not None:
+                self.state.fetched(first_task)
 
     # -- connection ---------------------------------------------------------
 

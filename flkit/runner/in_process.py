@@ -78,11 +78,13 @@ class InProcessSite:
         self.outcome = SiteOutcome(self.site, error is None, error)
 
 
-def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str | None = None) -> str | None:
+def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str | None = None,
+               clear_globals: bool = False) -> str | None:
     """Run ``script`` to its end in this thread as site ``settings.site_name``: its own ``sys.argv``,
     output prefixed with the site's name, its settings in this context (call it in a fresh
     ``contextvars.Context``). ``script``: an absolute path. Returns why the script failed, or None;
-    its session stays open (``flkit.api.current_session()``) for the caller to close."""
+    its session stays open (``flkit.api.current_session()``) for the caller to close.
+    ``clear_globals``: empty the script's module globals when it ended (see ``run_as_main``)."""
     set_context_settings(settings)
     thread_io.set_site_io([str(script), *argv], f"[{settings.site_name}] ")
     site_console.use_own_console()
@@ -93,7 +95,7 @@ def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str |
             import torch
 
             torch.cuda.set_device(int(str(gpu).split(",")[0]))  # this thread's current device
-        run_as_main(script)
+        run_as_main(script, clear_globals)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             error = f"script {script.name} exited with status {exc.code}"
@@ -110,9 +112,13 @@ _compiled: dict[tuple[str, int, int], CodeType] = {}
 _compiled_lock = threading.Lock()
 
 
-def run_as_main(script: Path) -> None:
+def run_as_main(script: Path, clear_globals: bool = False) -> None:
     """Run ``script`` as ``__main__``, as ``runpy.run_path`` does for a file (the same module
-    attributes, and ``sys.modules["__main__"]`` while it runs), with its code compiled once."""
+    attributes, and ``sys.modules["__main__"]`` while it runs), with its code compiled once.
+
+    ``clear_globals``: empty the module's globals once the script ended. Its functions refer to
+    them, so without this only the garbage collector frees what the script made (its model, the
+    received params); a worker pool that runs script after script wants them gone at once."""
     stat = script.stat()
     key = (str(script), stat.st_mtime_ns, stat.st_size)
     with _compiled_lock:
@@ -130,6 +136,8 @@ def run_as_main(script: Path) -> None:
     finally:
         if saved is not None:
             sys.modules["__main__"] = saved
+        if clear_globals:
+            module.__dict__.clear()
 
 
 def _describe(script: Path, exc: BaseException) -> str:

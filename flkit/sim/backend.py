@@ -49,6 +49,10 @@ class SiteTask:
     # site, the round and the task).
     seed: int | None = None
     gpu: str | None = None
+    # The task itself, fetched by the pool, with its params in a file of the job's shared-memory
+    # folder (a worker that cannot map it asks the server, as any site does): the header's fields
+    # (task_id, name, round, total_rounds, params_type, meta) and params_file, payload_size.
+    task: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -22,7 +22,6 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from flkit.client.settings import SiteSettings
 from flkit.messages import ServiceError, Task
 from flkit.server.job_service import JobService
+from flkit.server.shm_exchange import ShmExchange
 from flkit.sim.backend import TASKS_PER_WORKER, Backend, SiteTask, TaskDone
 from flkit.sim.site_task import task_seed
 
@@ -54,9 +54,10 @@ class SitePool:
     """Runs the sites ``specs`` on ``backend``'s workers for the job ``service`` serves."""
 
     def __init__(self, service: JobService, backend: Backend, specs: list[SiteSpec], workers: int,
-                 seed: object = 0, release: Callable[[str, list[str]], None] | None = None) -> None:
-        """``release(session_id, files)``: tell the server a site no longer maps these files of its
-        shared-memory folder (``ShmExchange.release``)."""
+                 seed: object = 0, shm: ShmExchange | None = None) -> None:
+        """``shm``: the job's shared-memory folder. The pool then takes each task for the site (the
+        site-task starts with its params mapped, no request for it), and tells the server which of
+        its files a site no longer maps."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.service = service
@@ -66,7 +67,7 @@ class SitePool:
         self.workers = min(workers, len(specs)) if specs else 0
         self.dedicated = len(specs) <= workers  # each site keeps a worker; its script runs once
         self.seed = seed
-        self.release = release
+        self.shm = shm
         self.errors: dict[str, str] = {}  # the last failure of each site's script
         self._sessions: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -145,8 +146,8 @@ class SitePool:
                 done: TaskDone = event[1]
                 if not self.dedicated:
                     idle.append(done.worker)
-                if done.released and self.release is not None:
-                    self.release(self._sessions[done.site][0], done.released)
+                if done.released and self.shm is not None:
+                    self.shm.release(self._sessions[done.site][0], done.released)
                 task = running.pop(done.site, None)
                 if not done.ran and task is not None and done.site not in pending:
                     pending[done.site] = task  # queued at a worker that died first: another one runs it
@@ -196,4 +197,20 @@ class SitePool:
                                                                                         task.name)
         return SiteTask(site=site, script=str(spec.script), argv=list(spec.argv),
                         settings=dataclasses.asdict(settings), session_id=session_id, job_config=job_config,
-                        offers=offers, code_roots=list(spec.code_roots), seed=seed, gpu=spec.gpu)
+                        offers=offers, code_roots=list(spec.code_roots), seed=seed, gpu=spec.gpu,
+                        task=None if task is None else self._prefetch(session_id))
+
+    def _prefetch(self, session_id: str) -> dict[str, Any] | None:
+        """The site's task with its params as a file of the shared-memory folder, taken for the site
+        now (None: the worker asks the server itself, e.g. on the threads backend)."""
+        if self.shm is None or not self.backend.isolated:
+            return None
+        try:
+            task = self.service.next_task(session_id, 0.0)
+            if not isinstance(task, Task) or task.params is None:
+                return None
+            params_file, size = self.shm.task_file(task, session_id)
+        except (ServiceError, OSError, ValueError):
+            return None  # the worker's own request says what happened
+        return {"task_id": task.task_id, "name": task.name, "round": task.round, "total_rounds": task.total_rounds,
+                "params_type": task.params_type, "meta": task.meta, "params_file": params_file, "payload_size": size}

@@ -195,7 +195,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
                 runs.append(run)
             if specs:
                 pool = SitePool(server.service, make_backend(backend), specs, workers, seed=workflow.seed,
-                                release=None if server.shm is None else server.shm.release)
+                                shm=server.shm)
                 pool.start()
             outcome = server.wait()
             grace = max([SHUTDOWN_GRACE_S, *(run.shutdown_timeout for run in runs)])

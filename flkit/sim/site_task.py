@@ -37,21 +37,28 @@ def run_site_task(task: SiteTask, transport: Transport, isolate: bool) -> tuple[
     """Run the task's script to its end in this thread: why it failed (or None), and the server's
     files the site no longer maps (for the pool to tell the server: see ``Transport.take_released``).
 
-    Isolated: afterwards the garbage collector frees what the script made (its globals and its
-    functions refer to each other), so that the site lets go of the global model's file at once,
-    and the server may write a later model into it."""
+    The script's globals are emptied when it ends, so what it made goes at once, and the site lets
+    go of the global model's file (the server may write a later model into it). Where something
+    still holds the file (a reference cycle), the garbage collector runs first."""
     error = contextvars.Context().run(_run, task, transport, isolate)
-    if isolate:
+    released = transport.take_released(task.session_id)
+    if transport.holds_files(task.session_id):
         gc.collect()
-        gc.freeze()  # what is left is the libraries the script imported: no later collection scans it
-    return error, transport.take_released(task.session_id)
+        if isolate:
+            gc.freeze()  # what is left is libraries the script imported: no later collection scans them
+        released += transport.take_released(task.session_id)
+    return error, released
 
 
 def _run(task: SiteTask, transport: Transport, isolate: bool) -> str | None:
     from flkit import api
 
     settings = SiteSettings(**task.settings)
-    set_handover(Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport))
+    first = None
+    if task.task is not None:
+        transport.use_offers(task.offers)
+        first = transport.task_from_file(task.session_id, task.task)
+    set_handover(Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport, first))
     before = _ModuleMark() if isolate else None
     cwd = os.getcwd()
     script_dir = str(Path(task.script).parent)
@@ -71,7 +78,7 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> str | None:
     thread_io.install()
     site_console.install()
     try:
-        error = run_script(Path(task.script), task.argv, settings, task.gpu)
+        error = run_script(Path(task.script), task.argv, settings, task.gpu, clear_globals=True)
         session = api.current_session()
         if session is None:
             error = error or f"script {Path(task.script).name} ended without calling flkit.init()"

@@ -10,9 +10,9 @@ gets are always its own, and a result's params must not be used by the transport
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from flkit.messages import JoinReply, Result, SubmitReply, TaskOrEnd
+from flkit.messages import JoinReply, Result, SubmitReply, Task, TaskOrEnd
 
 
 class Transport(Protocol):
@@ -27,6 +27,16 @@ class Transport(Protocol):
     def use_offers(self, offers: dict[str, str]) -> None:
         """Use what the server offers beyond its endpoint (``JoinReply.offers``) for a session this
         transport did not open itself (one a worker pool opened and handed over)."""
+        ...
+
+    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
+        """The task a worker pool took for ``session_id``, its params mapped from the file of the
+        server's shared-memory folder that ``header`` names (``SiteTask.task``); None where this
+        transport maps no such file (the session then asks the server for it)."""
+        ...
+
+    def holds_files(self, session_id: str) -> bool:
+        """Whether ``session_id`` still maps a file of the server through this transport."""
         ...
 
     def take_released(self, session_id: str) -> list[str]:

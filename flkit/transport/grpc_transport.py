@@ -11,7 +11,7 @@ is ``UNAVAILABLE``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -85,6 +85,14 @@ class GrpcTransport:
     def take_released(self, session_id: str) -> list[str]:
         """Nothing: this transport maps no file of the server."""
         return []
+
+    def holds_files(self, session_id: str) -> bool:
+        """Never: this transport maps no file of the server."""
+        return False
+
+    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
+        """None: this transport maps no file of the server (the session asks for its task)."""
+        return None
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         req = pb.JoinRequest(site_name=site, job_id=job_id, token=token, protocol_version=PROTOCOL_VERSION)

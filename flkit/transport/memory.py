@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
 from flkit.shared_model import shared_model_of
@@ -89,6 +89,14 @@ class MemoryTransport:
     def take_released(self, session_id: str) -> list[str]:
         """Nothing: this transport maps no file of the server."""
         return []
+
+    def holds_files(self, session_id: str) -> bool:
+        """Never: this transport maps no file of the server."""
+        return False
+
+    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
+        """None: this transport maps no file of the server (the session asks for its task)."""
+        return None
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         return self._live().join(site, job_id, token, self._service.protocol_version, local=True)

@@ -19,6 +19,7 @@ import mmap
 import os
 import weakref
 from pathlib import Path
+from typing import Any
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
@@ -113,6 +114,25 @@ class ShmTransport(GrpcTransport):
         for key in gone:
             del self._mapped[key]
         return [name for _, name in gone]
+
+    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
+        """The task a worker pool took for ``session_id`` (``SiteTask.task``), its params mapped from
+        the file the header names; None when this process cannot map it (the session then asks)."""
+        if self.folder is None:
+            return None
+        task = Task(str(header["task_id"]), str(header["name"]), int(header["round"]), int(header["total_rounds"]),
+                    str(header["params_type"]), dict(header["meta"]))
+        self._fetching_for = session_id
+        try:
+            self._params_from_file(task, str(header["params_file"]), int(header["payload_size"]))
+        except (ValidationError, ServiceError) as exc:
+            log.debug("session %s: the pool's task file cannot be used (%s); asking the server", session_id, exc)
+            return None
+        return task
+
+    def holds_files(self, session_id: str) -> bool:
+        """Whether ``session_id`` still maps a file of the server through this transport."""
+        return any(key[0] == session_id for key in self._mapped)
 
     def take_released(self, session_id: str) -> list[str]:
         """The server's files ``session_id`` mapped and no longer maps, for a worker pool to tell the
