@@ -75,6 +75,11 @@ class GrpcTransport:
             response_deserializer=None)
         self._submit_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SubmitReply] = self._channel.stream_unary(
             f"/{SERVICE_NAME}/SubmitResult", request_serializer=None, response_deserializer=pb.SubmitReply.FromString)
+        # A result without a payload (params in a shared-memory file, or metrics only) is one message:
+        # sent as a unary call on the same method (the wire does not tell the two apart), which costs
+        # gRPC no thread to consume a request stream.
+        self._submit_one: grpc.UnaryUnaryMultiCallable[bytes, pb.SubmitReply] = self._channel.unary_unary(
+            f"/{SERVICE_NAME}/SubmitResult", request_serializer=None, response_deserializer=pb.SubmitReply.FromString)
 
     def close(self) -> None:
         self._channel.close()
@@ -182,7 +187,10 @@ class GrpcTransport:
                 yield from encoded.chunks(CHUNK_BYTES, payload_prefix)  # serialised ResultChunk(payload=...)
 
         try:
-            reply = self._submit_stream(messages(), timeout=timeout)
+            if encoded is None:
+                reply = self._submit_one(pb.ResultChunk(header=header).SerializeToString(), timeout=timeout)
+            else:
+                reply = self._submit_stream(messages(), timeout=timeout)
         except grpc.RpcError as exc:
             raise _error(exc, self.address, "sending a result") from None
         return SubmitReply(reply.accepted, reply.error, reply.job_ended)
