@@ -71,6 +71,8 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
         session = Session(settings, distributed=world > 1, transport=None if handed is None else handed.transport,
                           handed=None if handed is None else handed.reply,
                           first_task=None if handed is None else handed.task)
+        if handed is not None:
+            handed.sessions.append(session)
     set_session(session)
     if not in_runner_context():
         atexit.register(_close_at_exit, session)

@@ -122,3 +122,15 @@ def test_flkit_simulate_takes_the_backend_and_the_workers(tmp_path):
 def test_a_backend_that_does_not_exist_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="backend must be one of processes, threads, ray, got 'fibers'"):
         _job(tmp_path, n_clients=3).simulator_run(tmp_path / "ws", quiet=True, backend="fibers")
+
+
+def test_a_script_that_calls_shutdown_at_its_end_is_no_failure(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "polite.py").write_text(
+        "import flkit as flare\n\nflare.init()\nwhile flare.is_running():\n    model = flare.receive()\n"
+        "    flare.send(flare.FLModel(params=model.params, metrics={'accuracy': 0.5}))\nflare.shutdown()\n")
+    job = FedAvgJob(name="polite", initial_model={"w": torch.zeros(2)}, n_clients=3, num_rounds=2, key_metric=None)
+    job.to_clients(ScriptRunner(script=str(tmp_path / "src" / "polite.py")))
+    for backend in ("processes", "threads"):
+        result = job.simulator_run(tmp_path / backend, threads=2, quiet=True, backend=backend)
+        assert result.site_errors == {}, (backend, result.site_errors)

@@ -12,7 +12,7 @@ This module imports neither the Session classes nor gRPC, so ``flkit.api`` and
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
 
 from flkit.client.settings import in_runner_context
@@ -74,6 +74,8 @@ class Handover:
     transport: Transport
     # The site's task, already taken for it by the pool (None: the session asks the server).
     task: Task | None = None
+    # The sessions ``flkit.init()`` made from this handover (one), for the pool to close.
+    sessions: list[AnySession] = field(default_factory=list)
 
 
 _handover_var: ContextVar[Handover | None] = ContextVar("flkit_handover", default=None)

@@ -140,6 +140,9 @@ class Session:
         with self._lock:
             if self._session_id is not None:
                 return self._session_id
+            if self.handed:  # the pool's session is gone (the site failed): this site-task ends here
+                raise FLKitError(f"site {self.settings.site_name}: the server closed this site's session "
+                                 "(it failed, e.g. a result was refused); the site takes no further part")
             s = self.settings
             reply = self._retry(
                 "join the job", lambda t: self.transport.join(s.site_name, s.job_id, s.token, t), deadline

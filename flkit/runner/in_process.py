@@ -79,12 +79,12 @@ class InProcessSite:
 
 
 def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str | None = None,
-               clear_globals: bool = False) -> str | None:
+               clear_globals: bool = False, as_main: bool = True) -> str | None:
     """Run ``script`` to its end in this thread as site ``settings.site_name``: its own ``sys.argv``,
     output prefixed with the site's name, its settings in this context (call it in a fresh
     ``contextvars.Context``). ``script``: an absolute path. Returns why the script failed, or None;
     its session stays open (``flkit.api.current_session()``) for the caller to close.
-    ``clear_globals``: empty the script's module globals when it ended (see ``run_as_main``)."""
+    ``clear_globals``, ``as_main``: see ``run_as_main``."""
     set_context_settings(settings)
     thread_io.set_site_io([str(script), *argv], f"[{settings.site_name}] ")
     site_console.use_own_console()
@@ -95,7 +95,7 @@ def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str |
             import torch
 
             torch.cuda.set_device(int(str(gpu).split(",")[0]))  # this thread's current device
-        run_as_main(script, clear_globals)
+        run_as_main(script, clear_globals, as_main)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             error = f"script {script.name} exited with status {exc.code}"
@@ -110,15 +110,19 @@ def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str |
 # Compiled scripts by (path, mtime, size): a worker pool runs the same script once per task.
 _compiled: dict[tuple[str, int, int], CodeType] = {}
 _compiled_lock = threading.Lock()
+MAX_COMPILED = 64
 
 
-def run_as_main(script: Path, clear_globals: bool = False) -> None:
+def run_as_main(script: Path, clear_globals: bool = False, as_main: bool = True) -> None:
     """Run ``script`` as ``__main__``, as ``runpy.run_path`` does for a file (the same module
     attributes, and ``sys.modules["__main__"]`` while it runs), with its code compiled once.
 
     ``clear_globals``: empty the module's globals once the script ended. Its functions refer to
     them, so without this only the garbage collector frees what the script made (its model, the
-    received params); a worker pool that runs script after script wants them gone at once."""
+    received params); a worker pool that runs script after script wants them gone at once.
+    ``as_main``: the module is ``sys.modules["__main__"]`` while the script runs (and the one it
+    replaced afterwards), as with ``python script.py``.
+    """
     stat = script.stat()
     key = (str(script), stat.st_mtime_ns, stat.st_size)
     with _compiled_lock:
@@ -126,17 +130,23 @@ def run_as_main(script: Path, clear_globals: bool = False) -> None:
     if code is None:
         code = compile(script.read_bytes(), str(script), "exec", dont_inherit=True)
         with _compiled_lock:
+            if len(_compiled) >= MAX_COMPILED:
+                _compiled.pop(next(iter(_compiled)))  # the oldest
             _compiled[key] = code
     module = types.ModuleType("__main__")
     module.__dict__.update(__file__=str(script), __cached__=None, __loader__=None, __package__="", __spec__=None)
     saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = module
+    if as_main:
+        sys.modules["__main__"] = module
     try:
         exec(code, module.__dict__)
     finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
-        if clear_globals:
+        if as_main:
+            if saved is not None:
+                sys.modules["__main__"] = saved
+            elif sys.modules.get("__main__") is module:
+                del sys.modules["__main__"]
+        if clear_globals and sys.modules.get("__main__") is not module:
             module.__dict__.clear()
 
 

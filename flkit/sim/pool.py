@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flkit.client.settings import SiteSettings
-from flkit.messages import ServiceError, Task
+from flkit.messages import SUBMIT_MODEL, ServiceError, Task
 from flkit.server.job_service import JobService
 from flkit.server.shm_exchange import ShmExchange
 from flkit.sim.backend import TASKS_PER_WORKER, Backend, SiteTask, TaskDone
@@ -73,19 +73,21 @@ class SitePool:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="flkit-site-pool", daemon=True)
         self._stopped = False
+        self._warned_submit = False
 
     # -- start and stop --------------------------------------------------------
 
     def start(self) -> None:
         """Open every site's session and start the workers (dedicated: each site's script too)."""
         reg = self.registry
-        for site in self.specs:
-            reply = self.service.join(site, reg.job_id, reg.token, local=True)
-            self._sessions[site] = (reply.session_id, reply.job_config, reply.offers)
         if not self.specs:
             return
         if not self.dedicated:
+            # Before the joins: the round loop may hand out round 0 as soon as the last site joined.
             reg.on_assigned = self._assigned
+        for site in self.specs:
+            reply = self.service.join(site, reg.job_id, reg.token, local=True)
+            self._sessions[site] = (reply.session_id, reply.job_config, reply.offers)
         self.backend.start(self.workers, self._done)
         self._thread.start()
         if self.dedicated:
@@ -161,6 +163,11 @@ class SitePool:
                 if not self.registry.task_open(site, task.task_id):
                     continue  # it timed out or the job ended while it waited for a worker
                 running[site] = task
+                if task.name == SUBMIT_MODEL and not self._warned_submit:
+                    self._warned_submit = True
+                    log.warning("cross-site evaluation asks each site for its own model; with more sites than "
+                                "workers a site's script runs afresh for this task, so it must load the model it "
+                                "saved in its folder (flare.get_config()['workspace']), or it sends a new one")
                 self.backend.run(idle.popleft(), self._site_task(site, task))
 
     def _settle(self, done: TaskDone, task: Task | None) -> None:

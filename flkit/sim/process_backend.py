@@ -102,18 +102,31 @@ class ProcessBackend(Backend):
             self._on_done(TaskDone(worker, task.site, failed))
 
     def _read(self, worker: _Worker, done: TextIO) -> None:
-        with done:
-            for line in done:
-                message = json.loads(line)
-                if "ready" in message:
-                    worker.ready = True
-                    self._start_failures.pop(worker.index, None)
-                    continue
-                with self._lock:
-                    if worker.sites:
-                        worker.sites.popleft()
-                self._on_done(TaskDone(worker.index, str(message["site"]), message.get("error"),
-                                       [str(name) for name in message.get("released", [])]))
+        try:
+            with done:
+                for line in done:
+                    self._answer(worker, line)
+        except (OSError, ValueError) as exc:  # the pipe broke: the worker is ended below and replaced
+            log.error("worker %d: unreadable answer (%s); ending it", worker.index, exc)
+            processes.end_process_tree(worker.proc, 5.0)
+        finally:
+            self._lost(worker)
+
+    def _answer(self, worker: _Worker, line: str) -> None:
+        message = json.loads(line)
+        if "ready" in message:
+            worker.ready = True
+            self._start_failures.pop(worker.index, None)
+            return
+        with self._lock:
+            if worker.sites:
+                worker.sites.popleft()
+        self._on_done(TaskDone(worker.index, str(message["site"]), message.get("error"),
+                               [str(name) for name in message.get("released", [])]))
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker's process ended: fail the task it ran, hand back the ones queued behind it, and
+        start another worker (unless it keeps dying before it is ready, or the backend stops)."""
         status = worker.proc.wait()
         with self._lock:
             worker.dead = True
@@ -122,9 +135,7 @@ class ProcessBackend(Backend):
             if self._stopping:
                 return
             why = f"the worker process (pid {worker.proc.pid}) {processes.describe_exit(status)}"
-            if worker.ready:
-                self._start_failures.pop(worker.index, None)
-            else:
+            if not worker.ready:
                 self._start_failures[worker.index] = self._start_failures.get(worker.index, 0) + 1
             if self._start_failures.get(worker.index, 0) >= MAX_START_FAILURES:
                 self._broken[worker.index] = (f"{why} before it was ready, {MAX_START_FAILURES} times in a row "
@@ -132,14 +143,16 @@ class ProcessBackend(Backend):
                 log.error("worker %d: %s", worker.index, self._broken[worker.index])
             else:
                 log.warning("worker %d: %s%s; starting another", worker.index, why,
-                            f" while running site {sites[0]}'s script" if sites else "")
-                self._workers[worker.index] = self._spawn(worker.index)
+                            f" while running site {sites[0]}'s script" if sites and worker.ready else "")
+                try:
+                    self._workers[worker.index] = self._spawn(worker.index)
+                except OSError as exc:
+                    self._broken[worker.index] = f"{why}, and another could not start: {exc}"
+                    log.error("worker %d: %s", worker.index, self._broken[worker.index])
         for i, site in enumerate(sites):
-            if i == 0:
-                reason = f"{why} while running this site's script" + ("" if worker.ready else " (before it was ready)")
-            else:
-                reason = f"{why} before it ran this site's script"
-            self._on_done(TaskDone(worker.index, site, reason, ran=i == 0))
+            ran = i == 0 and worker.ready  # the others (or all, before it was ready) never started
+            reason = f"{why} while running this site's script" if ran else f"{why} before it ran this site's script"
+            self._on_done(TaskDone(worker.index, site, reason, ran=ran))
 
     def stop(self, grace_s: float) -> None:
         with self._lock:

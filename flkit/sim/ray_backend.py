@@ -65,8 +65,12 @@ class RayBackend(Backend):
         self._ray: Any = None
         self._actor_class: Any = None
         self._actors: list[Any] = []
-        self._pending: dict[Any, tuple[int, str]] = {}  # object ref -> (worker, site), in the order given
-        self._never_ran: set[Any] = set()  # refs queued at an actor that died running an earlier one
+        # object ref -> (worker, site, actor, number): calls are numbered as given, and an actor runs
+        # its calls in that order
+        self._pending: dict[Any, tuple[int, str, Any, int]] = {}
+        self._given = 0
+        # Dead actors -> the number of the call each was running (the earliest it had not answered).
+        self._died_running: dict[Any, int] = {}
         self._lock = threading.Lock()
         self._more = threading.Event()
         self._stopping = threading.Event()
@@ -96,11 +100,23 @@ class RayBackend(Backend):
 
     def run(self, worker: int, task: SiteTask) -> None:
         with self._lock:
-            ref = self._actors[worker].run.remote(task.to_json())
-            self._pending[ref] = (worker, task.site)
+            actor = self._actors[worker]
+            ref = actor.run.remote(task.to_json())
+            self._given += 1
+            self._pending[ref] = (worker, task.site, actor, self._given)
         self._more.set()
 
     def _wait(self) -> None:
+        try:
+            self._wait_loop()
+        except Exception as exc:  # e.g. the cluster went away: every task held fails, none is lost
+            log.exception("the Ray backend's waiter failed")
+            with self._lock:
+                held, self._pending = list(self._pending.values()), {}
+            for worker, site, _, _ in held:
+                self._on_done(TaskDone(worker, site, f"the Ray backend failed: {type(exc).__name__}: {exc}"))
+
+    def _wait_loop(self) -> None:
         ray = self._ray
         while not self._stopping.is_set():
             with self._lock:
@@ -111,34 +127,35 @@ class RayBackend(Backend):
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
             for ref in ready:
-                with self._lock:
-                    worker, site = self._pending.pop(ref)
-                try:
-                    outcome = json.loads(ray.get(ref))
-                    done = TaskDone(worker, site, outcome.get("error"), list(outcome.get("released", [])))
-                except ray.exceptions.RayActorError as exc:
-                    if ref in self._never_ran:
-                        self._never_ran.discard(ref)
-                        done = TaskDone(worker, site, f"the Ray worker died before it ran this site's script: {exc}",
-                                        ran=False)
-                    else:
-                        done = TaskDone(worker, site, f"the Ray worker running this site's script died: {exc}")
-                        self._replace(worker)
-                except ray.exceptions.RayError as exc:
-                    done = TaskDone(worker, site, f"Ray could not run this site's script: {exc}")
-                self._on_done(done)
+                self._on_done(self._outcome(ref))
 
-    def _replace(self, worker: int) -> None:
-        """A new actor in place of a dead one (once: the other tasks it held fail with it)."""
+    def _outcome(self, ref: Any) -> TaskDone:
+        ray = self._ray
         with self._lock:
-            # An actor runs its calls in order: the others it held had not started.
-            self._never_ran.update(ref for ref, (w, _) in self._pending.items() if w == worker)
-            dead = self._actors[worker]
-            try:
-                self._ray.kill(dead)
-            except Exception:  # already gone
-                pass
-            self._actors[worker] = self._actor_class.remote(self._threads)
+            worker, site, actor, number = self._pending.pop(ref)
+        try:
+            outcome = json.loads(ray.get(ref))
+            return TaskDone(worker, site, outcome.get("error"), list(outcome.get("released", [])))
+        except ray.exceptions.RayActorError as exc:
+            with self._lock:
+                first = actor not in self._died_running
+                if first:  # it was running its earliest unanswered call; the later ones never started
+                    others = [n for _, _, a, n in self._pending.values() if a is actor]
+                    self._died_running[actor] = min([number, *others])
+                    if self._actors[worker] is actor:
+                        self._actors[worker] = self._actor_class.remote(self._threads)
+                ran = self._died_running[actor] == number
+            if first:
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone
+                    pass
+            if not ran:
+                return TaskDone(worker, site, f"the Ray worker died before it ran this site's script: {exc}",
+                                ran=False)
+            return TaskDone(worker, site, f"the Ray worker running this site's script died: {exc}")
+        except ray.exceptions.RayError as exc:
+            return TaskDone(worker, site, f"Ray could not run this site's script: {exc}")
 
     def stop(self, grace_s: float) -> None:
         ray = self._ray

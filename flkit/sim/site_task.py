@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import sys
+import sysconfig
 from pathlib import Path
 
 from flkit.client.current import Handover, set_handover
@@ -40,8 +41,10 @@ def run_site_task(task: SiteTask, transport: Transport, isolate: bool) -> tuple[
     The script's globals are emptied when it ends, so what it made goes at once, and the site lets
     go of the global model's file (the server may write a later model into it). Where something
     still holds the file (a reference cycle), the garbage collector runs first."""
-    error = contextvars.Context().run(_run, task, transport, isolate)
+    error, prefetch_used = contextvars.Context().run(_run, task, transport, isolate)
     released = transport.take_released(task.session_id)
+    if task.task is not None and not prefetch_used:  # given for this site, never mapped: the server may reuse it
+        released.append(str(task.task["params_file"]))
     if transport.holds_files(task.session_id):
         gc.collect()
         if isolate:
@@ -50,15 +53,15 @@ def run_site_task(task: SiteTask, transport: Transport, isolate: bool) -> tuple[
     return error, released
 
 
-def _run(task: SiteTask, transport: Transport, isolate: bool) -> str | None:
-    from flkit import api
-
+def _run(task: SiteTask, transport: Transport, isolate: bool) -> tuple[str | None, bool]:
+    """Why the script failed (or None), and whether the task the pool took for it was used."""
     settings = SiteSettings(**task.settings)
     first = None
     if task.task is not None:
         transport.use_offers(task.offers)
         first = transport.task_from_file(task.session_id, task.task)
-    set_handover(Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport, first))
+    handover = Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport, first)
+    set_handover(handover)
     before = _ModuleMark() if isolate else None
     cwd = os.getcwd()
     script_dir = str(Path(task.script).parent)
@@ -78,11 +81,12 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> str | None:
     thread_io.install()
     site_console.install()
     try:
-        error = run_script(Path(task.script), task.argv, settings, task.gpu, clear_globals=True)
-        session = api.current_session()
-        if session is None:
+        # Worker processes run the script as __main__ (it is theirs alone); threads leave the
+        # simulator's __main__ in place (two threads swapping it would restore each other's).
+        error = run_script(Path(task.script), task.argv, settings, task.gpu, clear_globals=True, as_main=isolate)
+        if not handover.sessions:
             error = error or f"script {Path(task.script).name} ended without calling flkit.init()"
-        else:
+        for session in handover.sessions:  # (one; flkit.shutdown() may have closed it already)
             session.close()  # the pool's session: records flushed, nothing else
     finally:
         if isolate:
@@ -91,11 +95,14 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> str | None:
                 sys.path.remove(script_dir)
             assert before is not None
             _drop_job_modules(before.new(), task.code_roots + [script_dir])
-    return error
+    return error, first is not None and bool(handover.sessions)
 
 
 _made: set[str] = set()  # site folders this worker made
 _realpath = functools.lru_cache(maxsize=64)(os.path.realpath)  # of the job's code folders
+# Where installed libraries live: never dropped, even inside the job's folder.
+_LIBRARIES = tuple(os.path.join(os.path.realpath(p), "") for p in
+                   {sys.prefix, sys.base_prefix, *(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))})
 
 
 class _ModuleMark:
@@ -134,5 +141,9 @@ def _drop_job_modules(new: list[str], roots: list[str]) -> None:
     for name in new:
         module = sys.modules.get(name)
         path = getattr(module, "__file__", None)
-        if path and os.path.realpath(path).startswith(prefixes):
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        # A virtualenv inside the job's folder holds libraries, not the job's code.
+        if real.startswith(prefixes) and not real.startswith(_LIBRARIES):
             del sys.modules[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from flkit.client.settings import SiteSettings
@@ -28,6 +29,7 @@ class ThreadBackend(Backend):
         self._queues: list[queue.SimpleQueue[SiteTask | None]] = []
         self._threads: list[threading.Thread] = []
         self._on_done: Callable[[TaskDone], None] = lambda done: None
+        self._stopping = False
 
     def start(self, workers: int, on_done: Callable[[TaskDone], None]) -> None:
         self._on_done = on_done
@@ -42,16 +44,18 @@ class ThreadBackend(Backend):
         self._queues[worker].put(task)
 
     def stop(self, grace_s: float) -> None:
+        self._stopping = True  # a task still queued at a worker is not started: the job has ended
         for inbox in self._queues:
             inbox.put(None)
+        deadline = time.monotonic() + grace_s
         for thread in self._threads:
-            thread.join(grace_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():  # a thread cannot be killed: it goes with the process
                 log.warning("%s is still running a site's script %.0f s after the job ended", thread.name, grace_s)
 
     def _work(self, worker: int, inbox: queue.SimpleQueue[SiteTask | None]) -> None:
         transport: Transport | None = None  # one per worker: site-tasks run one after another here
-        while (task := inbox.get()) is not None:
+        while (task := inbox.get()) is not None and not self._stopping:
             try:
                 if transport is None:
                     transport = make_transport(SiteSettings(**task.settings))
