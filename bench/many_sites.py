@@ -56,6 +56,23 @@ class TreePeak(threading.Thread):
             self.peak = max(self.peak, total)
 
 
+def pure_work(sites: int, repeats: int = 5) -> float:
+    """Seconds of the round's own arithmetic on this machine now, the fastest of ``repeats``: per site a
+    copy of the 10K-parameter model, the site's +0.001, and the weighted sum into the aggregate."""
+    import torch
+
+    model = torch.nn.Linear(100, 100).state_dict()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.items()}
+        for _ in range(sites):
+            for k, v in model.items():
+                total[k].add_(v.clone().add_(0.001), alpha=1.0 / sites)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def run_one(sites: int, per_round: int | None, rounds: int, backend: str) -> dict:
     import torch
 
@@ -66,6 +83,7 @@ def run_one(sites: int, per_round: int | None, rounds: int, backend: str) -> dic
                     final_validation=False, key_metric=None,
                     **({"clients_per_round": per_round} if per_round else {}))
     job.to_clients(ScriptRunner(script=str(HERE / "noop_site.py")))
+    pure = pure_work(sites if per_round is None else per_round)
     peak = TreePeak()
     peak.start()
     with tempfile.TemporaryDirectory() as ws:
@@ -80,7 +98,7 @@ def run_one(sites: int, per_round: int | None, rounds: int, backend: str) -> dic
             "reason": result.reason,
             "round_s": seconds, "s_per_round": statistics.fmean(steady), "first_round_s": seconds[0] if seconds else None,
             "wall_s": wall, "outside_rounds_s": wall - sum(seconds),
-            "peak_rss_mib": peak.peak / 2**20}
+            "peak_rss_mib": peak.peak / 2**20, "pure_s": pure}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(json.loads(line[len(TAG):]))
     print(f"many sites, 10K-parameter model, {os.cpu_count()} cores (as many workers), {args.rounds} rounds per job")
-    print(f"{'backend':>9} {'sites':>6} {'per round':>9} {'s/round':>8} {'first':>7} {'wall s':>7} {'outside':>8} "
-          f"{'peak MiB':>9}  target")
+    print(f"{'backend':>9} {'sites':>6} {'per round':>9} {'s/round':>8} {'x pure':>7} {'first':>7} {'wall s':>7} "
+          f"{'outside':>8} {'peak MiB':>9}  target")
     for r in rows:
         if "error" in r or not r.get("ok"):
             print(f"{r['backend']:>9} {r['sites']:>6} {r['per_round'] or 'all':>9}  failed: "
@@ -126,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = f"peak <= {PEAK_LIMIT_MIB} MiB: {'PASS' if r['peak_rss_mib'] <= PEAK_LIMIT_MIB else 'MISS'}"
         else:
             verdict = "-"
-        print(f"{r['backend']:>9} {r['sites']:>6} {r['per_round'] or 'all':>9} {r['s_per_round']:>8.3f} {r['first_round_s']:>7.3f} "
+        print(f"{r['backend']:>9} {r['sites']:>6} {r['per_round'] or 'all':>9} {r['s_per_round']:>8.3f} "
+              f"{r['s_per_round'] / r['pure_s']:>7.0f} {r['first_round_s']:>7.3f} "
               f"{r['wall_s']:>7.1f} {r['outside_rounds_s']:>8.1f} {r['peak_rss_mib']:>9.0f}  {verdict}")
     return 0
 
