@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -88,7 +89,7 @@ def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str |
     set_context_settings(settings)
     thread_io.set_site_io([str(script), *argv], f"[{settings.site_name}] ")
     site_console.use_own_console()
-    Path(settings.workspace).mkdir(parents=True, exist_ok=True)
+    make_site_folder(settings.workspace)
     error = None
     try:
         if gpu is not None:
@@ -106,6 +107,12 @@ def run_script(script: Path, argv: list[str], settings: SiteSettings, gpu: str |
         thread_io.uninstall()
     return error
 
+
+def make_site_folder(path: str) -> None:
+    """Make a site's folder if it is missing (one stat when it is there: a pool runs a site's script
+    once per task)."""
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
 
 # Compiled scripts by (path, mtime, size): a worker pool runs the same script once per task.
 _compiled: dict[tuple[str, int, int], CodeType] = {}

@@ -48,7 +48,8 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
     suspects: set[int] = set()
     if small:
         norms = getattr(torch, "_foreach_norm", None)
-        if norms is None or not bool(torch.stack(norms([tensors[i] for i in small])).isfinite().all()):
+        # One torch call for all of them; reading each norm (a 0-d tensor) costs less than stacking them.
+        if norms is None or not all(math.isfinite(n.item()) for n in norms([tensors[i] for i in small])):
             suspects = set(small)
     for i, t in enumerate(tensors):
         if (i in suspects or (t.is_floating_point() and t.numel() >= ONE_BY_ONE)) and not all_finite(t):

@@ -23,7 +23,7 @@ from flkit.client.current import Handover, set_handover
 from flkit.client.settings import SiteSettings
 from flkit.messages import JoinReply
 from flkit.runner import site_console, thread_io
-from flkit.runner.in_process import run_script
+from flkit.runner.in_process import make_site_folder, run_script
 from flkit.sim.backend import SiteTask
 from flkit.transport.base import Transport
 
@@ -63,13 +63,11 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> tuple[str | Non
     handover = Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport, first)
     set_handover(handover)
     before = _ModuleMark() if isolate else None
-    cwd = os.getcwd()
+    cwd = os.getcwd() if isolate else ""
     script_dir = str(Path(task.script).parent)
     added_path = False
     if isolate:
-        if settings.workspace not in _made:
-            Path(settings.workspace).mkdir(parents=True, exist_ok=True)
-            _made.add(settings.workspace)
+        make_site_folder(settings.workspace)
         os.chdir(settings.workspace)
         if task.seed is not None:
             _seed(task.seed)
@@ -98,7 +96,6 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> tuple[str | Non
     return error, first is not None and bool(handover.sessions)
 
 
-_made: set[str] = set()  # site folders this worker made
 _realpath = functools.lru_cache(maxsize=64)(os.path.realpath)  # of the job's code folders
 # Where installed libraries live: never dropped, even inside the job's folder.
 _LIBRARIES = tuple(os.path.join(os.path.realpath(p), "") for p in
