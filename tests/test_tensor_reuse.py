@@ -164,6 +164,7 @@ def test_a_site_whose_view_cannot_be_mapped_gets_a_copy(monkeypatch):
     def no_room(self):
         raise OSError(12, "Cannot allocate memory")
 
+    monkeypatch.setattr("flkit.transport.memory.PRIVATE_VIEW_MIN_BYTES", 0)  # MODEL is small: map it anyway
     monkeypatch.setattr(SharedModel, "private_view", no_room)
     server_side = BufferPool(shared=True)
     task = Task("t1", "train", 0, 1, "FULL", {}, copy_into_pool(server_side, MODEL))
@@ -171,6 +172,28 @@ def test_a_site_whose_view_cannot_be_mapped_gets_a_copy(monkeypatch):
     assert got is not None and all(torch.equal(got[k], MODEL[k]) for k in MODEL)
     got["w"].fill_(-1)
     assert torch.equal(task.params["w"], MODEL["w"])
+
+
+@pytest.mark.skipif(not shared_model.supported(), reason="memfd is Linux only")
+def test_in_process_sites_map_a_large_global_model_and_copy_a_small_one(monkeypatch):
+    """A copy-on-write view costs an mmap and a tensor per parameter each task; below 1 MiB a copy into
+    the transport's reused buffers is cheaper. Either way the site's tensors are its own."""
+    from flkit.messages import Task
+    from flkit.transport import memory
+
+    views = []
+    real_view = SharedModel.private_view
+    monkeypatch.setattr(SharedModel, "private_view", lambda self: views.append(1) or real_view(self))
+    server_side = BufferPool(shared=True)
+    task = Task("t1", "train", 0, 1, "FULL", {}, copy_into_pool(server_side, MODEL))
+    for threshold, mapped in ((0, 1), (1 << 40, 0)):
+        monkeypatch.setattr(memory, "PRIVATE_VIEW_MIN_BYTES", threshold)
+        views.clear()
+        got = memory._own_copy(task, BufferPool()).params
+        assert len(views) == mapped, threshold
+        assert got is not None and all(torch.equal(got[k], MODEL[k]) for k in MODEL)
+        got["w"].fill_(-1)
+        assert torch.equal(task.params["w"], MODEL["w"]), threshold
 
 
 def _open_memfds() -> int:

@@ -53,11 +53,17 @@ def lookup(address: str) -> JobService | None:
         return _services.get(address)
 
 
+# Below this size a site's copy of the global model costs less than a copy-on-write mapping of it
+# (an mmap, then a tensor on it per parameter, for every task).
+PRIVATE_VIEW_MIN_BYTES = 1 << 20
+
+
 def _own_copy(task: Task, pool: BufferPool) -> Task:
     params = None
     if task.params is not None:
         shared = shared_model_of(task.params)
-        if shared is not None:
+        # A small model is copied into reused buffers: cheaper than mapping a view for it.
+        if shared is not None and shared.size >= PRIVATE_VIEW_MIN_BYTES:
             try:
                 params = shared.private_view()
                 pool.clear()  # the copies of earlier rounds are not needed any more
