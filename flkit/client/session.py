@@ -98,7 +98,6 @@ class Session:
         self._heartbeat_interval = 5.0
         self.records = RecordQueue(settings.site_name, settings.workspace, settings.job_id)
         if handed is not None:
-            self.transport.use_offers(handed.offers)
             self._session_id, self.job_config = handed.session_id, handed.job_config
             self._heartbeat_interval = 0.0
             self.records.configure(handed.job_config, self._send_records)

@@ -30,7 +30,7 @@ from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import ParamsType
 from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
-from flkit.server.listing import failure_list, site_list
+from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, load_params
 from flkit.server.selector import BestModelSelector
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
@@ -50,10 +50,6 @@ Event = dict[str, Any]
 
 class JobEndedError(Exception):
     """A result came after the job ended; the site is told to stop, not blamed."""
-
-
-def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if text and text.strip() else "unknown reason"
 
 
 @dataclass
@@ -205,7 +201,7 @@ class Controller:
             if state is None:
                 continue
             if state.status == SiteStatus.FAILED:
-                return f"mandatory site {name} failed: {_first_line(state.failure)}"
+                return f"mandatory site {name} failed: {first_line(state.failure)}"
             if started and state.status == SiteStatus.LEFT:
                 return f"mandatory site {name} left the job before it ended"
         return None
@@ -492,7 +488,7 @@ class Controller:
                     why = self._mandatory_failed_locked()
                     missed = [s for s in self.config.mandatory_clients if s in record.failed]
                     if why or missed:
-                        why = why or f"mandatory site {missed[0]}: {_first_line(record.failed[missed[0]])}"
+                        why = why or f"mandatory site {missed[0]}: {first_line(record.failed[missed[0]])}"
                         return JobEnd(True, f"round {task.round}: {why}")
                 if len(done) + len(pending) < min_answers:
                     why = failure_list(record.failed)
@@ -536,7 +532,7 @@ class Controller:
                 raise ValidationError(f"site {site}: result for a task that is no longer open "
                                       f"(task {result.task_id})")
             expected = self.global_params
-            state.task_outcome = ACCEPTING  # (no one waits for this step: it holds the slot, as pending did)
+            state.task_outcome = ACCEPTING  # (not a settling: the round still waits for this site)
         try:
             answer = Answer(site, check_metrics(site, result.metrics), result.meta)
             if open_task.params == "required" and result.params is None:

@@ -21,10 +21,11 @@ def site_list(sites: Sequence[str], shown: int = SHOWN) -> str:
 def failure_list(failed: Mapping[str, str], shown: int = SHOWN) -> str:
     """``site-1: why; site-2: why (and 40 more sites failed)``; each reason's first line only."""
     items = list(failed.items())
-    text = "; ".join(f"{site}: {_first_line(why)}" for site, why in items[:shown])
+    text = "; ".join(f"{site}: {first_line(why)}" for site, why in items[:shown])
     more = len(items) - shown
     return text + (f" (and {more} more site{'s' if more > 1 else ''} failed)" if more > 0 else "")
 
 
-def _first_line(text: str | None) -> str:
+def first_line(text: str | None) -> str:
+    """The first line of a reason (a traceback's summary), or "unknown reason"."""
     return (text or "").strip().splitlines()[0] if text and text.strip() else "unknown reason"

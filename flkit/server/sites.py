@@ -39,12 +39,7 @@ class SiteState:
     last_seen: float = 0.0
     task: Task | None = None
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
-    fetched: bool = False  # the site has taken its task
     failure: str | None = None
-    # The site's liveness is vouched for in the server's own process: it talks through the memory
-    # transport (it cannot vanish without the server), or the simulator's worker pool opened its
-    # session and watches the workers that run its tasks. It needs no heartbeat.
-    local: bool = False
     # Woken when something this site waits for changes (its task, its session, the job's end);
     # shares the registry's lock. None until the registry sets it.
     wake: threading.Condition | None = field(default=None, repr=False, compare=False)
@@ -82,8 +77,11 @@ class SiteRegistry:
         self.settled = 0
         self.failures = 0
         self._sessions: dict[str, str] = {}
-        # Sites that joined with a session that must heartbeat (not local): the only ones a look for
-        # lapsed heartbeats visits, so a simulation of 10,000 pooled sites costs it nothing.
+        # Sites that joined with a session that must heartbeat: the only ones a look for lapsed
+        # heartbeats visits, so a simulation of 10,000 pooled sites costs it nothing. A local session
+        # needs none: its liveness is vouched for in the server's own process (the memory transport:
+        # it cannot vanish without the server; or the simulator's worker pool, which opened it and
+        # watches the workers that run its tasks).
         self._beating: set[str] = set()
         self.end: JobEnd | None = None
         # Told about every site failure (the Controller reports it as a progress event).
@@ -110,7 +108,7 @@ class SiteRegistry:
 
     def join(self, site: str, job_id: str, token: str, local: bool = False) -> str:
         """Admit a site (again, after a restart) and return its new session id. ``local``: the site
-        runs in this process (no heartbeats; see SiteState.local)."""
+        needs no heartbeats (see ``_beating``)."""
         with self.cond:
             state = self._check_identity(site, job_id, token)
             if self.end is not None:
@@ -120,7 +118,6 @@ class SiteRegistry:
             session_id = secrets.token_hex(16)
             self._sessions[session_id] = site
             state.session_id = session_id
-            state.local = local
             if local:
                 self._beating.discard(site)
             else:
@@ -165,7 +162,6 @@ class SiteRegistry:
                 if state.task is not None and state.task_outcome is None:
                     if header_only:
                         return state.task.for_site(state.name)
-                    state.fetched = True
                     return state.task.for_site(state.name)
                 if self.end is not None:
                     return self.end
@@ -260,8 +256,7 @@ class SiteRegistry:
             if state.status != SiteStatus.JOINED:
                 self._beating.discard(name)
                 continue
-            if not state.local \
-                    and now - state.last_seen > self.heartbeat_timeout_s:
+            if now - state.last_seen > self.heartbeat_timeout_s:
                 self._fail_locked(
                     state, f"no heartbeat for {now - state.last_seen:.0f} s (limit {self.heartbeat_timeout_s:g} s)"
                 )
@@ -274,7 +269,6 @@ class SiteRegistry:
             state = self.sites[name]
             state.task = task
             state.task_outcome = None
-            state.fetched = False
             self._wake_locked(state)
         self.cond.notify_all()
         if self.on_assigned is not None and sites:

@@ -107,6 +107,11 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def torch_threads_per_worker(workers: int) -> int:
+    """Torch's intra-op threads in each of ``workers`` workers: the cores shared out, at least one."""
+    return max(1, default_workers() // workers)
+
+
 def check_backend(name: str) -> str:
     """The backend's name, checked (a clear error naming the choices)."""
     if name not in BACKENDS:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flkit.client.settings import SiteSettings
-from flkit.messages import SUBMIT_MODEL, ServiceError, Task
+from flkit.messages import SUBMIT_MODEL, JoinReply, ServiceError, Task
 from flkit.server.job_service import JobService
 from flkit.server.shm_exchange import ShmExchange
 from flkit.sim.backend import TASKS_PER_WORKER, Backend, SiteTask, TaskDone
@@ -69,7 +69,7 @@ class SitePool:
         self.seed = seed
         self.shm = shm
         self.errors: dict[str, str] = {}  # the last failure of each site's script
-        self._sessions: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
+        self._joined: dict[str, JoinReply] = {}  # each site's session, opened by the pool
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="flkit-site-pool", daemon=True)
         self._stopped = False
@@ -86,8 +86,7 @@ class SitePool:
             # Before the joins: the round loop may hand out round 0 as soon as the last site joined.
             reg.on_assigned = self._assigned
         for site in self.specs:
-            reply = self.service.join(site, reg.job_id, reg.token, local=True)
-            self._sessions[site] = (reply.session_id, reply.job_config, reply.offers)
+            self._joined[site] = self.service.join(site, reg.job_id, reg.token, local=True)
         self.backend.start(self.workers, self._done)
         self._thread.start()
         if self.dedicated:
@@ -149,7 +148,7 @@ class SitePool:
                 if not self.dedicated:
                     idle.append(done.worker)
                 if done.released and self.shm is not None:
-                    self.shm.release(self._sessions[done.site][0], done.released)
+                    self.shm.release(self._joined[done.site].session_id, done.released)
                 task = running.pop(done.site, None)
                 if not done.ran and task is not None and done.site not in pending:
                     pending[done.site] = task  # queued at a worker that died first: another one runs it
@@ -182,7 +181,7 @@ class SitePool:
                 self.registry.fail_site(done.site, done.error)
             else:  # the script ended by itself while the job goes on: the site left
                 try:
-                    self.registry.leave(self._sessions[done.site][0], "")
+                    self.registry.leave(self._joined[done.site].session_id, "")
                 except ServiceError:
                     pass  # its session is gone already (it failed)
             return
@@ -196,16 +195,16 @@ class SitePool:
 
     def _site_task(self, site: str, task: Task | None) -> SiteTask:
         spec = self.specs[site]
-        session_id, job_config, offers = self._sessions[site]
+        joined = self._joined[site]
         settings = dataclasses.replace(spec.settings, max_tasks=0 if task is None else 1)
         seed = None
         if self.backend.isolated:
             seed = task_seed(self.seed, site, 0, "job") if task is None else task_seed(self.seed, site, task.round,
                                                                                         task.name)
         return SiteTask(site=site, script=str(spec.script), argv=list(spec.argv),
-                        settings=dataclasses.asdict(settings), session_id=session_id, job_config=job_config,
-                        offers=offers, code_roots=list(spec.code_roots), seed=seed, gpu=spec.gpu,
-                        task=None if task is None else self._prefetch(session_id))
+                        settings=dataclasses.asdict(settings), session_id=joined.session_id,
+                        job_config=joined.job_config, offers=joined.offers, code_roots=list(spec.code_roots), seed=seed, gpu=spec.gpu,
+                        task=None if task is None else self._prefetch(joined.session_id))
 
     def _prefetch(self, session_id: str) -> dict[str, Any] | None:
         """The site's task with its params as a file of the shared-memory folder, taken for the site

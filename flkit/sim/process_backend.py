@@ -24,7 +24,7 @@ from typing import TextIO
 
 from flkit.client import supervision
 from flkit.runner import processes
-from flkit.sim.backend import Backend, SiteTask, TaskDone
+from flkit.sim.backend import Backend, SiteTask, TaskDone, torch_threads_per_worker
 
 log = logging.getLogger("flkit.sim")
 
@@ -39,7 +39,6 @@ class _Worker:
     tasks: TextIO  # the writing end of the task pipe
     sites: deque[str] = field(default_factory=deque)  # the sites whose tasks it holds, in order
     ready: bool = False
-    dead: bool = False
     reader: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -61,9 +60,7 @@ class ProcessBackend(Backend):
     def start(self, workers: int, on_done: Callable[[TaskDone], None]) -> None:
         self._on_done = on_done
         if self.threads_per_worker is None:
-            from flkit.sim.backend import default_workers
-
-            self.threads_per_worker = max(1, default_workers() // workers)
+            self.threads_per_worker = torch_threads_per_worker(workers)
         with self._lock:
             self._workers = [self._spawn(i) for i in range(workers)]
 
@@ -129,7 +126,6 @@ class ProcessBackend(Backend):
         start another worker (unless it keeps dying before it is ready, or the backend stops)."""
         status = worker.proc.wait()
         with self._lock:
-            worker.dead = True
             sites = list(worker.sites)
             worker.sites.clear()
             if self._stopping:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flkit.errors import ConfigError
-from flkit.sim.backend import Backend, SiteTask, TaskDone, default_workers
+from flkit.sim.backend import Backend, SiteTask, TaskDone, torch_threads_per_worker
 
 log = logging.getLogger("flkit.sim")
 
@@ -90,7 +90,7 @@ class RayBackend(Backend):
                      log_to_driver=True)
             self._started_ray = True
         cpus = float(self._ray.cluster_resources().get("CPU", 1.0))
-        threads = self.threads_per_worker or max(1, default_workers() // workers)
+        threads = self.threads_per_worker or torch_threads_per_worker(workers)
         # Every worker must be placed, even with more workers than the cluster's CPUs.
         self._actor_class = ray.remote(num_cpus=min(1.0, cpus / workers), max_restarts=0)(SiteWorker)
         self._actors = [self._actor_class.remote(threads) for _ in range(workers)]

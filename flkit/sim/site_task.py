@@ -56,10 +56,8 @@ def run_site_task(task: SiteTask, transport: Transport, isolate: bool) -> tuple[
 def _run(task: SiteTask, transport: Transport, isolate: bool) -> tuple[str | None, bool]:
     """Why the script failed (or None), and whether the task the pool took for it was used."""
     settings = SiteSettings(**task.settings)
-    first = None
-    if task.task is not None:
-        transport.use_offers(task.offers)
-        first = transport.task_from_file(task.session_id, task.task)
+    transport.use_offers(task.offers)  # the worker's transport serves the sessions the pool opened
+    first = None if task.task is None else transport.task_from_file(task.session_id, task.task)
     handover = Handover(JoinReply(task.session_id, task.job_config, 0.0, task.offers), transport, first)
     set_handover(handover)
     before = _ModuleMark() if isolate else None
@@ -92,7 +90,7 @@ def _run(task: SiteTask, transport: Transport, isolate: bool) -> tuple[str | Non
             if added_path and script_dir in sys.path:
                 sys.path.remove(script_dir)
             assert before is not None
-            _drop_job_modules(before.new(), task.code_roots + [script_dir])
+            _drop_job_modules(before.new(), task.code_roots)
     return error, first is not None and bool(handover.sessions)
 
 

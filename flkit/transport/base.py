@@ -73,3 +73,23 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release the link (channels, files)."""
         ...
+
+
+class NoServerFiles:
+    """The pool-facing methods of a transport that maps no file of the server (gRPC, memory); the
+    shared-memory transport has its own."""
+
+    def use_offers(self, offers: dict[str, str]) -> None:
+        """Nothing to take up: this transport uses no offer."""
+
+    def take_released(self, session_id: str) -> list[str]:
+        """Nothing: this transport maps no file of the server."""
+        return []
+
+    def holds_files(self, session_id: str) -> bool:
+        """Never: this transport maps no file of the server."""
+        return False
+
+    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
+        """None: this transport maps no file of the server (the session asks for its task)."""
+        return None

@@ -11,7 +11,7 @@ is ``UNAVAILABLE``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
+from flkit.transport.base import NoServerFiles
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import json_to_dict, meta_to_json, metrics_to_json
@@ -59,7 +60,7 @@ class _Stub(Protocol):
     LogMetrics: grpc.UnaryUnaryMultiCallable[pb.MetricsBatch, pb.Ack]
 
 
-class GrpcTransport:
+class GrpcTransport(NoServerFiles):
     """A channel to one server. Thread-safe (gRPC channels are)."""
 
     name = "grpc"
@@ -83,21 +84,6 @@ class GrpcTransport:
 
     def close(self) -> None:
         self._channel.close()
-
-    def use_offers(self, offers: dict[str, str]) -> None:
-        """Nothing to take up: this transport uses no offer."""
-
-    def take_released(self, session_id: str) -> list[str]:
-        """Nothing: this transport maps no file of the server."""
-        return []
-
-    def holds_files(self, session_id: str) -> bool:
-        """Never: this transport maps no file of the server."""
-        return False
-
-    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
-        """None: this transport maps no file of the server (the session asks for its task)."""
-        return None
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         req = pb.JoinRequest(site_name=site, job_id=job_id, token=token, protocol_version=PROTOCOL_VERSION)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
 from flkit.shared_model import shared_model_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
+from flkit.transport.base import NoServerFiles
 
 if TYPE_CHECKING:
     from flkit.server.job_service import JobService
@@ -74,7 +75,7 @@ def _own_copy(task: Task, pool: BufferPool) -> Task:
     return Task(task.task_id, task.name, task.round, task.total_rounds, task.params_type, dict(task.meta), params)
 
 
-class MemoryTransport:
+class MemoryTransport(NoServerFiles):
     """Direct calls into a JobService of this process."""
 
     name = "memory"
@@ -88,21 +89,6 @@ class MemoryTransport:
         if lookup(self.address) is not self._service:
             raise ServiceError(ErrorCode.UNAVAILABLE, f"the server at {self.address} in this process has stopped")
         return self._service
-
-    def use_offers(self, offers: dict[str, str]) -> None:
-        """Nothing to take up: this transport uses no offer."""
-
-    def take_released(self, session_id: str) -> list[str]:
-        """Nothing: this transport maps no file of the server."""
-        return []
-
-    def holds_files(self, session_id: str) -> bool:
-        """Never: this transport maps no file of the server."""
-        return False
-
-    def task_from_file(self, session_id: str, header: dict[str, Any]) -> Task | None:
-        """None: this transport maps no file of the server (the session asks for its task)."""
-        return None
 
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         return self._live().join(site, job_id, token, self._service.protocol_version, local=True)
