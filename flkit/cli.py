@@ -6,12 +6,17 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
 from flkit.errors import FLKitError
+
+if TYPE_CHECKING:
+    from flkit.deploy.kit import Kit
 
 
 def _logging(verbose: int) -> None:
@@ -94,6 +99,45 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
     sys.exit(0 if result.ok else 1)
 
 
+def _refuse_to_overwrite_an_interrupted_run(workspace: Path) -> None:
+    """A run that stopped half-way (a crash, a kill) is not overwritten by a new start by mistake."""
+    from flkit.server.persistor import STATE_FILE
+
+    try:
+        state = json.loads((workspace / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and state.get("status") == "running":
+        raise click.ClickException(
+            f"{workspace} holds a run of job {state.get('job_id')!r} that stopped after "
+            f"{state.get('completed_rounds')} round(s) without ending: pass --resume to go on from there, or "
+            "remove the folder (or choose another -w) to start over")
+
+
+def _tls_choice(kit: Path | None, insecure: bool, token: str | None, need_token: bool = False) -> Kit | None:
+    """The participant's kit (mutual TLS), or None for --insecure; exactly one must be chosen."""
+    if kit is not None and insecure:
+        raise click.UsageError("--kit and --insecure exclude each other")
+    if kit is None and not insecure:
+        raise click.UsageError("give a startup kit (--kit, made by `flkit provision`) for mutual TLS, or --insecure "
+                               "for plain text with a shared token")
+    if kit is None:
+        logging.getLogger("flkit").warning(
+            "plain-text gRPC (--insecure): traffic is not encrypted and anyone with the token can act as any site")
+        if need_token and not token:
+            raise click.UsageError("--insecure needs the server's token (--token or FLKIT_TOKEN)")
+        return None
+    if token:
+        logging.getLogger("flkit").warning("--token (or FLKIT_TOKEN) is not used with a kit: the certificate is "
+                                           "the credential")
+    from flkit.deploy.kit import load_kit
+
+    try:
+        return load_kit(kit)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
@@ -104,33 +148,66 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace/server"),
               show_default=True, help="Where the global model, best model and round state are written.")
 @click.option("--job-id", default=None, help="Job id the sites must present (default: the job name).")
+@click.option("--kit", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The server's startup kit (`flkit provision`, e.g. kits/server): mutual TLS, and each site "
+                   "is who its certificate says. Sites added or revoked with `flkit provision` take effect "
+                   "without a restart.")
+@click.option("--insecure", is_flag=True,
+              help="Serve plain-text gRPC without a kit; sites authenticate with a shared token (--token). "
+                   "Only for trusted networks: anyone who reads the token can act as any site.")
 @click.option("--token", envvar="FLKIT_TOKEN", default=None,
-              help="Shared secret the sites must present (env FLKIT_TOKEN); generated and printed if absent.")
+              help="With --insecure: the shared secret the sites must present (env FLKIT_TOKEN); generated and "
+                   "printed if absent.")
+@click.option("--resume", is_flag=True,
+              help="Go on from the last round completed in the workspace (after a crash or a stop): its global "
+                   "model, best model, strategy state and round records; sites re-join by themselves.")
 @click.option("--linger", type=float, default=None,
               help="Seconds to keep serving after the job ends so busy sites learn it and leave "
                    "(default: two heartbeat intervals + 5 s).")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: str | None, workspace: Path,
-           job_id: str | None, token: str | None, linger: float | None, verbose: int) -> None:
-    """Serve the job in JOB_DIR to remote sites (insecure gRPC; TLS comes later)."""
+           job_id: str | None, kit: Path | None, insecure: bool, token: str | None, resume: bool,
+           linger: float | None, verbose: int) -> None:
+    """Serve the job in JOB_DIR to remote sites, over mutual TLS with a startup kit (--kit), or
+    plain text with a shared token (--insecure).
+
+    With a kit and a job whose sites all run one script (to_clients), the job's sites are the
+    project's provisioned sites unless -n/-c say otherwise, and a site added later joins from the
+    next round on. Exits 0 when the job completed, 1 when it failed.
+    """
     from flkit.job.config import load_job
     from flkit.server.server import FLServer
     from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
     _logging(max(verbose, 1))
     console = Console(highlight=False, soft_wrap=True)
+    server_kit = _tls_choice(kit, insecure, token)
     try:
         job = load_job(job_dir)
         names = None if clients is None else [c.strip() for c in clients.split(",") if c.strip()]
+        accept_new = False
+        if server_kit is not None and names is None and n_clients is None and job.clients is not None:
+            from flkit.deploy.kit import read_participants
+
+            provisioned, _, revoked = read_participants(server_kit.path)
+            names = [s for s in provisioned if s not in revoked]
+            accept_new = True
         sites = job.resolve_sites(n_clients, names)
+        if not resume:
+            _refuse_to_overwrite_an_interrupted_run(workspace)
         srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
-                       on_event=ProgressPrinter(console), job_name=job.name, strategy=job.make_strategy())
+                       on_event=ProgressPrinter(console), job_name=job.name, strategy=job.make_strategy(),
+                       kit=server_kit, accept_new_sites=accept_new, resume=resume)
         address = srv.start()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
-    console.print(f"serving job {srv.job_id} on {address} for sites {', '.join(sites)}")
-    if token is None:
+    if srv.resumed_after is not None:
+        console.print(f"resumed after round {srv.resumed_after}: {len(srv.controller.history)} round(s) done, "
+                      f"going on with round {srv.controller.first_round}")
+    link = "mutual TLS" if server_kit is not None else "plain text (--insecure)"
+    console.print(f"serving job {srv.job_id} on {address} ({link}) for sites {', '.join(sites)}")
+    if server_kit is None and token is None:
         console.print(f"site token: {srv.token}  (pass it to `flkit client --token` or FLKIT_TOKEN)")
     from flkit.runner.processes import sigterm_as_exit
 
@@ -155,24 +232,49 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
 
 @main.command()
 @click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--server", "server_address", required=True, help="host:port of `flkit server`.")
-@click.option("--site", required=True, help="This site's name, e.g. site-1.")
+@click.option("--kit", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="This site's startup kit (`flkit provision`, e.g. kits/site-1): mutual TLS; the site is "
+                   "the one its certificate names.")
+@click.option("--server", "server_address", default=None,
+              help="host:port of `flkit server` (default with --kit: the address the project was provisioned "
+                   "for).")
+@click.option("--site", default=None, help="This site's name, e.g. site-1 (with --kit: the kit's, which is the "
+                                           "default).")
 @click.option("--job-id", default=None, help="Job id (default: the job name).")
-@click.option("--token", envvar="FLKIT_TOKEN", required=True, help="The server's site token (env FLKIT_TOKEN).")
+@click.option("--insecure", is_flag=True,
+              help="Plain-text gRPC without a kit, authenticating with the server's token (--token).")
+@click.option("--token", envvar="FLKIT_TOKEN", default=None,
+              help="With --insecure: the server's site token (env FLKIT_TOKEN).")
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=None,
               help="This site's working folder (default: workspace/<site>).")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to keep trying to reach the server before failing.")
+              help="Seconds to keep trying to reach the server (while it starts, restarts or the network is "
+                   "down) before failing.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def client(job_dir: Path, server_address: str, site: str, job_id: str | None, token: str,
-           workspace: Path | None, connect_timeout: float, verbose: int) -> None:
-    """Run SITE's script from JOB_DIR against a remote `flkit server`."""
+def client(job_dir: Path, kit: Path | None, server_address: str | None, site: str | None, job_id: str | None,
+           insecure: bool, token: str | None, workspace: Path | None, connect_timeout: float,
+           verbose: int) -> None:
+    """Run this site's script from JOB_DIR against a remote `flkit server`, over mutual TLS with
+    this site's startup kit (--kit), or plain text with the server's token (--insecure)."""
     from flkit.client.settings import SiteSettings
     from flkit.job.config import load_job
     from flkit.runner import site_for
     from flkit.runner.processes import sigterm_as_exit
 
     _logging(verbose)
+    site_kit = _tls_choice(kit, insecure, token, need_token=True)
+    if site_kit is not None:
+        if site_kit.role != "site":
+            raise click.ClickException(f"the kit at {kit} is the {site_kit.role} {site_kit.name}'s, not a site's")
+        if site is not None and site != site_kit.name:
+            raise click.ClickException(f"--site {site}: the kit at {kit} is {site_kit.name}'s (a site is the one "
+                                       "its certificate names)")
+        site = site_kit.name
+        server_address = server_address or site_kit.server
+    if site is None:
+        raise click.UsageError("--site is needed with --insecure")
+    if server_address is None:
+        raise click.UsageError("--server HOST:PORT is needed with --insecure")
     run = None
     try:
         from flkit.server.config import check_site_name
@@ -182,7 +284,8 @@ def client(job_dir: Path, server_address: str, site: str, job_id: str | None, to
         runner = sites.get(check_site_name(site)) or job.clients
         if runner is None:
             raise FLKitError(f"site {site} has no runner in job {job.name} (sites: {', '.join(sites)})")
-        settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name, token=token,
+        settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name,
+                                token=token or "", kit=None if kit is None else str(kit.resolve()),
                                 workspace=str((workspace or Path("workspace") / site).resolve()),
                                 connect_timeout_s=connect_timeout)
         with sigterm_as_exit():  # SIGTERM/Ctrl-C still end every process the site launched
@@ -197,6 +300,159 @@ def client(job_dir: Path, server_address: str, site: str, job_id: str | None, to
     if run.outcome is None or not run.outcome.ok:
         click.echo(run.outcome.error if run.outcome else "site did not finish", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.option("-p", "--project", "project_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Project file (YAML: name, server {host, port, names}, sites, admins, valid_days, "
+                   "ca_valid_days): create the root CA and every participant's kit.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: ca/ (private, keep it here) and one kit folder per participant.")
+@click.option("--add-site", "add_site", metavar="NAME", default=None,
+              help="Issue a kit for a new site with the existing CA (no other kit changes).")
+@click.option("--revoke", metavar="NAME", default=None,
+              help="Revoke a site's or an admin's certificate (rewrites server/crl.pem and participants.json).")
+@click.option("--renew", metavar="NAME", default=None,
+              help="Issue a fresh certificate and key for a participant whose certificate expires.")
+@click.option("--force", is_flag=True, help="With --project: replace an existing CA and all its kits.")
+def provision(project_file: Path | None, out_dir: Path, add_site: str | None, revoke: str | None,
+              renew: str | None, force: bool) -> None:
+    """Create the project's root CA and a startup kit for the server, each site and each admin.
+
+    \b
+      flkit provision --project project.yml -o kits/   # CA + kits/server, kits/<site>, kits/<admin>
+      flkit provision -o kits/ --add-site site-3       # one more site, same CA
+      flkit provision -o kits/ --revoke site-2         # the server refuses site-2 from now on
+      flkit provision -o kits/ --renew site-1          # new certificate for site-1
+
+    Send each kit folder to its participant over a secure channel; kits/ca/ holds the CA's private
+    key and never leaves this machine. A running server re-reads server/crl.pem and
+    server/participants.json, so --add-site and --revoke need no restart.
+    """
+    from flkit.deploy import provision as deploy
+
+    chosen = [opt for opt, value in (("--project", project_file), ("--add-site", add_site), ("--revoke", revoke),
+                                     ("--renew", renew)) if value is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --project, --add-site, --revoke, --renew"
+                               + (f" (got {', '.join(chosen)})" if chosen else ""))
+    if force and project_file is None:
+        raise click.UsageError("--force only goes with --project (it replaces the CA and every kit)")
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        if project_file is not None:
+            result = deploy.provision(project_file, out_dir, force=force)
+            console.print(f"project {result.project.name}: root CA in {result.ca_dir} (private: keep it here)")
+            for name, kit in result.kits.items():
+                console.print(f"  kit for {name} -> {kit}")
+            console.print(f"certificates valid until {result.not_after:%Y-%m-%d}; send each kit folder to its "
+                          "participant over a secure channel")
+        elif add_site is not None:
+            console.print(f"kit for new site {add_site} -> {deploy.add_site(out_dir, add_site)}")
+            console.print(f"updated {out_dir / 'server' / 'participants.json'}: a running server picks it up "
+                          "without a restart")
+        elif revoke is not None:
+            crl = deploy.revoke(out_dir, revoke)
+            console.print(f"revoked {revoke}: rewrote {crl} and {crl.parent / 'participants.json'}; a running "
+                          "server picks them up without a restart")
+        elif renew is not None:
+            console.print(f"new certificate for {renew} -> {deploy.renew(out_dir, renew)}; install that kit "
+                          f"in place of the old one")
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--kit", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="An admin's startup kit (e.g. kits/admin) to ask a running server; any other kit (or the "
+                   "folder `flkit provision` wrote) shows its certificates' expiry only.")
+@click.option("--server", "server_address", default=None,
+              help="host:port of `flkit server` (default: the address the project was provisioned for).")
+@click.option("--rounds", type=click.IntRange(min=1, max=1000), default=5, show_default=True,
+              help="How many of the latest rounds to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the server.")
+def status(kit: Path, server_address: str | None, rounds: int, as_json: bool, timeout: float) -> None:
+    """Show a running server's job (connected sites, the round, the latest results) over mutual TLS
+    with an admin certificate, and when certificates expire.
+
+    Exits 1 when the server cannot be reached or refuses the certificate.
+    """
+    from flkit.deploy.kit import load_kit
+
+    console = Console(highlight=False, soft_wrap=True)
+    if (kit / "ca").is_dir():  # the provisioner's folder: every kit's certificate
+        _print_kits(console, kit)
+        return
+    try:
+        admin = load_kit(kit)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"{admin.role} {admin.name} of project {admin.project}: certificate valid until "
+                  f"{admin.not_after:%Y-%m-%d %H:%M} UTC ({admin.days_left()} days left)")
+    if admin.role != "admin":
+        return
+    from flkit.transport.grpc_transport import GrpcTransport
+
+    address = server_address or admin.server
+    link = GrpcTransport(address, admin)
+    try:
+        state = link.status(rounds, timeout)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        link.close()
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    _print_status(console, address, state)
+
+
+def _print_kits(console: Console, folder: Path) -> None:
+    from rich.table import Table
+
+    from flkit.deploy.kit import certificate_info
+
+    table = Table(title=f"certificates in {folder}")
+    for column in ("participant", "role", "valid until (UTC)", "days left"):
+        table.add_column(column)
+    for cert in sorted(folder.glob("*/cert.pem")):
+        info = certificate_info(cert.read_bytes())
+        left = (info["not_after"] - datetime.now(timezone.utc)).days
+        table.add_row(info["name"], info["role"], f"{info['not_after']:%Y-%m-%d %H:%M}",
+                      str(left) if left >= 0 else "[red]expired[/red]")
+    console.print(table)
+
+
+def _print_status(console: Console, address: str, state: dict[str, object]) -> None:
+    from rich.table import Table
+
+    where = f"round {state['round']} ({state['task']})" if state.get("round") is not None else "between rounds"
+    console.print(f"job {state['job_id']} on {address}: {state['phase']}, {where}; "
+                  f"{state['completed_rounds']} of {int(state['last_round']) - int(state['first_round']) + 1} "  # type: ignore[call-overload]
+                  "round(s) done")
+    if state.get("end_reason"):
+        console.print(f"ended: {state['end_reason']}")
+    best = state.get("best")
+    if isinstance(best, dict):
+        console.print(f"best {state['key_metric']}: {best['score']:.4g} in round {best['round']}")
+    counts = state.get("site_counts") or {}
+    console.print("sites: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))  # type: ignore[union-attr]
+    sites = Table(title="sites")
+    for column in ("site", "status", "last seen", "this round", "failure"):
+        sites.add_column(column)
+    for site in state.get("sites") or []:  # type: ignore[union-attr]
+        seen = "" if site["last_seen_s"] is None else f"{site['last_seen_s']:g} s ago"
+        sites.add_row(site["name"], site["status"], seen, site["task"] or "", (site["failure"] or "")[:80])
+    console.print(sites)
+    rounds = Table(title="latest rounds")
+    for column in ("round", "task", "sites", "answered", "failed", "score", "best", "seconds"):
+        rounds.add_column(column)
+    for r in state.get("rounds") or []:  # type: ignore[union-attr]
+        rounds.add_row(str(r["round"]), r["task"], str(r["sites"]), str(r["answered"]), str(len(r["failed"])),
+                       "" if r["score"] is None else f"{r['score']:.4g}", "*" if r["best"] else "",
+                       f"{r['seconds']:.2f}")
+    console.print(rounds)
 
 
 if __name__ == "__main__":  # pragma: no cover

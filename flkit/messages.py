@@ -34,6 +34,7 @@ class ErrorCode(str, Enum):
     WRONG_JOB = "wrong_job"  # this server runs another job: a setup error
     UNKNOWN_SITE = "unknown_site"  # the site is not part of the job: a setup error
     BAD_TOKEN = "bad_token"  # authentication failed
+    FORBIDDEN = "forbidden"  # the caller's certificate names another site than the one it acts for
     PROTOCOL = "protocol"  # the two sides speak different protocol versions
     INVALID = "invalid"  # a malformed request
     UNAVAILABLE = "unavailable"  # the server did not answer (not up yet, restarting, network): retry

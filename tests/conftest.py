@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,16 @@ def any_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Serv
     h = ServerHarness(tmp_path, transport=request.param)
     yield h
     h.close()
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
+    """Wait for each process (a server first, then its sites) and return their outputs; whatever
+    happens, none is left running."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    return outs

@@ -12,7 +12,7 @@ import torch
 
 from flkit.job import FedAvgJob, ScriptRunner
 
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, finish
 
 
 def _free_port() -> int:
@@ -31,24 +31,19 @@ def test_server_and_clients_in_separate_processes(tmp_path, crash_round):
     port = _free_port()
     flkit = [sys.executable, "-m", "flkit.cli"]
     server = subprocess.Popen(
-        [*flkit, "server", str(job_dir), "--host", "127.0.0.1", "--port", str(port), "--token", "s3cret",
+        [*flkit, "server", str(job_dir), "--host", "127.0.0.1", "--port", str(port), "--insecure", "--token", "s3cret",
          "-w", str(tmp_path / "server")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     clients = [
         subprocess.Popen(
-            [*flkit, "client", str(job_dir), "--server", f"127.0.0.1:{port}", "--site", site, "--token", "s3cret",
+            [*flkit, "client", str(job_dir), "--server", f"127.0.0.1:{port}", "--site", site, "--insecure", "--token", "s3cret",
              "-w", str(tmp_path / site)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for site in ("site-1", "site-2")
     ]
-    try:
-        server_out, _ = server.communicate(timeout=180)
-        client_outs = [c.communicate(timeout=60)[0] for c in clients]
-    finally:
-        for p in (server, *clients):
-            p.kill()
+    server_out, *client_outs = finish([server, *clients])
     state = json.loads((tmp_path / "server" / "round_state.json").read_text())
     if crash_round == 99:
         assert server.returncode == 0, server_out

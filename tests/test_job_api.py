@@ -717,7 +717,7 @@ def test_a_loop_building_one_runner_per_site_warns_once(tmp_path):
     (lambda: FedAvg(fedprox_mu=0.1), r"FedAvg\(fedprox_mu=...\): FedProx is not available"),
     (lambda: FedAvg(aggregator=object()), r"FedAvg\(aggregator=...\): custom aggregators"),
     (lambda: quiet_recipe(aggregator=object()), r"FedAvgRecipe\(aggregator=...\): custom aggregators"),
-    (lambda: ProdEnv("kits"), "ProdEnv: provisioning with startup kits is not available"),
+    (lambda: ProdEnv("no-such-kits"), "kit folder no-such-kits does not exist; create the kits with `flkit provision"),
     (lambda: PocEnv(use_he=True), r"PocEnv\(use_he=True\): homomorphic encryption is not available"),
     (lambda: quiet_recipe(stop_cond="accuracy>=0.9"), "stop_cond must look like 'accuracy >= 0.95'"),
     (lambda: quiet_recipe(key_metric_mode="min", stop_cond="accuracy >= 0.9"),

@@ -17,8 +17,10 @@ GRPC = ("grpc", "flkit.wire.flkit_pb2", "flkit.wire.flkit_pb2_grpc")
 # The only modules that may speak gRPC: the transports, the server's endpoint, the wire itself.
 GRPC_ALLOWED = {
     "flkit/transport/grpc_transport.py",
+    "flkit/transport/tls.py",  # credentials of a startup kit, for gRPC channels and servers
     "flkit/server/service.py",
     "flkit/server/server.py",
+    "flkit/server/identity.py",  # the endpoint's interceptor: a caller's identity from its certificate
     "flkit/wire/flkit_pb2.py",
     "flkit/wire/flkit_pb2_grpc.py",
 }

@@ -31,6 +31,7 @@ from flkit.messages import (
     JoinReply,
     Result,
     ServiceError,
+    SubmitReply,
     Task,
     TaskOrEnd,
 )
@@ -423,11 +424,12 @@ class Session:
             result.params_type, result.params = ParamsType.FULL.value, to_cpu_params(model.params)
         sid = self._join(None)
         self.flush_records()  # the round's records reach the server before the round can close
-        reply = self._retry(
-            "send the result",
-            lambda t: self.transport.submit(sid, result, timeout=self.settings.transfer_timeout_s),
-            None,
-        )
+        try:
+            reply = self._submit(sid, result)
+        except ServiceError as exc:
+            if exc.code != ErrorCode.UNKNOWN_SESSION or self.handed:
+                raise
+            reply = self._send_again(task, result)
         result.params = None
         accepted, error, job_ended = reply.accepted, reply.error, reply.job_ended
         if accepted:
@@ -441,6 +443,32 @@ class Session:
             return
         if not accepted:
             raise ResultRejectedError(error)
+
+    def _submit(self, sid: str, result: Result) -> SubmitReply:
+        return self._retry("send the result",
+                           lambda t: self.transport.submit(sid, result, timeout=self.settings.transfer_timeout_s),
+                           None)
+
+    def _send_again(self, task: Task, result: Result) -> SubmitReply:
+        """The server forgot this site's session while the result was on its way (it restarted,
+        e.g. ``flkit server --resume``). Join again and wait for the server to hand out a task: the
+        same task (task ids are the same in every run of a job) gets this result; if the server has
+        moved on, the result is not needed any more and the new task waits for ``receive``."""
+        with self._lock:
+            self._session_id = None
+        log.info("site %s: the server restarted while sending the result of task %s; joining again",
+                 self.settings.site_name, task.task_id)
+        again = self._fetch_from_server(self.settings.receive_timeout_s, header_only=True)
+        if again is None:
+            if self.state.ended:
+                return SubmitReply(False, self.state.end_reason or "the job ended", job_ended=True)
+            raise CommunicationError(f"site {self.settings.site_name}: the server restarted and handed out no task "
+                                     f"within receive_timeout_s={self.settings.receive_timeout_s}")
+        if again.task_id == task.task_id:
+            return self._submit(self._join(None), result)
+        log.warning("site %s: the restarted server moved on to task %s (round %d); the result of task %s (round %d) "
+                    "is not needed", self.settings.site_name, again.task_id, again.round, task.task_id, task.round)
+        return SubmitReply(True, "")
 
     def _free_memory(self) -> None:
         """ScriptRunner's memory_gc_rounds and cuda_empty_cache, after an answered task."""

@@ -26,8 +26,12 @@ class SiteSettings:
     server: str
     site_name: str
     job_id: str
+    # The job's shared secret over plain gRPC; empty with a startup kit (``kit``).
     token: str
     workspace: str = "."
+    # This site's startup kit folder (``flkit provision``): mutual TLS, and the site is who its
+    # certificate says. None: plain gRPC with ``token`` (the simulator, --insecure).
+    kit: str | None = None
     # How long to keep trying to (re)connect before a call gives up with a clear error.
     connect_timeout_s: float = 60.0
     # Default wait of receive()/is_running() for the next task; None waits until the job ends.
@@ -64,7 +68,7 @@ class SiteSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SiteSettings:
-        required = ("server", "site_name", "job_id", "token")
+        required = ("server", "site_name", "job_id") + (() if env.get(ENV_PREFIX + "KIT") else ("token",))
         missing = [ENV_PREFIX + k.upper() for k in required if not env.get(ENV_PREFIX + k.upper())]
         if missing:
             raise ConfigError(

@@ -1,18 +1,24 @@
 """The job folder format: ``job.json`` + ``initial_model.safetensors`` + ``custom/`` (the code).
 
 No pickled objects: the config is JSON, the model is safetensors, the scripts are files.
-Script paths are relative to the folder and are checked never to leave it.
+Every path the folder holds or ``job.json`` names (the sites' scripts, the initial model, the
+strategy file, everything under ``custom/``) must resolve, symbolic links followed, to a file
+inside the folder; site names are checked (``check_site_name``) before any folder is named after
+them. A job folder may come from someone else: a path outside it is a ConfigError naming the
+field and the path, never a file read or run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flkit.errors import ConfigError
+from flkit.runner.external import CODE_DIR
 from flkit.runner.script_runner import BaseScriptRunner, ScriptRunner
 from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.wire.codec import Params
@@ -20,6 +26,36 @@ from flkit.wire.codec import Params
 JOB_FILE = "job.json"
 MODEL_FILE = "initial_model.safetensors"
 FORMAT_VERSION = 1
+MAX_JOB_NAME_CHARS = 200
+
+
+def inside(root: Path, relative: object, what: str) -> Path:
+    """``root / relative`` with every symbolic link resolved, if that lies inside ``root``; else a
+    ConfigError naming ``what`` (the field of job.json) and the path."""
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise ConfigError(f"{what} must be a path inside the job folder {root}, got {relative!r:.100}")
+    base = root.resolve()
+    try:
+        path = (base / relative).resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links, a name too long
+        raise ConfigError(f"{what} {relative!r:.100} cannot be resolved: {exc}") from None
+    if not path.is_relative_to(base):
+        raise ConfigError(f"{what} {relative!r:.100} is outside the job folder {base} (it resolves to {path})")
+    return path
+
+
+def _check_code(root: Path) -> None:
+    """Every entry of the job's ``custom/`` (which is copied to each site and run there) lies inside
+    the job folder, symbolic links followed."""
+    code = root / CODE_DIR
+    if not code.is_symlink() and not code.exists():
+        return
+    inside(root, CODE_DIR, CODE_DIR)
+    for folder, dirs, files in os.walk(code):  # links are not followed, but each one is checked
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path.is_symlink():
+                inside(root, str(path.relative_to(root)), f"{CODE_DIR}/ entry")
 
 
 def default_min_clients(workflow: dict[str, Any], num_sites: int) -> int:
@@ -49,6 +85,12 @@ class JobConfig:
     clients: BaseScriptRunner | None = None  # the runner every site-N uses (job.to_clients)
     # The server's strategy: {"name", "args", "file"?} (flkit.strategy.registry.check_spec); None: FedAvg.
     strategy: dict[str, Any] | None = None
+    # The initial model's file, relative to ``root`` (job.json's "initial_model").
+    initial_model: str = MODEL_FILE
+
+    def __post_init__(self) -> None:
+        for name in self.sites:  # folders <workspace>/<site> are named after them
+            check_site_name(name)
 
     def resolve_sites(self, n_clients: int | None = None,
                       clients: list[str] | None = None) -> dict[str, BaseScriptRunner]:
@@ -101,18 +143,16 @@ class JobConfig:
             spec["args"] = args
         return registry.from_spec(spec, self.root)
 
-    def script_path(self, runner: BaseScriptRunner) -> Path:
-        path = (self.root / runner.script).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise ConfigError(f"job '{self.name}': script {runner.script!r} is outside the job folder")
-        return path
+    def script_path(self, runner: BaseScriptRunner, what: str = "script") -> Path:
+        """The runner's script (symbolic links resolved), which must lie inside the job folder."""
+        return inside(self.root, runner.script, f"job '{self.name}': {what}")
 
     def initial_params(self) -> Params:
         from flkit.server.persistor import load_params
 
-        path = self.root / MODEL_FILE
+        path = inside(self.root, self.initial_model, f"job '{self.name}': initial_model")
         if not path.is_file():
-            raise ConfigError(f"job folder {self.root} has no {MODEL_FILE}")
+            raise ConfigError(f"job folder {self.root} has no {self.initial_model}")
         return load_params(path)
 
     def to_json(self) -> dict[str, Any]:
@@ -123,7 +163,7 @@ class JobConfig:
             "n_clients": self.n_clients,
             "clients": None if self.clients is None else self.clients.to_dict(),
             "sites": {k: v.to_dict() for k, v in self.sites.items()},
-            "initial_model": MODEL_FILE,
+            "initial_model": self.initial_model,
             **({"strategy": self.strategy} if self.strategy is not None else {}),
         }
 
@@ -142,22 +182,36 @@ def load_job(job_dir: Path) -> JobConfig:
         found = data.get("format") if isinstance(data, dict) else None
         raise ConfigError(f"{path}: unsupported job format {found!r} (expected {FORMAT_VERSION})")
     try:
+        name = data["name"]
+        if (not isinstance(name, str) or not 0 < len(name) <= MAX_JOB_NAME_CHARS or not name.isprintable()
+                or "/" in name or "\\" in name or name in (".", "..")):
+            raise ConfigError(f"{path}: job name {name!r:.100} must be a folder name of 1-{MAX_JOB_NAME_CHARS} "
+                              "printable characters")
+        if not isinstance(data.get("sites", {}), dict):
+            raise ConfigError(f"{path}: 'sites' must map site names to runners")
         job = JobConfig(
-            name=data["name"],
+            name=name,
             workflow=data["workflow"],
             n_clients=int(data["n_clients"]),
             root=root.resolve(),
             sites={check_site_name(k): ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
             clients=None if data.get("clients") is None else ScriptRunner.from_dict(data["clients"]),
+            initial_model=data.get("initial_model", MODEL_FILE),
         )
         if data.get("strategy") is not None:
             from flkit.strategy.registry import check_spec
 
             job.strategy = check_spec(data["strategy"], job.root)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{path}: malformed job config ({exc})") from None
-    for name, runner in job.resolve_sites().items():
-        if not job.script_path(runner).is_file():
-            raise ConfigError(f"{path}: script {runner.script} of {name} is missing from the job folder")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{path}: malformed job config ({str(exc)[:200]})") from None
+    # Every path the job names, whether or not this run uses it, lies inside the folder.
+    runners = [(f"sites.{site}.script", runner) for site, runner in job.sites.items()]
+    if job.clients is not None:
+        runners.append(("clients.script", job.clients))
+    for what, runner in runners:
+        if not job.script_path(runner, what).is_file():
+            raise ConfigError(f"{path}: {what} {runner.script!r} is missing from the job folder")
+    inside(job.root, job.initial_model, f"{path}: initial_model")
+    _check_code(job.root)
     job.workflow_config(len(job.resolve_sites()))  # validates the workflow settings
     return job

@@ -15,6 +15,7 @@ PocEnv deletes its workspace at ``get_result(clean_up=True)``; flkit never delet
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -148,7 +149,7 @@ class PocEnv(ExecEnv):
     Each participant is a process of its own with its own folder under
     ``<workspace_root>/<job id>/`` (``server/``, ``site-1/``...; console output in ``logs/``);
     ``workspace_root`` defaults to ``$FLKIT_POC_WORKSPACE``, ``$NVFLARE_POC_WORKSPACE`` or ``/tmp/flkit/poc``,
-    and they talk gRPC on loopback with a generated token. ``gpu_ids``: CUDA devices given to
+    and they talk gRPC on loopback over mutual TLS with throwaway startup kits (``kits/``). ``gpu_ids``: CUDA devices given to
     the sites round-robin (``CUDA_VISIBLE_DEVICES``).
     """
 
@@ -208,25 +209,111 @@ class PocEnv(ExecEnv):
 
 
 class ProdEnv(ExecEnv):
-    """A provisioned deployment (startup kits, mTLS): not available in this version of flkit."""
+    """A provisioned deployment (``flkit provision``): the job runs on `flkit server` and `flkit
+    client` processes on their own hosts, over mutual TLS, and this env follows it with an admin's
+    startup kit (``startup_kit_location``, e.g. ``kits/admin``).
+
+    flkit's server serves one job folder, given when it starts, so ``deploy`` does not upload the
+    job: it exports it under ``<workspace_root>/<job name>/`` and prints the exact commands that
+    run it (the job folder is copied to the server and to each site; each runs with its own kit).
+    From then on ``get_job_status``, ``get_job_result`` and ``abort_job`` ask the running server
+    over mutual TLS (``server``: host:port, default the address the project was provisioned for).
+    ``login_timeout``: seconds each call to the server may take. ``monitor_job_duration`` (NVFlare
+    main's): seconds ``deploy`` waits for the server to start serving the job (None: it does not
+    wait; 0: no limit).
+    """
 
     def __init__(self, startup_kit_location: str, login_timeout: float = 5.0, username: str = "admin@nvidia.com",
-                 study: str = "default", extra: dict[str, Any] | None = None) -> None:
-        raise ConfigError(f"ProdEnv: {later('provisioning with startup kits')}; run the server and sites with "
-                          "`flkit server JOB_DIR` and `flkit client JOB_DIR --server HOST:PORT --site NAME`, or "
-                          "use PocEnv on one host")
+                 study: str = "default", extra: dict[str, Any] | None = None, *, server: str | None = None,
+                 workspace_root: str = "flkit_jobs", monitor_job_duration: float | None = None) -> None:
+        super().__init__(extra)
+        from flkit.deploy.kit import load_kit
 
-    def deploy(self, job: FedJob) -> str:  # pragma: no cover - never constructed
-        raise NotImplementedError
+        warn_if_set("ProdEnv", locals(), {"username": "admin@nvidia.com", "study": "default"}, {
+            "username": "the admin is the one the startup kit's certificate names",
+            "study": "flkit has no studies: a server serves one job",
+        })
+        if not login_timeout > 0:
+            raise ConfigError(f"ProdEnv: login_timeout must be > 0 seconds, got {login_timeout!r}")
+        self.kit = load_kit(startup_kit_location)
+        if self.kit.role != "admin":
+            raise ConfigError(f"ProdEnv: the kit at {startup_kit_location} is the {self.kit.role} {self.kit.name}'s; "
+                              "ProdEnv needs an admin's startup kit (e.g. kits/admin)")
+        self.server = server or self.kit.server
+        self.login_timeout = float(login_timeout)
+        self.workspace_root = Path(workspace_root)
+        self.monitor_job_duration = monitor_job_duration
+        self.exported: dict[str, Path] = {}
 
-    def get_job_status(self, job_id: str) -> str | None:  # pragma: no cover
-        raise NotImplementedError
+    def _ask(self, call: str, *args: Any) -> Any:
+        from flkit.transport.grpc_transport import GrpcTransport
 
-    def abort_job(self, job_id: str) -> None:  # pragma: no cover
-        raise NotImplementedError
+        link = GrpcTransport(self.server, self.kit)
+        try:
+            return getattr(link, call)(*args, self.login_timeout)
+        finally:
+            link.close()
 
-    def get_job_result(self, job_id: str, timeout: float = 0.0) -> str | None:  # pragma: no cover
-        raise NotImplementedError
+    def deploy(self, job: FedJob) -> str:
+        """Export the job and print how to run it; returns the job id the server will serve it as."""
+        job_dir = job.export_job(self.workspace_root / job.name)
+        self.exported[job.name] = job_dir
+        kits = self.kit.path.parent
+        host, port = self.server.rsplit(":", 1)
+        print(f"Job '{job.name}' exported to {job_dir}. Copy that folder to the server and to every site, then run\n"
+              f"  on the server ({host}):  flkit server {job_dir} --kit {kits / 'server'} --port {port} "
+              f"-w workspace/server\n"
+              f"  on each site:  flkit client {job_dir} --kit {kits}/<site> --server {self.server}\n"
+              f"and follow it with `flkit status --kit {self.kit.path}`.")
+        if self.monitor_job_duration is not None:
+            self._wait_for_server(job.name)
+        return job.name
+
+    def _wait_for_server(self, job_id: str) -> None:
+        limit = self.monitor_job_duration or None
+        deadline = None if limit is None else time.monotonic() + limit
+        while self.get_job_status(job_id) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FLKitError(f"ProdEnv: no server served job {job_id} at {self.server} within {limit:g} s")
+            time.sleep(1.0)
+
+    def _status(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = self._ask("status", 1)
+        except FLKitError as exc:
+            log.info("ProdEnv: server at %s: %s", self.server, exc)
+            return None
+        if state.get("job_id") != job_id:
+            raise FLKitError(f"ProdEnv: the server at {self.server} serves job {state.get('job_id')!r}, not {job_id!r}")
+        return state
+
+    def get_job_status(self, job_id: str) -> str | None:
+        """The job's status from its server; None while no server answers (not started yet, or ended)."""
+        state = self._status(job_id)
+        if state is None:
+            return None
+        phase = state.get("phase")
+        if phase == "completed":
+            return COMPLETED
+        if phase == "failed":
+            return ABORTED if str(state.get("end_reason", "")).startswith("aborted") else FAILED
+        return RUNNING
+
+    def abort_job(self, job_id: str) -> None:
+        if self._status(job_id) is None:
+            raise FLKitError(f"ProdEnv: no server answers for job {job_id} at {self.server}")
+        self._ask("abort", f"aborted by admin {self.kit.name}")
+
+    def get_job_result(self, job_id: str, timeout: float = 0.0) -> str | None:
+        """Wait until the server says the job ended; its output folder on the server's host."""
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            state = self._status(job_id)
+            if state is not None and state.get("phase") in ("completed", "failed"):
+                return str(state.get("output_dir"))
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(1.0)
 
 
 def _visible_gpus(gpu_ids: list[int]) -> list[int]:
@@ -262,21 +349,35 @@ class _PocJob:
             return subprocess.Popen(argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _provision(self, port: int) -> Path:
+        """Throwaway startup kits for this job's participants, so a PoC runs over mutual TLS as a
+        real deployment does (``<root>/kits``; the CA's key never leaves this host)."""
+        from flkit.deploy.provision import provision
+
+        project = self.root / "project.yml"
+        project.parent.mkdir(parents=True, exist_ok=True)
+        project.write_text(json.dumps({"name": "poc", "server": {"host": "localhost", "port": port},
+                                       "sites": list(self.sites), "admins": ["admin"]}))  # JSON is YAML
+        kits = self.root / "kits"
+        provision(project, kits, force=True)
+        return kits
+
     def start(self) -> None:
-        token = secrets.token_urlsafe(24)
         port = free_port()
-        env = {**os.environ, "FLKIT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        kits = self._provision(port)
+        env = {k: v for k, v in os.environ.items() if k != "FLKIT_TOKEN"}
+        env["PYTHONUNBUFFERED"] = "1"
         flkit = [sys.executable, "-m", "flkit.cli"]
         with self._lock:
             self.server = self._popen([*flkit, "server", str(self.job_dir), "--host", "127.0.0.1", "--port", str(port),
                                        "--clients", ",".join(self.sites), "--workspace", str(self.root / "server"),
-                                       "--job-id", self.job_id], "server", env)
+                                       "--job-id", self.job_id, "--kit", str(kits / "server")], "server", env)
             for i, site in enumerate(self.sites):
                 site_env = dict(env)
                 if self.gpus:
                     site_env["CUDA_VISIBLE_DEVICES"] = str(self.gpus[i % len(self.gpus)])
                 self.clients[site] = self._popen(
-                    [*flkit, "client", str(self.job_dir), "--server", f"127.0.0.1:{port}", "--site", site,
+                    [*flkit, "client", str(self.job_dir), "--server", f"127.0.0.1:{port}", "--kit", str(kits / site),
                      "--job-id", self.job_id, "--workspace", str(self.root / site)], site, site_env)
         log.info("PocEnv: job %s started: server on 127.0.0.1:%d, sites %s; logs in %s", self.job_id, port,
                  ", ".join(self.sites), self.root / "logs")

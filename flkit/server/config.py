@@ -18,11 +18,15 @@ TRACKING_TYPES = ("tensorboard", "mlflow", "wandb")
 
 
 def check_site_name(name: object) -> str:
-    """``name`` if it is a usable site name (it never reaches outside its folder), else ConfigError."""
-    if not isinstance(name, str) or not SITE_NAME.match(name) or name in RESERVED_NAMES or ".." in name:
+    """``name`` if it is a usable site name (it never reaches outside its folder), else ConfigError.
+
+    The message quotes at most a short prefix of a bad name (it may come from the network)."""
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name) or name in RESERVED_NAMES or ".." in name:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 70 else \
+            f"{name[:40]!r}... ({len(name)} characters)"
         raise ConfigError(
-            f"site name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-            f"or digit, without '..' (and not {', '.join(RESERVED_NAMES)})"
+            f"site name {shown[:120]} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, without '..' (and not {', '.join(RESERVED_NAMES)})"
         )
     return name
 

@@ -13,11 +13,11 @@ the sites, the handler and how many answers they need.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
 import random
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +31,8 @@ from flkit.model import ParamsType
 from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.listing import failure_list, first_line, site_list
-from flkit.server.persistor import Persistor, load_params
-from flkit.server.selector import BestModelSelector
+from flkit.server.persistor import Persistor, SavedRun, load_params
+from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.validation import check_metrics, check_params, first_non_finite, weight_of
 from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
@@ -125,6 +125,11 @@ class Controller:
         # Why this round's aggregate cannot be trusted (a fold failed half-way), if it cannot.
         self._poisoned: str | None = None
         self._aggregator: Aggregator | None = None  # the round's, while a train round runs
+        # The first training round to run: start_round, or the one after the last round a resumed
+        # job completed (``resume``).
+        self.first_round = config.start_round
+        # Tasks handed out per (round, task name): the third part of a task's id (see ``_task_id``).
+        self._dispatched: dict[tuple[int, str], int] = {}
         self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
@@ -141,6 +146,44 @@ class Controller:
         self.emit({"type": "site_failed", "site": site, "reason": reason})
 
     # -- the workflow -------------------------------------------------------
+
+    def resume(self, saved: SavedRun) -> None:
+        """Go on from a saved run (before ``run``): its last completed round's global model, the
+        best score so far, the strategy's state and the rounds' records. Records of rounds after
+        the saved model's (written before a crash, or by tasks other than training) are dropped:
+        those rounds run again, with the same task ids, and their records are written anew."""
+        state = saved.state
+        cfg = self.config
+        if state.get("job_id") not in (None, self.registry.job_id):
+            raise ValidationError(f"cannot resume: the saved run is of job {state.get('job_id')!r}, this server "
+                                  f"runs {self.registry.job_id!r} (use the same --job-id)")
+        strategy = state.get("strategy") or {}
+        if strategy.get("name") not in (None, self._strategy_name):
+            raise ValidationError(f"cannot resume: the saved run used strategy {strategy.get('name')!r}, this job "
+                                  f"uses {self._strategy_name!r}")
+        if not cfg.start_round <= saved.round <= cfg.last_round:
+            raise ValidationError(f"cannot resume: the saved round {saved.round} is outside this job's rounds "
+                                  f"{cfg.start_round}..{cfg.last_round}")
+        try:
+            check_params("the saved run", saved.global_params, self.global_params)
+        except ValidationError as exc:
+            raise ValidationError(f"cannot resume: the saved global model does not fit this job's model ({exc})") \
+                from None
+        try:
+            self.strategy.load_state_dict(strategy.get("state") or {})
+        except Exception as exc:
+            raise ValidationError(f"cannot resume: {self._strategy_name}.load_state_dict failed: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        self.history = [RoundRecord(**record) for record in state.get("history", [])
+                        if record.get("task") == TRAIN and record.get("round", saved.round + 1) <= saved.round]
+        best = state.get("best")
+        if best is not None:
+            self.selector.best = Score(round=int(best["round"]), value=float(best["score"]),
+                                       sites=int(best.get("sites", 0)))
+        self.global_params = saved.global_params
+        self.first_round = saved.round + 1
+        log.info("resuming job %s after round %d (%d round(s) completed)", self.registry.job_id, saved.round,
+                 len(self.history))
 
     def keep_models_in(self, folder: Path | None) -> None:
         """Make the global models files in ``folder`` (the job's shared-memory folder), so sites on
@@ -174,7 +217,7 @@ class Controller:
         end = self._wait_for_sites()
         if end is not None:
             return end
-        for round_num in range(cfg.start_round, cfg.last_round + 1):
+        for round_num in range(self.first_round, cfg.last_round + 1):
             end = self._run_round(round_num, TRAIN)
             if end is not None:
                 return end
@@ -351,13 +394,15 @@ class Controller:
             self.persistor.save_best(self.global_params, round_num, cfg.key_metric, score.value)
         if new_global is not None:
             self.global_params = new_global
-            self.persistor.save_global(new_global, round_num)
         record.seconds = time.monotonic() - started
         self.history.append(record)
+        if new_global is not None:  # the model and the state that describes it, as one round
+            self.persistor.save_global(new_global, round_num, self._state(None))
+        else:
+            self._save_state(None)
         n = cfg.server_memory_gc_rounds
         if n > 0 and task_name == TRAIN and (round_num - cfg.start_round + 1) % n == 0:
             gc.collect()
-        self._save_state(None)
         self.emit({"type": "round_finished", "round": round_num, "task": task_name, "record": record,
                    "key_metric": cfg.key_metric})
         return None
@@ -424,7 +469,7 @@ class Controller:
         answered or failed (or ``timeout_s`` passed)."""
         reg = self.registry
         task = Task(
-            task_id=secrets.token_hex(8),
+            task_id=self._task_id(round_num, task_name),
             name=task_name,
             round=round_num,
             total_rounds=self.config.last_round + 1,
@@ -454,6 +499,15 @@ class Controller:
                     state = reg.sites[name]  # the next rounds would hold it, and its buffers, for good)
                     if state.task is task and state.task_outcome not in (None, ACCEPTING):
                         state.task = None
+
+    def _task_id(self, round_num: int, task_name: str) -> str:
+        """The same for the same task of the same round in every run of the job: a result a site
+        sends again after the server restarted (``resume``) still answers the task it was for."""
+        key = (round_num, task_name)
+        seq = self._dispatched.get(key, 0)
+        self._dispatched[key] = seq + 1
+        # Hex: it names shared-memory files, whose names are checked to be only what flkit writes.
+        return hashlib.sha256(f"{self.registry.job_id}:{round_num}:{task_name}:{seq}".encode()).hexdigest()[:16]
 
     def _collect(self, task: Task, sites: list[str], record: RoundRecord, min_answers: int,
                  timeout_s: float | None, timeout_label: str, started: float) -> JobEnd | None:
@@ -511,6 +565,10 @@ class Controller:
 
     # -- results from the job service --------------------------------------
 
+    def current_task(self) -> Task | None:
+        """The task being collected now (None between tasks). Caller holds the registry's lock."""
+        return None if self._open is None else self._open.task
+
     def max_result_bytes(self) -> int:
         """Upper bound for a valid result payload: about the size of the global model."""
         return 2 * self.model_bytes + (1 << 20)
@@ -529,6 +587,11 @@ class Controller:
             task = None if open_task is None else open_task.task
             if (open_task is None or task is None or state.task is not task or task.task_id != result.task_id
                     or state.task_outcome is not None):
+                if result.task_id and result.task_id == state.last_done:
+                    # Sent again (the answer to the first send was lost in a reconnect): it was folded
+                    # in once, and is acknowledged again, never folded twice.
+                    log.info("site %s sent its result for task %s again; acknowledged", site, result.task_id)
+                    return
                 raise ValidationError(f"site {site}: result for a task that is no longer open "
                                       f"(task {result.task_id})")
             expected = self.global_params
@@ -569,19 +632,24 @@ class Controller:
             open_task.on_answer(answer)
             open_task.record.metrics[site] = answer.metrics
             reg.settle_locked(state, "done")
+            state.last_done = task.task_id
         self.emit({"type": "result", "round": task.round, "task": task.name, "site": site,
                    "metrics": answer.metrics, "model_name": task.meta.get("model_name")})
 
     # -- state --------------------------------------------------------------
 
     def _save_state(self, outcome: JobEnd | None) -> None:
+        self.persistor.save_state(self._state(outcome))
+
+    def _state(self, outcome: JobEnd | None) -> dict[str, Any]:
+        """The round state: what ``round_state.json`` says and a resumed server takes back."""
         best = self.selector.best
         state = {
             "job_id": self.registry.job_id,
             "completed_rounds": sum(1 for r in self.history if r.task == TRAIN),
             "num_rounds": self.config.num_rounds,
             "key_metric": self.config.key_metric,
-            "best": None if best is None else {"round": best.round, "score": best.value},
+            "best": None if best is None else {"round": best.round, "score": best.value, "sites": best.sites},
             "history": [r.__dict__ for r in self.history],
             "status": "running" if outcome is None else ("failed" if outcome.failed else "completed"),
             "reason": None if outcome is None else outcome.reason,
@@ -594,4 +662,4 @@ class Controller:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{self._strategy_name}.state_dict() is not JSON-able: {exc}") from None
         state["strategy"] = {"name": self._strategy_name, "state": strategy_state}
-        self.persistor.save_state(state)
+        return state

@@ -164,11 +164,15 @@ class Persistor:
 
     # -- handing over ---------------------------------------------------------
 
-    def save_global(self, params: Params, round_num: int) -> None:
-        """Queue the global model made in ``round_num`` (replacing one not written yet)."""
+    def save_global(self, params: Params, round_num: int, state: dict[str, Any] | None = None) -> None:
+        """Queue the global model made in ``round_num`` (replacing one not written yet), with the
+        round state that describes it: both are handed over at once, so the writer never takes a
+        model without its state (a resume reads the two as one round)."""
         with self._cond:
             self._check_locked()
             self._pending.global_params, self._pending.global_round = params, round_num
+            if state is not None:
+                self._pending.state = dict(state)
             self.handed_rounds += 1
             self._wake_locked()
 
@@ -271,3 +275,43 @@ class Persistor:
         the final global model, then the best one (when this run selected one)."""
         paths = [self.global_model_path] + ([self.best_model_path] if include_best else [])
         return [(f"SRV_{path.name}", path) for path in paths]
+
+
+@dataclass
+class SavedRun:
+    """What a restarted server takes back from its output folder (``flkit server --resume``)."""
+
+    state: dict[str, Any]
+    global_params: Params
+    round: int  # the round whose global model this is (the last one completed)
+
+
+def load_saved_run(directory: Path) -> SavedRun | None:
+    """The last completed round in ``directory``, checked for consistency; None when no round was
+    completed there. The global model file and ``round_state.json`` are written as one round (see
+    ``Persistor``): the model's own metadata must name the round the state says is on disk."""
+    directory = Path(directory)
+    state_path, model_path = directory / STATE_FILE, directory / GLOBAL_MODEL_FILE
+    if not state_path.exists():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"cannot resume: {state_path} is unreadable ({exc})") from None
+    if not isinstance(state, dict):
+        raise ValidationError(f"cannot resume: {state_path} is not a JSON object")
+    saved_round = state.get("global_model_round")
+    if saved_round is None:
+        return None  # the job ended before its first round: nothing to go on from
+    if not isinstance(saved_round, int) or isinstance(saved_round, bool):
+        raise ValidationError(f"cannot resume: {state_path} names no valid global_model_round ({saved_round!r})")
+    try:
+        with safetensors.safe_open(str(model_path), "pt") as fh:
+            meta = fh.metadata() or {}
+            params = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise ValidationError(f"cannot resume: the global model {model_path} is unreadable ({exc})") from None
+    if meta.get("round") != str(saved_round):
+        raise ValidationError(f"cannot resume: {model_path} is the model of round {meta.get('round')!r}, but "
+                              f"{state_path} describes round {saved_round}")
+    return SavedRun(state=state, global_params=params, round=saved_round)

@@ -8,17 +8,18 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from flkit.errors import CommunicationError, ConfigError
 from flkit.messages import JobEnd
 from flkit.report.tracking import TrackingHub
-from flkit.server.config import WorkflowConfig
+from flkit.server.config import WorkflowConfig, check_site_name
 from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
 from flkit.server.listing import site_list
-from flkit.server.persistor import Persistor
+from flkit.server.persistor import Persistor, load_saved_run
 from flkit.server.service import FLKitService, add_to_server
 from flkit.server.shm_exchange import ShmExchange
 from flkit.server.sites import SiteRegistry
@@ -28,13 +29,24 @@ from flkit.transport import memory
 from flkit.wire.codec import Params, to_cpu_params
 from flkit.wire.grpc_options import OPTIONS, PROTOCOL_VERSION
 
+if TYPE_CHECKING:  # a server with a kit loads the certificate machinery (cryptography) when it starts
+    from flkit.deploy.kit import Kit
+    from flkit.server.identity import KitWatcher, Participants
+
 log = logging.getLogger("flkit.server")
 
 
 class FLServer:
     """Serves one job on ``address`` ("host:port"; port 0 picks a free one).
 
-    ``token`` authenticates sites (one is generated when not given);
+    ``kit``: the server's startup kit (``flkit provision``): sites connect over mutual TLS and are
+    who their certificates say (``flkit.server.identity``); no token then. Without a kit, ``token``
+    authenticates sites over plain gRPC (one is generated when not given).
+    ``resume``: go on after the last round completed in ``output_dir`` (``flkit server --resume``):
+    its global model, best score, strategy state and records, with the same task ids.
+    ``accept_new_sites`` (with a kit): a site added to the project while the job runs
+    (``flkit provision --add-site``) becomes a site of the job, as for jobs whose sites all run
+    the same script (``to_clients``);
     ``on_event`` receives progress events (dicts) from the controller thread;
     ``concurrent_sites``: at most this many sites' results are in shared memory at once (the
     simulator's worker pool says how many it runs at once), which sizes the shared-memory folder
@@ -55,9 +67,14 @@ class FLServer:
         job_name: str | None = None,
         shared_memory: bool = True,
         concurrent_sites: int | None = None,
+        kit: Kit | None = None,
+        accept_new_sites: bool = False,
+        resume: bool = False,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
+        for site in sites:  # names become folders and log lines: only plain, bounded ones
+            check_site_name(site)
         if workflow.min_clients > len(sites):
             raise ConfigError(f"min_clients={workflow.min_clients} is more than the job's {len(sites)} site(s)")
         unknown = [s for s in workflow.mandatory_clients if s not in sites]
@@ -69,7 +86,23 @@ class FLServer:
                               f"than the job's {len(sites)} site(s)")
         self.workflow = workflow
         self.job_id = job_id
-        self.token = token or secrets.token_urlsafe(24)
+        self.kit = kit
+        self._accept_new_sites = accept_new_sites
+        self._participants: Participants | None = None
+        if kit is not None:
+            if kit.role != "server":
+                raise ConfigError(f"the kit at {kit.path} is a {kit.role}'s kit, not the server's")
+            from flkit.server.identity import Participants
+
+            self._participants = Participants(kit.path)
+            strangers = [s for s in sites if s not in self._participants.sites]
+            if strangers:
+                raise ConfigError(f"site(s) {site_list(strangers)} of the job have no certificate in project "
+                                  f"{kit.project} (provisioned sites: {site_list(sorted(self._participants.sites))}); "
+                                  "add them with `flkit provision --add-site NAME`")
+        self.token = None if kit is not None else (token or secrets.token_urlsafe(24))
+        self._watcher: KitWatcher | None = None
+        self._servicer: FLKitService | None = None
         self._bind = address
         self._concurrent_sites = concurrent_sites
         self.registry = SiteRegistry(
@@ -86,6 +119,10 @@ class FLServer:
                 "tracking": bool(workflow.tracking),
             },
         )
+        saved = load_saved_run(output_dir) if resume else None
+        if saved is not None and saved.state.get("status") == "completed":
+            raise ConfigError(f"the job in {output_dir} already completed ({saved.state.get('reason')}); nothing to "
+                              "resume")
         self.persistor = Persistor(output_dir)
         self.controller = Controller(
             workflow,
@@ -95,6 +132,12 @@ class FLServer:
             to_cpu_params(initial_params),
             on_event,
         )
+        self.resumed_after: int | None = None  # the round a resumed job went on after
+        if saved is not None:
+            self.controller.resume(saved)
+            self.resumed_after = saved.round
+        elif resume:
+            log.info("nothing to resume in %s: the job starts at its first round", output_dir)
         # Built last (it starts a thread), and now: a missing tracking library fails before any site starts.
         self.tracking = TrackingHub(workflow.tracking, self.persistor.directory, job_name or job_id)
         self.registry.on_site_failed = self.controller.site_failed
@@ -114,16 +157,28 @@ class FLServer:
     def start(self) -> str:
         """Bind, serve, and start the round loop; returns the "host:port" sites should dial."""
         workers = max(16, 2 * len(self.registry.sites) + 8)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+        interceptor = None
+        if self._participants is not None:
+            from flkit.server.identity import IdentityInterceptor
+
+            interceptor = IdentityInterceptor(self._participants)
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS,
+                                 interceptors=[interceptor] if interceptor is not None else None)
         if self._shared_memory:  # sites on this host may take params through /dev/shm files
             self.shm = ShmExchange.create(self.controller.model_bytes,
                                           self._concurrent_sites or len(self.registry.sites))
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
                 self.controller.keep_models_in(self.shm.folder)  # sites on this host map them by name
-        add_to_server(FLKitService(self.service, self.shm), self._grpc)
+        self._servicer = FLKitService(self.service, self.shm, stall_s=self.workflow.heartbeat_timeout_s)
+        add_to_server(self._servicer, self._grpc)
         try:
-            self.port = self._grpc.add_insecure_port(self._bind)
+            if self.kit is not None:
+                from flkit.transport.tls import server_credentials
+
+                self.port = self._grpc.add_secure_port(self._bind, server_credentials(self.kit))
+            else:
+                self.port = self._grpc.add_insecure_port(self._bind)
         except RuntimeError as exc:
             self._release()
             raise CommunicationError(f"cannot listen on {self._bind}: {exc}") from exc
@@ -131,11 +186,25 @@ class FLServer:
             self._release()
             raise CommunicationError(f"cannot listen on {self._bind} (address in use?)")
         self._grpc.start()
+        if interceptor is not None and self._participants is not None:
+            from flkit.server.identity import KitWatcher
+
+            self._watcher = KitWatcher(self._participants, interceptor, self._site_added, self.registry.revoke)
+            self._watcher.start()
         memory.register(self.address, self.service)  # sites in this process reach it without the network
         self._thread = threading.Thread(target=self._run, name=f"flkit-controller-{self.job_id}", daemon=True)
         self._thread.start()
         log.info("job %s served on %s", self.job_id, self.address)
         return self.address
+
+    def _site_added(self, site: str) -> None:
+        try:
+            check_site_name(site)
+        except ConfigError as exc:
+            log.error("the server kit lists a site that cannot be admitted: %s", exc)
+            return
+        if self._accept_new_sites and self.registry.add_site(site):
+            log.info("site %s is now a site of job %s", site, self.job_id)
 
     def _release(self) -> None:
         """What a server that could not start must not leave behind."""
@@ -166,6 +235,10 @@ class FLServer:
     def stop(self, grace: float = 2.0) -> None:
         """End the job (if still running) and stop serving."""
         self.registry.finish(True, "server stopped")
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._servicer is not None:
+            self._servicer.stalls.close()
         if self.port is not None:
             memory.unregister(self.address, self.service)
         if self._grpc is not None:

@@ -10,6 +10,13 @@ control holds their senders) so the server's memory stays at a few model sizes w
 number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
 the end of a result can still be refused without touching the aggregate.
 Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
+
+Hostile input: requests arrive as bytes and are parsed here, so a malformed message is an
+INVALID_ARGUMENT refusal like any other; the JobService bounds every field before anything of it
+is logged or quoted; a result stream must start with its header, and nothing more of it is read
+before its session, its ids, its JSON and its declared size are checked (the receive buffer comes
+last). Every handler has a last-resort guard: an unexpected exception is logged (its traceback
+once per handler and kind) and answered INTERNAL with a short text, never gRPC's generic UNKNOWN.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from google.protobuf.message import DecodeError
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JobEnd, Result, ServiceError
 from flkit.server.job_service import JobService
+from flkit.server.peer import ADMIN, current_peer
 from flkit.server.shm_exchange import ShmExchange
+from flkit.server.stall_watch import StallWatch
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, json_to_dict
@@ -41,13 +50,17 @@ log = logging.getLogger("flkit.server")
 # Results received at the same time (each needs a buffer of its size until it is folded in):
 # enough for uploads from several hosts to overlap, few enough to bound the server's memory.
 RESULT_BUFFERS = 4
+# While a result streams in, every this many chunks (64 MiB) mark its site as seen: a large upload
+# on a slow link is a sign of life, not a silence to be mistaken for a dead site.
+ALIVE_EVERY_CHUNKS = 16
 
-STATUS = {
+STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,
     ErrorCode.JOB_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.WRONG_JOB: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.UNKNOWN_SITE: grpc.StatusCode.NOT_FOUND,
     ErrorCode.BAD_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.PROTOCOL: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -58,13 +71,93 @@ STATUS = {
 MAX_ERROR_CHARS = 2000
 
 
+def _short(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters)"
+
+
+class _Aborted(Exception):
+    """The call was answered with a refusal (``context.abort``): not for the last-resort guard."""
+
+
 def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     context.set_trailing_metadata(((ERROR_KEY, exc.code.value),))
-    text = str(exc)
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters)"
-    context.abort(STATUS[exc.code], text)
-    raise AssertionError("unreachable")  # context.abort raises
+    try:
+        context.abort(STATUS.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), _short(str(exc)))
+    except Exception:  # context.abort raises (a bare Exception) once the status is set
+        raise _Aborted() from None
+    raise _Aborted()
+
+
+def _refused(error: str, job_ended: bool = False) -> pb.SubmitReply:
+    return pb.SubmitReply(accepted=False, error=_short(error), job_ended=job_ended)
+
+
+class _Guard:
+    """The last resort around every handler: an exception nobody expected (a bug) is answered
+    INTERNAL with a short text instead of gRPC's ``Exception calling application`` (UNKNOWN, with
+    the exception's text), and logged at ERROR: with its traceback the first time per handler and
+    kind, in one line after that (a peer that found a bug cannot flood the log with it)."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def failed(self, method: str, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+        kind = type(exc).__name__
+        with self._lock:
+            first = (method, kind) not in self._seen
+            self._seen.add((method, kind))
+        if first:
+            log.error("%s: internal error (%s); the call is answered INTERNAL", method, kind, exc_info=exc)
+        else:
+            log.error("%s: internal error again (%s: %s)", method, kind, str(exc)[:200])
+        try:
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {method} ({kind}); see the server's log")
+        except Exception:
+            raise _Aborted() from None
+        raise _Aborted()
+
+    def unary(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]
+              ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behaviour(request, context)
+            except _Aborted:
+                raise
+            except Exception as exc:
+                self.failed(method, exc, context)
+
+        return guarded
+
+    def stream(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+               ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behaviour(request, context)
+            except _Aborted:
+                raise
+            except Exception as exc:
+                self.failed(method, exc, context)
+
+        return guarded
+
+
+def _parsed(message: type[Any], behaviour: Callable[[Any, grpc.ServicerContext], Any]
+            ) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    """``behaviour`` called with the request parsed from its bytes: a message that does not parse is
+    an INVALID_ARGUMENT refusal (gRPC's own deserializer would answer INTERNAL and log a traceback)."""
+
+    def parse_then(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = message.FromString(raw)
+        except Exception:  # DecodeError, or anything else the runtime finds wrong with hostile bytes
+            _abort(context, ServiceError(ErrorCode.INVALID, f"malformed {message.__name__} message "
+                                                            f"({len(raw)} bytes)"))
+        return behaviour(request, context)
+
+    return parse_then
 
 
 # The unary calls of proto/flkit.proto: (request, reply) message types.
@@ -74,7 +167,18 @@ _UNARY: dict[str, tuple[type[Any], type[Any]]] = {
     "ReportFailure": (pb.FailureReport, pb.Ack),
     "Leave": (pb.LeaveRequest, pb.Ack),
     "LogMetrics": (pb.MetricsBatch, pb.Ack),
+    "Status": (pb.StatusRequest, pb.StatusReply),
+    "Abort": (pb.AbortRequest, pb.Ack),
 }
+
+
+def _require_admin(context: grpc.ServicerContext) -> None:
+    """The admin calls exist only on a server with a kit, where the caller's certificate says who it
+    is; a plain-text server (a shared token, held by every site) offers them to no one."""
+    peer = current_peer()
+    if peer is None or peer.role != ADMIN:
+        _abort(context, ServiceError(ErrorCode.BAD_TOKEN, "this call needs an admin certificate: a server "
+                                                          "started with --kit, and an admin's kit"))
 
 
 def _task_chunk_bytes(chunk: pb.TaskChunk | bytes) -> bytes:
@@ -84,27 +188,34 @@ def _task_chunk_bytes(chunk: pb.TaskChunk | bytes) -> bytes:
 
 def add_to_server(servicer: FLKitService, server: grpc.Server) -> None:
     """Register ``servicer`` as the generated ``add_FLKitServicer_to_server`` does, except that
-    GetTask's responses and SubmitResult's requests are passed as serialised bytes."""
+    requests are parsed by the handlers (``_parsed``), GetTask's responses and SubmitResult's
+    requests are passed as serialised bytes, and every handler is guarded (``_Guard``)."""
+    guard = servicer.guard
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=request.FromString,
+            guard.unary(name, _parsed(request, getattr(servicer, name))), request_deserializer=None,
             response_serializer=reply.SerializeToString)
         for name, (request, reply) in _UNARY.items()
     }
     handlers["GetTask"] = grpc.unary_stream_rpc_method_handler(
-        servicer.GetTask, request_deserializer=pb.GetTaskRequest.FromString, response_serializer=_task_chunk_bytes)
+        guard.stream("GetTask", _parsed(pb.GetTaskRequest, servicer.GetTask)), request_deserializer=None,
+        response_serializer=_task_chunk_bytes)
     handlers["SubmitResult"] = grpc.stream_unary_rpc_method_handler(
-        servicer.SubmitResult, request_deserializer=None, response_serializer=pb.SubmitReply.SerializeToString)
+        guard.unary("SubmitResult", servicer.SubmitResult), request_deserializer=None,
+        response_serializer=pb.SubmitReply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, service: JobService, shm: ShmExchange | None = None) -> None:
+    def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 60.0) -> None:
         self.service = service
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
         self._buffers = threading.BoundedSemaphore(RESULT_BUFFERS)
         self._received = ReceiveBuffers(keep=RESULT_BUFFERS)
+        self.guard = _Guard()
+        # Uploads that stop sending bytes give their receive buffer back after this long.
+        self.stalls = StallWatch(stall_s)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -151,63 +262,92 @@ class FLKitService(pb_grpc.FLKitServicer):
 
     def SubmitResult(self, request_iterator: Iterator[bytes],
                      context: grpc.ServicerContext) -> pb.SubmitReply:
-        """``request_iterator`` yields serialised ResultChunk messages: a header, then payloads."""
+        """``request_iterator`` yields serialised ResultChunk messages: a header, then payloads.
+
+        Nothing after the header is read until the header has passed every check: the session
+        (an unknown one is refused at once), the task id and params type, the metrics and meta
+        JSON, and the declared payload size (at most about the global model's). Only then is the
+        receive buffer taken, of the declared size."""
         first = next(request_iterator, None)
         try:
             chunk = None if first is None or is_payload(first) else pb.ResultChunk.FromString(first)
         except DecodeError:  # not a message of this protocol
             chunk = None
         if chunk is None or chunk.WhichOneof("kind") != "header":
-            return pb.SubmitReply(accepted=False, error="result stream must start with a header")
+            return _refused("result stream must start with a header message")
         header = chunk.header
         try:
-            self.service.site_of(header.session_id)  # nothing is read for an unknown session
+            site = self.service.site_of(header.session_id)  # nothing more is read for an unknown session
         except ServiceError as exc:
             _abort(context, exc)
+        try:
+            self.service.check_result_header(header.task_id, header.params_type)
+            metrics = json_to_dict(header.metrics_json, "metrics")
+            meta = json_to_dict(header.meta_json, "meta")
+        except ValidationError as exc:
+            return _refused(str(exc))
         if header.released_files and self.shm is not None:
             self.shm.release(header.session_id, header.released_files)
         limit = self.service.max_result_bytes()
         if header.payload_size > limit:
-            return pb.SubmitReply(
-                accepted=False, error=f"payload of {header.payload_size} bytes is larger than any valid result"
-            )
+            return _refused(f"payload of {header.payload_size} bytes is larger than any valid result "
+                            f"({limit} bytes)")
         if header.params_file:
-            return self._submit_file(header, context)
+            return self._submit_file(header, metrics, meta, context)
         if not header.payload_size:
-            return self._submit(header, request_iterator, None, context)
+            return self._submit(header, metrics, meta, request_iterator, None, context)
         with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
             buffer = self._received.take(header.payload_size)
+            key = id(context)
+            self.stalls.begin(key, f"result upload of site {site}", context.cancel)
             try:
-                return self._submit(header, request_iterator, buffer, context)
+                return self._submit(header, metrics, meta, request_iterator, buffer, context)
             finally:  # the result was folded in (or refused): the buffer serves the next one
+                self.stalls.end(key)
                 self._received.give_back(buffer)
 
-    def _submit(self, header: pb.ResultHeader, request_iterator: Iterator[bytes], buffer: bytearray | None,
+    def _submit(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
+                request_iterator: Iterator[bytes], buffer: bytearray | None,
                 context: grpc.ServicerContext) -> pb.SubmitReply:
         if buffer is None:
             buffer = bytearray()
         view = np.frombuffer(buffer, dtype=np.uint8)
         received = 0
-        for frame in request_iterator:
+        frames = iter(request_iterator)
+        chunks = 0
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except grpc.RpcError:  # cancelled: it stalled (StallWatch), or the site went away
+                return _refused(f"result upload ended after {received} of {header.payload_size} bytes")
+            chunks += 1
+            self.stalls.progress(id(context))
+            if chunks % ALIVE_EVERY_CHUNKS == 0:  # bytes arriving: the site is alive, whatever its heartbeat
+                try:
+                    self.service.site_of(header.session_id)
+                except ServiceError as exc:  # the site failed or re-joined meanwhile
+                    _abort(context, exc)
             if not is_payload(frame):
-                return pb.SubmitReply(accepted=False, error="unexpected second header in result stream")
+                return _refused("result stream: a message after the header is not a payload message")
             try:
                 payload = payload_of(frame)
             except ValidationError as exc:
-                return pb.SubmitReply(accepted=False, error=str(exc))
+                return _refused(str(exc))
             size = len(payload)
             if received + size > header.payload_size:
-                return pb.SubmitReply(accepted=False, error="result payload longer than its header says")
+                return _refused(f"result payload longer than its header says ({header.payload_size} bytes)")
             copy_into(view, received, payload)
             received += size
         if received != header.payload_size:
-            return pb.SubmitReply(
-                accepted=False, error=f"result payload truncated: got {received} of {header.payload_size} bytes"
-            )
+            return _refused(f"result payload truncated: got {received} of {header.payload_size} bytes")
         del view
-        return self._hand_over(header, lambda: parse(buffer) if header.payload_size else None, context)
+        return self._hand_over(header, metrics, meta, lambda: parse(buffer) if header.payload_size else None,
+                               context)
 
-    def _submit_file(self, header: pb.ResultHeader, context: grpc.ServicerContext) -> pb.SubmitReply:
+    def _submit_file(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
+                     context: grpc.ServicerContext) -> pb.SubmitReply:
         """A result whose params a site on this host wrote to the shared-memory folder."""
 
         def read() -> Params:
@@ -215,17 +355,12 @@ class FLKitService(pb_grpc.FLKitServicer):
                 raise ValidationError("this server offers no shared-memory folder")
             return self.shm.take_result(header.session_id, header.task_id, header.params_file, header.payload_size)
 
-        return self._hand_over(header, read, context)
+        return self._hand_over(header, metrics, meta, read, context)
 
-    def _hand_over(self, header: pb.ResultHeader, read_params: Callable[[], Params | None],
-                   context: grpc.ServicerContext) -> pb.SubmitReply:
-        """The result's JSON parts and params (``read_params``) to the JobService. Params that cannot
-        be read are the site's failure, as a bad result is; bad JSON is only refused."""
-        try:
-            metrics = json_to_dict(header.metrics_json, "metrics")
-            meta = json_to_dict(header.meta_json, "meta")
-        except ValidationError as exc:
-            return pb.SubmitReply(accepted=False, error=str(exc))
+    def _hand_over(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
+                   read_params: Callable[[], Params | None], context: grpc.ServicerContext) -> pb.SubmitReply:
+        """The result's params (``read_params``) to the JobService. Params that cannot be read are
+        the site's failure, as a bad result is."""
         try:
             params = read_params()
         except ValidationError as exc:
@@ -233,14 +368,16 @@ class FLKitService(pb_grpc.FLKitServicer):
                 self.service.refuse_result(header.session_id, str(exc))
             except ServiceError as gone:
                 _abort(context, gone)
-            return pb.SubmitReply(accepted=False, error=str(exc))
+            return _refused(str(exc))
         result = Result(task_id=header.task_id, params_type=header.params_type, params=params, metrics=metrics,
                         meta=meta)
         try:
             reply = self.service.submit(header.session_id, result)
         except ServiceError as exc:
             _abort(context, exc)
-        return pb.SubmitReply(accepted=reply.accepted, error=reply.error, job_ended=reply.job_ended)
+        if reply.accepted:
+            return pb.SubmitReply(accepted=True, job_ended=reply.job_ended)
+        return _refused(reply.error, reply.job_ended)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         try:
@@ -268,4 +405,15 @@ class FLKitService(pb_grpc.FLKitServicer):
             self.service.log_metrics(request.session_id, request.records_json)
         except ServiceError as exc:
             _abort(context, exc)
+        return pb.Ack()
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        """An admin's view of the job (the interceptor lets only admin certificates call it)."""
+        _require_admin(context)
+        return pb.StatusReply(status_json=json.dumps(self.service.status(min(request.last_rounds, 1000))))
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.Ack:
+        """An admin ends the job (the interceptor lets only admin certificates call it)."""
+        _require_admin(context)
+        self.service.abort(request.reason[:500] or "aborted by an admin")
         return pb.Ack()

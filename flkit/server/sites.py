@@ -18,6 +18,7 @@ from typing import Any
 
 from flkit.messages import ErrorCode, JobEnd, ServiceError, Task
 from flkit.server.listing import site_list
+from flkit.server.peer import current_peer
 
 # A site's task outcome while its accepted result is being folded in (outside the registry lock):
 # the round waits for it, and neither a timeout, a failure report nor a re-join closes it half-way.
@@ -40,9 +41,19 @@ class SiteState:
     task: Task | None = None
     task_outcome: str | None = None  # None while pending, ACCEPTING, "done" or a failure message
     failure: str | None = None
+    last_done: str | None = None  # the id of the last task this site answered (a resend is acknowledged)
     # Woken when something this site waits for changes (its task, its session, the job's end);
     # shares the registry's lock. None until the registry sets it.
     wake: threading.Condition | None = field(default=None, repr=False, compare=False)
+
+
+def _check_acts_for(site: str) -> None:
+    """Refuse a gRPC caller whose certificate names another site (the memory transport's
+    in-process sites and servers without a kit have no certificate: nothing to compare)."""
+    peer = current_peer()
+    if peer is not None and peer.name != site:
+        raise ServiceError(ErrorCode.FORBIDDEN,
+                           f"the certificate of {peer.name!r} does not allow acting for site {site[:64]!r}")
 
 
 class SiteRegistry:
@@ -60,7 +71,7 @@ class SiteRegistry:
         self,
         job_id: str,
         sites: list[str],
-        token: str,
+        token: str | None,
         heartbeat_timeout_s: float,
         client_config: dict[str, Any],
     ) -> None:
@@ -93,10 +104,13 @@ class SiteRegistry:
     # -- requests from sites -------------------------------------------------
 
     def _check_identity(self, site: str, job_id: str, token: str) -> SiteState:
+        """The site a request names, if the caller may act for it: the name in its certificate
+        (servers with a kit; ``token`` is None then) or the job's token."""
+        _check_acts_for(site)
         if job_id != self.job_id:
-            raise ServiceError(ErrorCode.WRONG_JOB, f"this server runs job '{self.job_id}', not '{job_id}'")
-        if not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise ServiceError(ErrorCode.BAD_TOKEN, f"site '{site}': bad job token")
+            raise ServiceError(ErrorCode.WRONG_JOB, f"this server runs job {self.job_id[:40]!r}, not {job_id[:40]!r}")
+        if self.token is not None and not hmac.compare_digest(token.encode(), self.token.encode()):
+            raise ServiceError(ErrorCode.BAD_TOKEN, f"site {site[:40]!r}: bad job token")
         state = self.sites.get(site)
         if state is None:
             raise ServiceError(
@@ -137,6 +151,7 @@ class SiteRegistry:
         if site is None:
             raise ServiceError(ErrorCode.UNKNOWN_SESSION, "unknown session (the server restarted or the site re-joined); join again")
         state = self.sites[site]
+        _check_acts_for(site)
         state.last_seen = time.monotonic()
         return state
 
@@ -211,6 +226,25 @@ class SiteRegistry:
             state.session_id = None
             self.cond.notify_all()
             self._wake_locked(state)
+
+    # -- changes to the project while the job runs (a server with a kit) ----
+
+    def add_site(self, site: str) -> bool:
+        """Admit a site provisioned after the job started (it joins and gets tasks from the next
+        round on); False if it was already a site of the job."""
+        with self.cond:
+            if site in self.sites:
+                return False
+            self.sites[site] = SiteState(site, wake=threading.Condition(self._lock))
+            self.cond.notify_all()
+            return True
+
+    def revoke(self, site: str) -> None:
+        """The site's certificate was revoked: its session ends and its open task fails."""
+        with self.cond:
+            state = self.sites.get(site)
+            if state is not None and state.status != SiteStatus.FAILED:
+                self._fail_locked(state, "its certificate was revoked")
 
     # -- used by the Controller ---------------------------------------------
 

@@ -1,8 +1,12 @@
-"""Checks a site's result against the global model before it can touch the aggregate."""
+"""Checks a site's result against the global model before it can touch the aggregate, and the
+bounds on what a site may send at all (ids, reasons, JSON), checked before anything of it is
+logged, stored or quoted back. Messages quote at most a short prefix of what a site sent
+(``flkit.wire.codec.quote``), so a hostile value never floods a log or a reply."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +14,7 @@ import torch
 
 from flkit.errors import ValidationError
 from flkit.model import MetaKey
-from flkit.wire.codec import Params
+from flkit.wire.codec import Params, quote
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -57,6 +61,11 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
     return None
 
 
+def _names(names: list[str]) -> str:
+    shown = ", ".join(quote(n) for n in names[:5])
+    return f"[{shown}{f' and {len(names) - 5} more' if len(names) > 5 else ''}]"
+
+
 def check_params(site: str, params: Params, expected: Params) -> None:
     """Same keys, shapes and dtypes as ``expected``, and only finite values."""
     missing = sorted(set(expected) - set(params))
@@ -64,9 +73,9 @@ def check_params(site: str, params: Params, expected: Params) -> None:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            parts.append(f"missing {_names(missing)}")
         if extra:
-            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+            parts.append(f"unexpected {_names(extra)}")
         raise ValidationError(f"site {site}: result keys do not match the global model: {'; '.join(parts)}")
     for name, ref in expected.items():
         got = params[name]
@@ -87,17 +96,82 @@ def check_params(site: str, params: Params, expected: Params) -> None:
 def weight_of(site: str, meta: dict[str, Any]) -> float:
     """The aggregation weight: NUM_STEPS_CURRENT_ROUND, default 1."""
     raw = meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not _finite(raw) or raw <= 0:
         raise ValidationError(
-            f"site {site}: meta {MetaKey.NUM_STEPS_CURRENT_ROUND} must be a positive number, got {raw!r}"
+            f"site {site}: meta {MetaKey.NUM_STEPS_CURRENT_ROUND} must be a positive number, got {quote(raw)}"
         )
     return float(raw)
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+# A result's metrics are stored in the round's history (round_state.json): a few, with short names.
+MAX_METRICS = 1000
+MAX_METRIC_NAME_CHARS = 256
+
+
 def check_metrics(site: str, metrics: dict[str, Any]) -> dict[str, float]:
+    if len(metrics) > MAX_METRICS:
+        raise ValidationError(f"site {site}: {len(metrics)} metrics, more than the {MAX_METRICS} allowed")
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValidationError(f"site {site}: metric '{key}' must be a finite number, got {value!r}")
+        if not isinstance(key, str) or not key or len(key) > MAX_METRIC_NAME_CHARS:
+            raise ValidationError(f"site {site}: metric name {quote(key)} must have 1 to {MAX_METRIC_NAME_CHARS} "
+                                  "characters")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise ValidationError(f"site {site}: metric {quote(key)} must be a finite number, got {quote(value)}")
         out[key] = value
     return out
+
+
+# -- what a site sends besides params: checked before anything of it is logged or stored ----------
+
+# Ids the server hands out are short hex (sessions: 32 characters, tasks: 16); these bounds leave
+# room for other schemes and refuse anything that could flood a log or a reply.
+MAX_ID_CHARS = 128
+_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
+# Free text a site sends (a failure report, a reason for leaving): kept whole up to this length.
+MAX_REASON_CHARS = 4000
+# Job ids name a job (a job's name and a suffix): printable, at most this long.
+MAX_JOB_ID_CHARS = 256
+# A job token: far longer than any generated one (32 characters).
+MAX_TOKEN_CHARS = 1024
+PARAMS_TYPES = ("", "FULL", "DIFF")
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` looks like an id the server hands out (bounded, plain characters)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def check_task_id(task_id: object) -> str:
+    if not is_id(task_id):
+        raise ValidationError(f"task id {quote(task_id)} is malformed: 1-{MAX_ID_CHARS} letters, digits, "
+                              "'.', '_', ':' or '-'")
+    assert isinstance(task_id, str)
+    return task_id
+
+
+def check_params_type(params_type: object) -> str:
+    if params_type not in PARAMS_TYPES:
+        raise ValidationError(f"params_type {quote(params_type, 20)} is neither FULL nor DIFF (nor empty)")
+    assert isinstance(params_type, str)
+    return params_type
+
+
+def check_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_JOB_ID_CHARS or not job_id.isprintable():
+        raise ValidationError(f"job id {quote(job_id)} is malformed: 1-{MAX_JOB_ID_CHARS} printable characters")
+    return job_id
+
+
+def short_reason(reason: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A site's free text (a failure report, a reason to leave), cut to ``limit`` characters."""
+    if len(reason) <= limit:
+        return reason
+    return f"{reason[:limit]}... ({len(reason) - limit} more characters)"

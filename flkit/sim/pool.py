@@ -86,7 +86,7 @@ class SitePool:
             # Before the joins: the round loop may hand out round 0 as soon as the last site joined.
             reg.on_assigned = self._assigned
         for site in self.specs:
-            self._joined[site] = self.service.join(site, reg.job_id, reg.token, local=True)
+            self._joined[site] = self.service.join(site, reg.job_id, reg.token or "", local=True)
         self.backend.start(self.workers, self._done)
         self._thread.start()
         if self.dedicated:

@@ -8,6 +8,8 @@ elsewhere, ``shm`` falls back to gRPC with a warning, ``grpc`` never uses files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flkit.client.settings import SiteSettings
 from flkit.errors import ConfigError
 from flkit.transport import memory
@@ -29,10 +31,18 @@ def make_transport(settings: SiteSettings) -> Transport:
         if choice == "memory":
             raise ConfigError(f"site {settings.site_name}: transport 'memory' needs the server in this process, "
                               f"but no server of this process listens on {settings.server}")
+    kit = None
+    if settings.kit:
+        from flkit.deploy.kit import load_kit
+
+        kit = load_kit(Path(settings.kit))
+        if kit.name != settings.site_name:
+            raise ConfigError(f"site {settings.site_name}: the kit at {settings.kit} is {kit.name}'s; a site runs "
+                              "with its own kit (its certificate is its identity)")
     if choice == "grpc":
         from flkit.transport.grpc_transport import GrpcTransport
 
-        return GrpcTransport(settings.server)
+        return GrpcTransport(settings.server, kit)
     from flkit.transport.shm import ShmTransport
 
-    return ShmTransport(settings.server, required=choice == "shm")
+    return ShmTransport(settings.server, required=choice == "shm", kit=kit)

@@ -11,7 +11,7 @@ is ``UNAVAILABLE``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import numpy as np
@@ -28,16 +28,26 @@ from flkit.wire.grpc_options import CHUNK_BYTES, ERROR_KEY, OPTIONS, PROTOCOL_VE
 from flkit.wire.receive_buffers import ReceiveBuffers
 from flkit.wire.tensor_stream import Encoded, parse
 
+if TYPE_CHECKING:  # only a site with a startup kit loads the certificate machinery
+    from flkit.deploy.kit import Kit
+
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
-def _error(exc: grpc.RpcError, address: str, what: str) -> ServiceError:
+def _error(exc: grpc.RpcError, address: str, what: str, tls: bool = False) -> ServiceError:
     """The typed error behind a failed call (from the server's trailing metadata)."""
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     if code in _RETRYABLE:
         name = code.name if code is not None else "ERROR"
-        return ServiceError(ErrorCode.UNAVAILABLE, f"{what}: server at {address} did not answer ({name}: {details})")
+        why = ""
+        if tls and code == grpc.StatusCode.UNAVAILABLE:
+            from flkit.transport.tls import explain_handshake_failure
+
+            explained = explain_handshake_failure(details or "")
+            why = f"; {explained}" if explained else ""
+        return ServiceError(ErrorCode.UNAVAILABLE,
+                            f"{what}: server at {address} did not answer ({name}: {details}){why}")
     trailing: Sequence[tuple[str, str | bytes]] = (exc.trailing_metadata() if isinstance(exc, grpc.Call)
                                                    else None) or ()
     for key, value in trailing:
@@ -58,6 +68,8 @@ class _Stub(Protocol):
     ReportFailure: grpc.UnaryUnaryMultiCallable[pb.FailureReport, pb.Ack]
     Leave: grpc.UnaryUnaryMultiCallable[pb.LeaveRequest, pb.Ack]
     LogMetrics: grpc.UnaryUnaryMultiCallable[pb.MetricsBatch, pb.Ack]
+    Status: grpc.UnaryUnaryMultiCallable[pb.StatusRequest, pb.StatusReply]
+    Abort: grpc.UnaryUnaryMultiCallable[pb.AbortRequest, pb.Ack]
 
 
 class GrpcTransport(NoServerFiles):
@@ -65,9 +77,17 @@ class GrpcTransport(NoServerFiles):
 
     name = "grpc"
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, kit: Kit | None = None) -> None:
+        """``kit``: this participant's startup kit: mutual TLS with the project's CA (else plain text)."""
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=OPTIONS)
+        self.kit = kit
+        if kit is None:
+            self._channel = grpc.insecure_channel(address, options=OPTIONS)
+        else:
+            from flkit.transport.tls import channel_credentials, channel_options
+
+            self._channel = grpc.secure_channel(address, channel_credentials(kit),
+                                                options=OPTIONS + channel_options(kit))
         self._stub: _Stub = pb_grpc.FLKitStub(self._channel)
         self._received = ReceiveBuffers(keep=1)
         # The params streams: serialised chunk messages in and out (payloads framed by hand).
@@ -85,12 +105,15 @@ class GrpcTransport(NoServerFiles):
     def close(self) -> None:
         self._channel.close()
 
+    def _error(self, exc: grpc.RpcError, what: str) -> ServiceError:
+        return _error(exc, self.address, what, tls=self.kit is not None)
+
     def join(self, site: str, job_id: str, token: str, timeout: float) -> JoinReply:
         req = pb.JoinRequest(site_name=site, job_id=job_id, token=token, protocol_version=PROTOCOL_VERSION)
         try:
             reply = self._stub.Join(req, timeout=timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, f"site {site} joining job {job_id}") from None
+            raise self._error(exc, f"site {site} joining job {job_id}") from None
         return JoinReply(reply.session_id, json_to_dict(reply.job_config_json, "job config"),
                          reply.heartbeat_interval_s, dict(reply.offers))
 
@@ -140,7 +163,7 @@ class GrpcTransport(NoServerFiles):
                 received += size
             del view
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "receiving a task") from None
+            raise self._error(exc, "receiving a task") from None
         if received != h.payload_size:
             raise ServiceError(ErrorCode.UNAVAILABLE, f"task payload truncated ({received} of {h.payload_size} bytes)")
         task.meta = json_to_dict(h.meta_json, "task meta")
@@ -178,14 +201,14 @@ class GrpcTransport(NoServerFiles):
             else:
                 reply = self._submit_stream(messages(), timeout=timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "sending a result") from None
+            raise self._error(exc, "sending a result") from None
         return SubmitReply(reply.accepted, reply.error, reply.job_ended)
 
     def heartbeat(self, session_id: str, timeout: float) -> bool:
         try:
             return bool(self._stub.Heartbeat(pb.HeartbeatRequest(session_id=session_id), timeout=timeout).job_running)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "heartbeat") from None
+            raise self._error(exc, "heartbeat") from None
 
     def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str,
                        timeout: float) -> None:
@@ -193,18 +216,33 @@ class GrpcTransport(NoServerFiles):
         try:
             self._stub.ReportFailure(req, timeout=timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "reporting a failure") from None
+            raise self._error(exc, "reporting a failure") from None
 
     def log_metrics(self, session_id: str, records_json: str, timeout: float) -> None:
         try:
             self._stub.LogMetrics(pb.MetricsBatch(session_id=session_id, records_json=records_json), timeout=timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "sending tracking records") from None
+            raise self._error(exc, "sending tracking records") from None
+
+    def status(self, last_rounds: int, timeout: float) -> dict[str, Any]:
+        """The job's state (an admin's call: the server refuses it from site certificates)."""
+        try:
+            reply = self._stub.Status(pb.StatusRequest(last_rounds=last_rounds), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "asking for the job's status") from None
+        return json_to_dict(reply.status_json, "status")
+
+    def abort(self, reason: str, timeout: float) -> None:
+        """End the running job (an admin's call)."""
+        try:
+            self._stub.Abort(pb.AbortRequest(reason=reason), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "aborting the job") from None
 
     def leave(self, session_id: str, reason: str, timeout: float) -> None:
         try:
             self._stub.Leave(pb.LeaveRequest(session_id=session_id, reason=reason), timeout=timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, "leaving") from None
+            raise self._error(exc, "leaving") from None
 
 

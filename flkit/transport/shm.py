@@ -19,13 +19,16 @@ import mmap
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flkit.errors import ValidationError
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, Task, TaskOrEnd
 from flkit.transport.grpc_transport import GrpcTransport
 from flkit.wire import shm_files
 from flkit.wire.tensor_stream import parse
+
+if TYPE_CHECKING:  # only a site with a startup kit loads the certificate machinery
+    from flkit.deploy.kit import Kit
 
 log = logging.getLogger("flkit.client")
 
@@ -45,10 +48,10 @@ class ShmTransport(GrpcTransport):
 
     name = "shm"
 
-    def __init__(self, address: str, required: bool = False) -> None:
+    def __init__(self, address: str, required: bool = False, kit: Kit | None = None) -> None:
         """``required``: the site asked for shm by name, so not getting it deserves a warning even
-        when the server is on another host."""
-        super().__init__(address)
+        when the server is on another host. ``kit``: mutual TLS for the control channel."""
+        super().__init__(address, kit)
         self.required = required
         self.folder: Path | None = None
         self._warned = False

@@ -112,16 +112,63 @@ def meta_to_json(meta: Mapping[str, Any] | None) -> str:
         raise ValidationError(f"meta must be JSON-serializable with finite numbers: {exc}") from exc
 
 
-def json_to_dict(text: str, what: str) -> dict[str, Any]:
-    """Decode a JSON object sent by the other side; anything else is a ValidationError."""
+# Bounds on JSON that the other side sends (a result's metrics and meta, a task's meta): far above
+# any real use, and low enough that parsing and storing it cost nothing worth mentioning.
+MAX_JSON_CHARS = 1 << 20
+MAX_JSON_DEPTH = 32
+
+
+def quote(value: object, limit: int = 40) -> str:
+    """``repr`` of at most the first ``limit`` characters of ``value`` (and how long it was), for
+    error messages and logs that name something the other side sent: never longer than about
+    ``limit`` + 30 characters whatever it sent."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (0 for a scalar); no recursion."""
+    depth = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        depth = max(depth, level + 1)
+        stack.extend((child, level + 1) for child in item if isinstance(child, (dict, list)))
+    return depth
+
+
+def json_to_dict(text: str, what: str, max_chars: int = MAX_JSON_CHARS,
+                 max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Decode a JSON object sent by the other side; anything else is a ValidationError.
+
+    Strict JSON (no NaN or Infinity) of at most ``max_chars`` characters nested at most
+    ``max_depth`` deep: deeper nesting than Python's recursion limit raises RecursionError inside
+    ``json.loads``, which is refused here like any other malformed text.
+    """
     if not text:
         return {}
+    if len(text) > max_chars:
+        raise ValidationError(f"{what} JSON has {len(text)} characters, more than the {max_chars} allowed")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValidationError(f"malformed {what} JSON: nested too deeply (at most {max_depth} levels)") from None
     except ValueError as exc:
-        raise ValidationError(f"malformed {what} JSON: {exc}") from exc
+        raise ValidationError(f"malformed {what} JSON: {str(exc)[:200]}") from None
     if not isinstance(value, dict):
         raise ValidationError(f"{what} must be a JSON object, got {type(value).__name__}")
+    if json_depth(value) > max_depth:
+        raise ValidationError(f"malformed {what} JSON: nested too deeply (at most {max_depth} levels)")
     return value
 
 

@@ -69,6 +69,16 @@ class FLKitStub:
                 request_serializer=flkit__pb2.MetricsBatch.SerializeToString,
                 response_deserializer=flkit__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/flkit.v1.FLKit/Status',
+                request_serializer=flkit__pb2.StatusRequest.SerializeToString,
+                response_deserializer=flkit__pb2.StatusReply.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/flkit.v1.FLKit/Abort',
+                request_serializer=flkit__pb2.AbortRequest.SerializeToString,
+                response_deserializer=flkit__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FLKitServicer:
@@ -125,6 +135,20 @@ class FLKitServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """For admins only (an admin certificate): the job's state, as JSON (`flkit status`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """For admins only: end the job now (it fails with the reason given); the sites are told.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FLKitServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +185,16 @@ def add_FLKitServicer_to_server(servicer, server):
             'LogMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.LogMetrics,
                     request_deserializer=flkit__pb2.MetricsBatch.FromString,
+                    response_serializer=flkit__pb2.Ack.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=flkit__pb2.StatusRequest.FromString,
+                    response_serializer=flkit__pb2.StatusReply.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=flkit__pb2.AbortRequest.FromString,
                     response_serializer=flkit__pb2.Ack.SerializeToString,
             ),
     }
@@ -352,6 +386,60 @@ class FLKit:
             target,
             '/flkit.v1.FLKit/LogMetrics',
             flkit__pb2.MetricsBatch.SerializeToString,
+            flkit__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flkit.v1.FLKit/Status',
+            flkit__pb2.StatusRequest.SerializeToString,
+            flkit__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flkit.v1.FLKit/Abort',
+            flkit__pb2.AbortRequest.SerializeToString,
             flkit__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -23,6 +23,8 @@ _MAX_VARINT_BYTES = 10
 
 def payload_prefix(size: int) -> bytes:
     """The protobuf key and length that precede ``size`` payload bytes in a chunk message."""
+    if size < 0:  # (a negative size would never end the varint)
+        raise ValueError(f"a payload has a size >= 0, got {size}")
     out = bytearray([_PAYLOAD_KEY])
     while True:
         byte = size & 0x7F

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from flkit.errors import ValidationError
-from flkit.wire.codec import Params, to_cpu_params
+from flkit.wire.codec import Params, quote, to_cpu_params
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -156,31 +156,34 @@ def _parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None
     data_len = total - data_start
     spans = []
     for name, entry in header.items():
+        # Names and dtypes are the other side's text: messages quote a short prefix of them.
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise ValidationError(f"malformed params payload: entry of '{name}' is not dtype/shape/data_offsets")
+            raise ValidationError(f"malformed params payload: entry of tensor {quote(name)} is not "
+                                  "dtype/shape/data_offsets")
         dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         shape, offsets = entry["shape"], entry["data_offsets"]
         if dtype is None:
-            raise ValidationError(f"malformed params payload: tensor '{name}' has unknown dtype {entry['dtype']!r}")
+            raise ValidationError(f"malformed params payload: tensor {quote(name)} has unknown dtype "
+                                  f"{quote(entry['dtype'], 20)}")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d <= data_len for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and 0 <= o <= data_len for o in offsets)):
-            raise ValidationError(f"malformed params payload: tensor '{name}' has a bad shape or offsets")
+            raise ValidationError(f"malformed params payload: tensor {quote(name)} has a bad shape or offsets")
         begin, end = offsets
         itemsize = torch.empty((), dtype=dtype).element_size()
         if begin % itemsize:
-            raise ValidationError(f"malformed params payload: tensor '{name}' starts at byte {begin}, not a "
+            raise ValidationError(f"malformed params payload: tensor {quote(name)} starts at byte {begin}, not a "
                                   f"multiple of its element size {itemsize}")
         if end < begin or end - begin != _numel(shape, data_len) * itemsize:
-            raise ValidationError(f"malformed params payload: tensor '{name}' of shape {shape} does not fill "
+            raise ValidationError(f"malformed params payload: tensor {quote(name)} of shape {shape} does not fill "
                                   f"bytes {begin}..{end}")
         spans.append((begin, end, name, dtype, shape))
     spans.sort()
     at = 0
     for begin, end, name, _, _ in spans:
         if begin != at:
-            raise ValidationError(f"malformed params payload: tensor '{name}' starts at {begin}, expected {at}")
+            raise ValidationError(f"malformed params payload: tensor {quote(name)} starts at {begin}, expected {at}")
         at = end
     if at != data_len:
         raise ValidationError(f"malformed params payload: tensors cover {at} of {data_len} data bytes")

@@ -21,6 +21,8 @@ MAX_KEY_CHARS = 256
 MAX_TEXT_CHARS = 1 << 20
 MAX_ENTRIES = 1000
 MAX_BATCH_RECORDS = 10_000
+# A batch as JSON (sites send at most 2 MiB: flkit.client.records.BATCH_BYTES).
+MAX_BATCH_CHARS = 4 * 1024 * 1024
 MAX_STEP = 2**63  # steps are int64 in TensorBoard and MLflow
 
 
@@ -106,7 +108,7 @@ def make_record(key: Any, value: Any, data_type: Any = None, step: Any = None, p
         kind = AnalyticsDataType(getattr(data_type, "value", data_type) or AnalyticsDataType.SCALAR.value)
     except ValueError:
         raise ValidationError(f"tracking record type must be one of {[t.value for t in AnalyticsDataType]}, "
-                              f"got {data_type!r}") from None
+                              f"got {str(data_type)[:40]!r}") from None
     key = _key("tracking record key", key)
     where = f"tracking record '{key}'"
     if kind in _NUMBER_TYPES:
@@ -137,6 +139,9 @@ def make_record(key: Any, value: Any, data_type: Any = None, step: Any = None, p
 
 def check_records(text: str) -> list[dict[str, Any]]:
     """Parse and check a batch that arrived from a site (a JSON array of records)."""
+    if len(text) > MAX_BATCH_CHARS:
+        raise ValidationError(f"a batch of tracking records has at most {MAX_BATCH_CHARS} characters, "
+                              f"got {len(text)}")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -151,7 +156,7 @@ def check_records(text: str) -> list[dict[str, Any]]:
             raise ValidationError("each tracking record must be a JSON object")
         unknown = set(item) - {"key", "value", "type", "step", "time", "path"}
         if unknown:
-            raise ValidationError(f"tracking record has unknown fields {sorted(unknown)[:5]}")
+            raise ValidationError(f"tracking record has unknown fields {[k[:40] for k in sorted(unknown)[:5]]}")
         out.append(make_record(item.get("key"), item.get("value"), item.get("type"), item.get("step"),
                                item.get("path"), item.get("time", 0.0)))
     return out
