@@ -158,6 +158,9 @@ def _tls_choice(kit: Path | None, insecure: bool, token: str | None, need_token:
 @click.option("--token", envvar="FLKIT_TOKEN", default=None,
               help="With --insecure: the shared secret the sites must present (env FLKIT_TOKEN); generated and "
                    "printed if absent.")
+@click.option("--upload-stall-timeout", "upload_stall_s", type=click.FloatRange(min=1), default=None,
+              help="Seconds a result upload may receive nothing before it is cut off and its buffer given back "
+                   "(default: the larger of 300 s and the job's heartbeat timeout).")
 @click.option("--resume", is_flag=True,
               help="Go on from the last round completed in the workspace (after a crash or a stop): its global "
                    "model, best model, strategy state and round records; sites re-join by themselves.")
@@ -166,8 +169,8 @@ def _tls_choice(kit: Path | None, insecure: bool, token: str | None, need_token:
                    "(default: two heartbeat intervals + 5 s).")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: str | None, workspace: Path,
-           job_id: str | None, kit: Path | None, insecure: bool, token: str | None, resume: bool,
-           linger: float | None, verbose: int) -> None:
+           job_id: str | None, kit: Path | None, insecure: bool, token: str | None, upload_stall_s: float | None,
+           resume: bool, linger: float | None, verbose: int) -> None:
     """Serve the job in JOB_DIR to remote sites, over mutual TLS with a startup kit (--kit), or
     plain text with a shared token (--insecure).
 
@@ -198,7 +201,7 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
         srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
                        on_event=ProgressPrinter(console), job_name=job.name, strategy=job.make_strategy(),
-                       kit=server_kit, accept_new_sites=accept_new, resume=resume)
+                       kit=server_kit, accept_new_sites=accept_new, resume=resume, upload_stall_s=upload_stall_s)
         address = srv.start()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None

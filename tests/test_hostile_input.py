@@ -24,6 +24,7 @@ import logging
 import re
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -728,13 +729,14 @@ def test_after_the_fuzz_the_server_is_untouched(hostile):
 
 def test_an_upload_that_stops_sending_bytes_is_cut_off_and_frees_its_buffer(tmp_path):
     """A valid session that declares a payload and then holds the stream open does not keep a
-    receive buffer: after heartbeat_timeout_s without bytes the call is cancelled."""
+    receive buffer: after upload_stall_s without bytes the call is cancelled. Meanwhile the same
+    session cannot open a second upload."""
     from flkit.server.service import RESULT_BUFFERS
 
     cfg = WorkflowConfig.from_dict({"num_rounds": 1, "min_clients": 1, "heartbeat_interval_s": 0.2,
                                     "heartbeat_timeout_s": 1.0})
     srv = FLServer(cfg, ["s1"], INITIAL, tmp_path / "server", job_id=JOB, token=TOKEN, address="127.0.0.1:0",
-                   shared_memory=False)
+                   shared_memory=False, upload_stall_s=1.0)
     srv.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OPTIONS)
     stub = pb_grpc.FLKitStub(channel)
@@ -752,10 +754,29 @@ def test_an_upload_that_stops_sending_bytes_is_cut_off_and_frees_its_buffer(tmp_
             yield _framed([blob[:100]])[0]
             release.wait(30)  # the "site" keeps the stream open and sends nothing more
 
-        with pytest.raises(grpc.RpcError) as err:
-            submit(stalled(), timeout=20)
-        assert err.value.code() == grpc.StatusCode.CANCELLED
-        assert srv._servicer._buffers._value == RESULT_BUFFERS  # the buffer was given back
+        outcome: dict[str, Any] = {}
+
+        def upload() -> None:
+            try:
+                submit(stalled(), timeout=20)
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+        first_upload = threading.Thread(target=upload)
+        first_upload.start()
+        while not srv._servicer._uploading and first_upload.is_alive():  # the server took the upload
+            first_upload.join(0.01)
+        # the same session cannot open a second upload meanwhile (it would hold a second buffer)
+        reply = submit(iter([_header(sid, first.header.task_id, len(blob)), *_framed([blob])]), timeout=CALL_S)
+        assert not reply.accepted and "already sending a result" in reply.error
+        first_upload.join(20)
+        assert outcome["error"].code() == grpc.StatusCode.CANCELLED
+        # the buffer is given back as the server's handler unwinds (the client may learn of the
+        # cancellation first)
+        deadline = time.monotonic() + 10
+        while srv._servicer._buffers._value != RESULT_BUFFERS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv._servicer._buffers._value == RESULT_BUFFERS
     finally:
         release.set()
         channel.close()

@@ -289,3 +289,13 @@ def test_the_admin_calls_are_refused_by_a_plain_text_server(tmp_path):
         channel.close()
     finally:
         srv.stop()
+
+
+def test_a_join_already_past_the_certificate_check_when_the_site_is_revoked_is_refused(tmp_path):
+    from flkit.server.sites import SiteRegistry
+
+    registry = SiteRegistry("job", ["site-1"], None, 60.0, {})
+    registry.revoke("site-1")  # the revocation lands between the interceptor's check and the join
+    with pytest.raises(ServiceError) as err:
+        registry.join("site-1", "job", "")
+    assert err.value.code == ErrorCode.BAD_TOKEN and "revoked" in str(err.value)

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -429,11 +430,17 @@ class Session:
         except ServiceError as exc:
             if exc.code != ErrorCode.UNKNOWN_SESSION or self.handed:
                 raise
-            reply = self._send_again(task, result)
+            again = self._send_again(task, result)
+            if again is None:  # not needed any more: the loop moves on to the server's next task
+                result.params = None
+                state.answer(keep=False)
+                return
+            reply = again
         result.params = None
         accepted, error, job_ended = reply.accepted, reply.error, reply.job_ended
         if accepted:
             state.answer(keep=not clear_cache)
+            self._note_answered(task.task_id)
             self._free_memory()
         else:
             state.drop()
@@ -444,31 +451,44 @@ class Session:
         if not accepted:
             raise ResultRejectedError(error)
 
+    def _note_answered(self, task_id: str) -> None:
+        if self.settings.answered_file:
+            try:
+                Path(self.settings.answered_file).write_text(task_id)
+            except OSError as exc:
+                log.warning("site %s: cannot note the answered task in %s: %s", self.settings.site_name,
+                            self.settings.answered_file, exc)
+
     def _submit(self, sid: str, result: Result) -> SubmitReply:
         return self._retry("send the result",
                            lambda t: self.transport.submit(sid, result, timeout=self.settings.transfer_timeout_s),
                            None)
 
-    def _send_again(self, task: Task, result: Result) -> SubmitReply:
-        """The server forgot this site's session while the result was on its way (it restarted,
-        e.g. ``flkit server --resume``). Join again and wait for the server to hand out a task: the
-        same task (task ids are the same in every run of a job) gets this result; if the server has
-        moved on, the result is not needed any more and the new task waits for ``receive``."""
+    def _send_again(self, task: Task, result: Result) -> SubmitReply | None:
+        """The server no longer knows this site's session (it restarted, e.g. ``flkit server
+        --resume``, or it dropped the site meanwhile). Join again and look at the task the server
+        hands out: the same task (task ids are the same in every run of a job) gets this result.
+        Another task means the server no longer waits for this result: None (not used, and not the
+        script's error; the new task waits for ``receive``). The wait is bounded by
+        connect_timeout_s (and receive_timeout_s, if shorter)."""
         with self._lock:
             self._session_id = None
-        log.info("site %s: the server restarted while sending the result of task %s; joining again",
-                 self.settings.site_name, task.task_id)
-        again = self._fetch_from_server(self.settings.receive_timeout_s, header_only=True)
+        s = self.settings
+        log.info("site %s: the server no longer knows this session (restarted?); joining again to send the "
+                 "result of task %s", s.site_name, task.task_id)
+        wait = s.connect_timeout_s if s.receive_timeout_s is None else min(s.connect_timeout_s, s.receive_timeout_s)
+        again = self._fetch_from_server(wait, header_only=True)
         if again is None:
             if self.state.ended:
                 return SubmitReply(False, self.state.end_reason or "the job ended", job_ended=True)
-            raise CommunicationError(f"site {self.settings.site_name}: the server restarted and handed out no task "
-                                     f"within receive_timeout_s={self.settings.receive_timeout_s}")
+            log.warning("site %s: the result of task %s (round %d) was not used: after joining again, the server "
+                        "handed out no task within %g s", s.site_name, task.task_id, task.round, wait)
+            return None
         if again.task_id == task.task_id:
             return self._submit(self._join(None), result)
-        log.warning("site %s: the restarted server moved on to task %s (round %d); the result of task %s (round %d) "
-                    "is not needed", self.settings.site_name, again.task_id, again.round, task.task_id, task.round)
-        return SubmitReply(True, "")
+        log.warning("site %s: the result of task %s (round %d) was not used: the server now waits for task %s "
+                    "(round %d)", s.site_name, task.task_id, task.round, again.task_id, again.round)
+        return None
 
     def _free_memory(self) -> None:
         """ScriptRunner's memory_gc_rounds and cuda_empty_cache, after an answered task."""

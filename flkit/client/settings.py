@@ -41,6 +41,9 @@ class SiteSettings:
     # Tasks this process answers before is_running() says False; 0 means no limit. The
     # external-process runner sets 1 for launch_once=False (one launch per task).
     max_tasks: int = 0
+    # Where this process notes the id of each task the server accepted its answer to (set by the
+    # launcher of launch_once=False, which so tells a launch that answered from one that did not).
+    answered_file: str | None = None
     # Under torch.distributed: while rank 0 waits for a task (a site not sampled for many rounds),
     # it tells the other ranks at least this often (and at a third of the process group's timeout),
     # so their wait in the collective never reaches that timeout.

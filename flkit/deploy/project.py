@@ -143,7 +143,7 @@ def check_name(value: object, field: str) -> str:
         raise ConfigError(f"{field}: {value!r} looks like a path; names may not contain '/', '\\' or '..'")
     if len(value) > 64:
         raise ConfigError(f"{field}: {value[:20]!r}... is {len(value)} characters long; at most 64 are allowed")
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ConfigError(f"{field}: {value!r} is not a valid name (letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit)")
     return value
@@ -191,7 +191,7 @@ def _host(value: object, field: str) -> str:
         raise ConfigError(f"{field}: expected a host name or IP address, got {value!r}")
     if _is_ip(value):
         return value
-    if ".." in value or not HOST_RE.match(value):
+    if ".." in value or not HOST_RE.fullmatch(value):
         raise ConfigError(f"{field}: {value!r} is neither an IP address nor a DNS name")
     return value
 

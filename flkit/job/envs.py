@@ -245,6 +245,8 @@ class ProdEnv(ExecEnv):
         self.monitor_job_duration = monitor_job_duration
         self.exported: dict[str, Path] = {}
 
+    GONE_S = 60.0  # get_job_result: how long a server seen running may stay silent
+
     def _ask(self, call: str, *args: Any) -> Any:
         from flkit.transport.grpc_transport import GrpcTransport
 
@@ -278,9 +280,15 @@ class ProdEnv(ExecEnv):
             time.sleep(1.0)
 
     def _status(self, job_id: str) -> dict[str, Any] | None:
+        """The server's answer; None while no server answers (not started, restarting, or gone).
+        A refusal (a revoked or unknown admin certificate, another CA) is raised, not waited out."""
+        from flkit.messages import ErrorCode, ServiceError
+
         try:
             state: dict[str, Any] = self._ask("status", 1)
-        except FLKitError as exc:
+        except ServiceError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or "handshake" in str(exc).lower():
+                raise
             log.info("ProdEnv: server at %s: %s", self.server, exc)
             return None
         if state.get("job_id") != job_id:
@@ -305,13 +313,22 @@ class ProdEnv(ExecEnv):
         self._ask("abort", f"aborted by admin {self.kit.name}")
 
     def get_job_result(self, job_id: str, timeout: float = 0.0) -> str | None:
-        """Wait until the server says the job ended; its output folder on the server's host."""
+        """Wait until the server says the job ended; its output folder on the server's host. The
+        server answers until it exits (``--linger`` after the job's end): a server that stops
+        answering for ``GONE_S`` seconds after it was seen running is an error, not a wait."""
         deadline = None if not timeout else time.monotonic() + timeout
+        last_seen: float | None = None
         while True:
             state = self._status(job_id)
-            if state is not None and state.get("phase") in ("completed", "failed"):
-                return str(state.get("output_dir"))
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if state is not None:
+                last_seen = now
+                if state.get("phase") in ("completed", "failed"):
+                    return str(state.get("output_dir"))
+            elif last_seen is not None and now - last_seen > self.GONE_S:
+                raise FLKitError(f"ProdEnv: the server of job {job_id} at {self.server} stopped answering before "
+                                 "the job's end was read; its results are in the server's workspace")
+            if deadline is not None and now >= deadline:
                 return None
             time.sleep(1.0)
 

@@ -144,16 +144,21 @@ class ExternalSite:
         finished = False  # False also when an exception leaves the loop
         try:
             previous: str | None = None
+            answered = self.workspace / f".flkit_answered_{os.getpid()}"
             while error is None and not self._stopping.is_set():
                 task = session.peek_task()
                 if task is None:
                     break  # the job ended
-                if task.task_id == previous:
+                # The same task again: the launch did not answer it, unless it did and a restarted
+                # server (--resume) hands the same task out again (task ids are the same in every run).
+                if task.task_id == previous and _read(answered) != previous:
                     error = (f"script {self.script.name} exited without answering task '{task.name}' "
                              f"of round {task.round}")
                     break
                 previous = task.task_id
-                error = self._launch({"FLKIT_MAX_TASKS": "1"})
+                answered.unlink(missing_ok=True)
+                error = self._launch({"FLKIT_MAX_TASKS": "1", "FLKIT_ANSWERED_FILE": str(answered)})
+            answered.unlink(missing_ok=True)
             finished = error is None
             return error
         finally:
@@ -272,3 +277,10 @@ class ExternalSite:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         return env
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None

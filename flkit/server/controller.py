@@ -34,7 +34,7 @@ from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, SavedRun, load_params
 from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
-from flkit.server.validation import check_metrics, check_params, first_non_finite, weight_of
+from flkit.server.validation import check_metrics, check_params, first_non_finite, short_reason, weight_of
 from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
 from flkit.strategy.registry import name_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
@@ -129,7 +129,7 @@ class Controller:
         # job completed (``resume``).
         self.first_round = config.start_round
         # Tasks handed out per (round, task name): the third part of a task's id (see ``_task_id``).
-        self._dispatched: dict[tuple[int, str], int] = {}
+        self._dispatched: dict[tuple[int, str, str], int] = {}
         self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
 
     # -- events -------------------------------------------------------------
@@ -142,7 +142,9 @@ class Controller:
                 log.exception("event listener failed")
 
     def site_failed(self, site: str, reason: str) -> None:
-        log.warning("site %s failed: %s", site, reason)
+        # A site's own text (e.g. its script's stderr): each further line marked as part of this
+        # record, so no line of it can pass for a log record of its own.
+        log.warning("site %s failed: %s", site, short_reason(reason).replace("\n", "\n    | "))
         self.emit({"type": "site_failed", "site": site, "reason": reason})
 
     # -- the workflow -------------------------------------------------------
@@ -469,7 +471,7 @@ class Controller:
         answered or failed (or ``timeout_s`` passed)."""
         reg = self.registry
         task = Task(
-            task_id=self._task_id(round_num, task_name),
+            task_id=self._task_id(round_num, task_name, str(meta.get("model_name", ""))),
             name=task_name,
             round=round_num,
             total_rounds=self.config.last_round + 1,
@@ -500,14 +502,16 @@ class Controller:
                     if state.task is task and state.task_outcome not in (None, ACCEPTING):
                         state.task = None
 
-    def _task_id(self, round_num: int, task_name: str) -> str:
-        """The same for the same task of the same round in every run of the job: a result a site
-        sends again after the server restarted (``resume``) still answers the task it was for."""
-        key = (round_num, task_name)
+    def _task_id(self, round_num: int, task_name: str, model_name: str = "") -> str:
+        """The same for the same task of the same round (and model, in cross-site evaluation) in
+        every run of the job: a result a site sends again after the server restarted (``resume``)
+        still answers the task it was for."""
+        key = (round_num, task_name, model_name)
         seq = self._dispatched.get(key, 0)
         self._dispatched[key] = seq + 1
+        text = f"{self.registry.job_id}:{round_num}:{task_name}:{model_name}:{seq}"
         # Hex: it names shared-memory files, whose names are checked to be only what flkit writes.
-        return hashlib.sha256(f"{self.registry.job_id}:{round_num}:{task_name}:{seq}".encode()).hexdigest()[:16]
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _collect(self, task: Task, sites: list[str], record: RoundRecord, min_answers: int,
                  timeout_s: float | None, timeout_label: str, started: float) -> JobEnd | None:
@@ -587,6 +591,14 @@ class Controller:
             task = None if open_task is None else open_task.task
             if (open_task is None or task is None or state.task is not task or task.task_id != result.task_id
                     or state.task_outcome is not None):
+                if (task is not None and state.task is task and task.task_id == result.task_id
+                        and state.task_outcome == ACCEPTING):
+                    # Sent again while the first send is still being folded in (the site's call timed
+                    # out): the first send's outcome is this one's too.
+                    while state.task is task and state.task_outcome == ACCEPTING:
+                        reg.cond.wait(1.0)
+                    if state.task_outcome not in (None, "done") and state.last_done != result.task_id:
+                        raise ValidationError(f"site {site}: {state.task_outcome}")
                 if result.task_id and result.task_id == state.last_done:
                     # Sent again (the answer to the first send was lost in a reconnect): it was folded
                     # in once, and is acknowledged again, never folded twice.

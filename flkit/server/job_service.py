@@ -156,9 +156,9 @@ class JobService:
             session_id = ""  # no session of this server: the site is known by its name and token
             _checked_identity(site, job_id, token)
         reason = short_reason(reason)
-        self.registry.report_failure(site, job_id, token, session_id, reason)
-        log.error("site %s failed: %s", site or "?", short_reason((reason or "?").splitlines()[0], 500))
-        log.debug("site %s failure details: %s", site or "?", reason)
+        site = self.registry.report_failure(site, job_id, token, session_id, reason)
+        log.error("site %s failed: %s", site, short_reason((reason or "?").splitlines()[0], 500))
+        log.debug("site %s failure details: %s", site, reason)
 
     def leave(self, session_id: str, reason: str = "") -> None:
         self.registry.leave(checked_session(session_id), short_reason(reason))

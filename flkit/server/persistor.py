@@ -250,16 +250,23 @@ class Persistor:
                     self._cond.notify_all()
 
     def _write(self, work: _Pending) -> None:
+        """Models first, under staged names; then the state that describes them; then the models
+        take their names. A crash at any point leaves a set a restart can read as one round: before
+        the state, the old names still hold the old round; after it, ``load_saved_run`` finds the
+        staged files the state names."""
         # Each model is let go of as soon as it is written (``work`` and ``params`` would otherwise
         # hold it through the next write), so its buffers can serve the round after next.
+        staged: list[tuple[Path, Path]] = []
         if work.best is not None:
             params, meta = work.best
             work.best = None
-            save_params(self.best_model_path, params, meta, self._direct)
+            save_params(staged_path(self.best_model_path), params, meta, self._direct)
+            staged.append((staged_path(self.best_model_path), self.best_model_path))
             del params
         if work.global_params is not None:
             params, work.global_params = work.global_params, None
-            save_params(self.global_model_path, params, {"round": work.global_round}, self._direct)
+            save_params(staged_path(self.global_model_path), params, {"round": work.global_round}, self._direct)
+            staged.append((staged_path(self.global_model_path), self.global_model_path))
             del params
             with self._cond:
                 self.global_model_round = work.global_round
@@ -269,12 +276,19 @@ class Persistor:
                 state = dict(work.state, global_model_round=self.global_model_round,
                              saved_rounds=self.saved_rounds, handed_rounds=self.handed_rounds)
             write_json(self.state_path, state)
+        for source, target in staged:
+            os.replace(source, target)
 
     def server_models(self, include_best: bool) -> list[tuple[str, Path]]:
         """The server's models for cross-site evaluation, named ``SRV_<file name>`` as NVFlare does:
         the final global model, then the best one (when this run selected one)."""
         paths = [self.global_model_path] + ([self.best_model_path] if include_best else [])
         return [(f"SRV_{path.name}", path) for path in paths]
+
+
+def staged_path(path: Path) -> Path:
+    """Where a model waits, written and fsync'd, until the round state naming it is on disk."""
+    return path.with_name(f".{path.name}.staged")
 
 
 @dataclass
@@ -305,13 +319,38 @@ def load_saved_run(directory: Path) -> SavedRun | None:
         return None  # the job ended before its first round: nothing to go on from
     if not isinstance(saved_round, int) or isinstance(saved_round, bool):
         raise ValidationError(f"cannot resume: {state_path} names no valid global_model_round ({saved_round!r})")
-    try:
-        with safetensors.safe_open(str(model_path), "pt") as fh:
-            meta = fh.metadata() or {}
-            params = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open has no iteration)
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise ValidationError(f"cannot resume: the global model {model_path} is unreadable ({exc})") from None
+    _finish_staged(directory, saved_round)
+    meta, params = _read_model(model_path)
     if meta.get("round") != str(saved_round):
         raise ValidationError(f"cannot resume: {model_path} is the model of round {meta.get('round')!r}, but "
                               f"{state_path} describes round {saved_round}")
     return SavedRun(state=state, global_params=params, round=saved_round)
+
+
+def _read_model(path: Path) -> tuple[dict[str, str], Params]:
+    try:
+        with safetensors.safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            params = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise ValidationError(f"cannot resume: the model {path} is unreadable ({exc})") from None
+    return meta, params
+
+
+def _finish_staged(directory: Path, saved_round: int) -> None:
+    """A crash after the round state was written but before its models took their names: give
+    them their names now. Staged models of a round the state does not describe (a crash before
+    the state was written) are dropped; that round runs again."""
+    global_staged = staged_path(directory / GLOBAL_MODEL_FILE)
+    described = False
+    if global_staged.exists():
+        meta, _ = _read_model(global_staged)
+        described = meta.get("round") == str(saved_round)
+    for name in (BEST_MODEL_FILE, GLOBAL_MODEL_FILE):
+        staged = staged_path(directory / name)
+        if not staged.exists():
+            continue
+        if described:
+            os.replace(staged, directory / name)
+        else:
+            staged.unlink()

@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # a server with a kit loads the certificate machinery (crypto
 
 log = logging.getLogger("flkit.server")
 
+DEFAULT_UPLOAD_STALL_S = 300.0
+
 
 class FLServer:
     """Serves one job on ``address`` ("host:port"; port 0 picks a free one).
@@ -44,6 +46,8 @@ class FLServer:
     authenticates sites over plain gRPC (one is generated when not given).
     ``resume``: go on after the last round completed in ``output_dir`` (``flkit server --resume``):
     its global model, best score, strategy state and records, with the same task ids.
+    ``upload_stall_s``: a result upload that receives nothing for this long is cut off (default:
+    the larger of 300 s and the heartbeat timeout).
     ``accept_new_sites`` (with a kit): a site added to the project while the job runs
     (``flkit provision --add-site``) becomes a site of the job, as for jobs whose sites all run
     the same script (``to_clients``);
@@ -70,6 +74,7 @@ class FLServer:
         kit: Kit | None = None,
         accept_new_sites: bool = False,
         resume: bool = False,
+        upload_stall_s: float | None = None,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
@@ -86,6 +91,10 @@ class FLServer:
                               f"than the job's {len(sites)} site(s)")
         self.workflow = workflow
         self.job_id = job_id
+        # A result upload that receives no message (4 MiB) for this long is cut off, giving its
+        # buffer back: at least 300 s (a link of 14 KB/s still gets through), and never less than
+        # the heartbeat timeout.
+        self.upload_stall_s = upload_stall_s or max(DEFAULT_UPLOAD_STALL_S, workflow.heartbeat_timeout_s)
         self.kit = kit
         self._accept_new_sites = accept_new_sites
         self._participants: Participants | None = None
@@ -95,6 +104,10 @@ class FLServer:
             from flkit.server.identity import Participants
 
             self._participants = Participants(kit.path)
+            revoked = [s for s in sites if s in self._participants.revoked_names]
+            if revoked:
+                raise ConfigError(f"site(s) {site_list(revoked)} of the job are revoked in project {kit.project}; "
+                                  "leave them out of the job (-c/--clients), or provision sites with new names")
             strangers = [s for s in sites if s not in self._participants.sites]
             if strangers:
                 raise ConfigError(f"site(s) {site_list(strangers)} of the job have no certificate in project "
@@ -170,7 +183,7 @@ class FLServer:
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
                 self.controller.keep_models_in(self.shm.folder)  # sites on this host map them by name
-        self._servicer = FLKitService(self.service, self.shm, stall_s=self.workflow.heartbeat_timeout_s)
+        self._servicer = FLKitService(self.service, self.shm, stall_s=self.upload_stall_s)
         add_to_server(self._servicer, self._grpc)
         try:
             if self.kit is not None:

@@ -208,7 +208,7 @@ def add_to_server(servicer: FLKitService, server: grpc.Server) -> None:
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 60.0) -> None:
+    def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 300.0) -> None:
         self.service = service
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
         self._buffers = threading.BoundedSemaphore(RESULT_BUFFERS)
@@ -216,6 +216,8 @@ class FLKitService(pb_grpc.FLKitServicer):
         self.guard = _Guard()
         # Uploads that stop sending bytes give their receive buffer back after this long.
         self.stalls = StallWatch(stall_s)
+        self._lock = threading.Lock()
+        self._uploading: dict[str, int] = {}  # session -> the call uploading a result for it
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -296,15 +298,22 @@ class FLKitService(pb_grpc.FLKitServicer):
             return self._submit_file(header, metrics, meta, context)
         if not header.payload_size:
             return self._submit(header, metrics, meta, request_iterator, None, context)
-        with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
-            buffer = self._received.take(header.payload_size)
-            key = id(context)
-            self.stalls.begin(key, f"result upload of site {site}", context.cancel)
-            try:
-                return self._submit(header, metrics, meta, request_iterator, buffer, context)
-            finally:  # the result was folded in (or refused): the buffer serves the next one
-                self.stalls.end(key)
-                self._received.give_back(buffer)
+        with self._lock:  # one upload per session at a time: a site cannot hold every buffer
+            if header.session_id in self._uploading:
+                return _refused(f"site {site} is already sending a result; one at a time")
+            self._uploading[header.session_id] = id(context)
+        try:
+            with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
+                buffer = self._received.take(header.payload_size)
+                key = id(context)
+                self.stalls.begin(key, f"result upload of site {site}", context.cancel)
+                try:
+                    return self._submit(header, metrics, meta, request_iterator, buffer, context)
+                finally:  # the result was folded in (or refused): the buffer serves the next one
+                    self.stalls.end(key)
+                    self._received.give_back(buffer)
+        finally:
+            self._end_upload(header.session_id, context)
 
     def _submit(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
                 request_iterator: Iterator[bytes], buffer: bytearray | None,
@@ -340,11 +349,23 @@ class FLKitService(pb_grpc.FLKitServicer):
                 return _refused(f"result payload longer than its header says ({header.payload_size} bytes)")
             copy_into(view, received, payload)
             received += size
+        self._received_all(header.session_id, context)
         if received != header.payload_size:
             return _refused(f"result payload truncated: got {received} of {header.payload_size} bytes")
         del view
         return self._hand_over(header, metrics, meta, lambda: parse(buffer) if header.payload_size else None,
                                context)
+
+    def _received_all(self, session_id: str, context: grpc.ServicerContext) -> None:
+        """Every byte of an upload is in: parsing and folding it are the server's time, not a stall,
+        and the site may start another upload (e.g. the same result again, after its call timed out)."""
+        self.stalls.end(id(context))
+        self._end_upload(session_id, context)
+
+    def _end_upload(self, session_id: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            if self._uploading.get(session_id) == id(context):
+                del self._uploading[session_id]
 
     def _submit_file(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
                      context: grpc.ServicerContext) -> pb.SubmitReply:

@@ -94,6 +94,7 @@ class SiteRegistry:
         # it cannot vanish without the server; or the simulator's worker pool, which opened it and
         # watches the workers that run its tasks).
         self._beating: set[str] = set()
+        self.revoked: set[str] = set()  # sites whose certificates were revoked while the job ran
         self.end: JobEnd | None = None
         # Told about every site failure (the Controller reports it as a progress event).
         self.on_site_failed: Callable[[str, str], None] | None = None
@@ -125,6 +126,8 @@ class SiteRegistry:
         needs no heartbeats (see ``_beating``)."""
         with self.cond:
             state = self._check_identity(site, job_id, token)
+            if site in self.revoked:
+                raise ServiceError(ErrorCode.BAD_TOKEN, f"the certificate of {site!r} is revoked")
             if self.end is not None:
                 raise ServiceError(ErrorCode.JOB_ENDED, f"job '{self.job_id}' has ended: {self.end.reason}")
             if state.session_id:
@@ -186,13 +189,15 @@ class SiteRegistry:
                 assert state.wake is not None
                 state.wake.wait(remaining)
 
-    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str) -> None:
+    def report_failure(self, site: str, job_id: str, token: str, session_id: str, reason: str) -> str:
+        """Fail the reporting site; returns its name (the session's site, whatever name was given)."""
         with self.cond:
             if session_id and session_id in self._sessions:
                 state = self.touch_locked(session_id)
             else:
                 state = self._check_identity(site, job_id, token)
             self._fail_locked(state, reason)
+            return state.name
 
     def fail_task(self, site: str, reason: str) -> bool:
         """Fail ``site``'s open task, not the site: a worker that ran it died or the script ended
@@ -240,8 +245,11 @@ class SiteRegistry:
             return True
 
     def revoke(self, site: str) -> None:
-        """The site's certificate was revoked: its session ends and its open task fails."""
+        """The site's certificate was revoked: its session ends, its open task fails, and it may
+        not join again (a join already past the certificate check when the revocation came in
+        included)."""
         with self.cond:
+            self.revoked.add(site)
             state = self.sites.get(site)
             if state is not None and state.status != SiteStatus.FAILED:
                 self._fail_locked(state, "its certificate was revoked")

@@ -47,7 +47,7 @@ def explain_handshake_failure(details: str) -> str | None:
         return ("the TLS handshake failed: the server's certificate is not from this kit's CA, or does not "
                 "name the host dialled (is the kit from the same `flkit provision` as the server's?)")
     if "socket closed" in text:
-        return ("the server closed the connection during the TLS handshake: it does not accept this site's "
-                "certificate (a kit of another project or CA, or an expired certificate), or it does not "
-                "speak TLS (started with --insecure?)")
+        return ("the server closed the connection: if this repeats, it does not accept this site's certificate "
+                "in the TLS handshake (a kit of another project or CA, or an expired certificate) or it does not "
+                "speak TLS (started with --insecure?); once, it may have been restarting")
     return None
