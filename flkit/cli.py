@@ -253,9 +253,13 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to keep trying to reach the server (while it starts, restarts or the network is "
                    "down) before failing.")
+@click.option("--transport", envvar="FLKIT_TRANSPORT", type=click.Choice(["auto", "shm", "grpc"]), default="auto",
+              show_default=True,
+              help="How params travel (env FLKIT_TRANSPORT): auto (shared memory when the server is on this host "
+                   "and offers it, else gRPC), shm, or grpc (always the network).")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def client(job_dir: Path, kit: Path | None, server_address: str | None, site: str | None, job_id: str | None,
-           insecure: bool, token: str | None, workspace: Path | None, connect_timeout: float,
+           insecure: bool, token: str | None, workspace: Path | None, connect_timeout: float, transport: str,
            verbose: int) -> None:
     """Run this site's script from JOB_DIR against a remote `flkit server`, over mutual TLS with
     this site's startup kit (--kit), or plain text with the server's token (--insecure)."""
@@ -290,7 +294,7 @@ def client(job_dir: Path, kit: Path | None, server_address: str | None, site: st
         settings = SiteSettings(server=server_address, site_name=site, job_id=job_id or job.name,
                                 token=token or "", kit=None if kit is None else str(kit.resolve()),
                                 workspace=str((workspace or Path("workspace") / site).resolve()),
-                                connect_timeout_s=connect_timeout)
+                                connect_timeout_s=connect_timeout, transport=transport)
         with sigterm_as_exit():  # SIGTERM/Ctrl-C still end every process the site launched
             run = site_for(settings, runner, job.script_path(runner), job_root=job.root)
             run.start()

@@ -5,9 +5,9 @@ that are views of it (no further copy); they leave as slices of the global model
 Payload messages are framed by hand (flkit.wire.frames: the same bytes as protobuf's, without
 its three extra copies per message), so GetTask and SubmitResult are registered with their own
 (de)serializers (``add_to_server``).
-At most ``RESULT_BUFFERS`` results are received at once: further uploads wait (gRPC's flow
-control holds their senders) so the server's memory stays at a few model sizes whatever the
-number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
+At most ``result_buffers(model size)`` results (4, fewer for models over 256 MB) are received at
+once: further uploads wait (gRPC's flow control holds their senders) so the server's memory stays
+at a few model sizes whatever the number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
 the end of a result can still be refused without touching the aggregate.
 Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
 
@@ -50,6 +50,14 @@ log = logging.getLogger("flkit.server")
 # Results received at the same time (each needs a buffer of its size until it is folded in):
 # enough for uploads from several hosts to overlap, few enough to bound the server's memory.
 RESULT_BUFFERS = 4
+# ... but no more of them than fit in this many bytes (at least one): with a model of 2 GB the
+# uploads take turns, and the server holds one receive buffer, not four.
+RECEIVE_BUDGET_BYTES = 1 << 30
+
+
+def result_buffers(model_bytes: int) -> int:
+    """How many results are received at once for a model of ``model_bytes``."""
+    return max(1, min(RESULT_BUFFERS, RECEIVE_BUDGET_BYTES // max(model_bytes, 1)))
 # While a result streams in, every this many chunks (64 MiB) mark its site as seen: a large upload
 # on a slow link is a sign of life, not a silence to be mistaken for a dead site.
 ALIVE_EVERY_CHUNKS = 16
@@ -211,8 +219,9 @@ class FLKitService(pb_grpc.FLKitServicer):
     def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 300.0) -> None:
         self.service = service
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
-        self._buffers = threading.BoundedSemaphore(RESULT_BUFFERS)
-        self._received = ReceiveBuffers(keep=RESULT_BUFFERS)
+        self.result_buffers = result_buffers(service.controller.model_bytes)
+        self._buffers = threading.BoundedSemaphore(self.result_buffers)
+        self._received = ReceiveBuffers(keep=self.result_buffers)
         self.guard = _Guard()
         # Uploads that stop sending bytes give their receive buffer back after this long.
         self.stalls = StallWatch(stall_s)
