@@ -55,6 +55,10 @@ def main() -> None:
                    "nodes, an address of this machine they can reach, e.g. 10.0.0.5:8002.")
 @click.option("-w", "--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
               help="Output folder: server/ holds the global and best models, site-N/ each site's files.")
+@click.option("--tls", is_flag=True,
+              help="Serve over mutual TLS with throwaway kits (<workspace>/kits): each site that connects by itself "
+                   "has its own certificate, the pool's workers a worker certificate. For Ray workers on other "
+                   "nodes (the kits folder must be readable there at the same path).")
 @click.option("--gpu", default=None,
               help="CUDA devices given to sites round-robin: '0,1', or groups '[0,1],[2,3]'. Without CUDA: a "
                    "warning, and the sites run on the CPU.")
@@ -70,8 +74,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Only print failures and the final summary.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads: int | None, backend: str,
-             address: str, workspace: Path, gpu: str | None, log_config: str | None, strategy: str | None,
-             strategy_args: str | None, quiet: bool, verbose: int) -> None:
+             address: str, workspace: Path, tls: bool, gpu: str | None, log_config: str | None,
+             strategy: str | None, strategy_args: str | None, quiet: bool, verbose: int) -> None:
     """Run the job in JOB_DIR on this machine: the real server on loopback, and the sites' scripts
     on a pool of workers (--backend, --workers); sites whose runner launches an external process
     run as their own processes.
@@ -93,7 +97,7 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
     try:
         result = run(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
                      clients=names, log_config=log_config, strategy=strategy, strategy_args=args, backend=backend,
-                     address=address)
+                     address=address, tls=tls)
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if result.ok else 1)

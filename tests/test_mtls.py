@@ -22,6 +22,7 @@ from flkit.deploy.kit import load_kit
 from flkit.deploy.provision import add_site, provision, revoke
 from flkit.errors import CommunicationError
 from flkit.messages import ErrorCode, ServiceError
+from flkit.runner.ports import free_port
 from flkit.server.config import WorkflowConfig
 from flkit.server.server import FLServer
 from flkit.transport.grpc_transport import GrpcTransport
@@ -193,11 +194,9 @@ def test_a_job_site_without_a_certificate_is_a_setup_error(kits, tmp_path):
 
 @pytest.mark.slow
 def test_a_job_over_mtls_with_flkit_server_and_flkit_client_processes(tmp_path):
-    from test_cli_deploy import _free_port
-
     from flkit.job import FedAvgJob, ScriptRunner
 
-    port = _free_port()
+    port = free_port()
     kits = _kits(tmp_path, port=port)
     job = FedAvgJob(name="mtls", initial_model=torch.nn.Linear(4, 2), n_clients=2, num_rounds=2)
     job.to_clients(ScriptRunner(script=str(SCRIPTS / "crash_in_round.py"), script_args="--crash_round 99"))
@@ -299,3 +298,55 @@ def test_a_join_already_past_the_certificate_check_when_the_site_is_revoked_is_r
     with pytest.raises(ServiceError) as err:
         registry.join("site-1", "job", "")
     assert err.value.code == ErrorCode.BAD_TOKEN and "revoked" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_the_simulator_over_mtls_pools_sites_under_a_worker_certificate(tmp_path, backend):
+    """The pool's workers (processes, or Ray actors) connect back over mutual TLS with the worker kit."""
+    from flkit.job import FedAvgJob, ScriptRunner
+    from flkit.sim.simulator import simulate
+
+    if backend == "ray":
+        pytest.importorskip("ray", reason='the Ray backend needs the flkit[ray] extra (part of "dev")')
+
+    job = FedAvgJob(name="simtls", initial_model=torch.nn.Linear(3, 2), n_clients=4, num_rounds=2)
+    job.to_clients(ScriptRunner(script=str(SCRIPTS / "round_site_update.py")))
+    result = simulate(job.export_job(tmp_path / "jobs"), tmp_path / "ws", threads=2, backend=backend,
+                      quiet=True, tls=True)
+    assert result.ok, result.reason
+    worker = load_kit(tmp_path / "ws" / "kits" / "pool-worker")
+    assert worker.role == "worker"
+    assert not (tmp_path / "ws" / "kits" / "site-1").exists()  # pooled sites need no certificate of their own
+
+
+def test_a_worker_certificate_acts_only_for_the_pools_sessions(tmp_path):
+    project = tmp_path / "p.yml"
+    project.write_text(json.dumps({"name": "w", "server": {"host": "localhost", "port": 8002},
+                                   "sites": ["site-1"], "workers": ["worker-1"]}))
+    provision(project, tmp_path / "kits")
+    kits = tmp_path / "kits"
+    cfg = WorkflowConfig.from_dict({"num_rounds": 1, "min_clients": 1, "join_timeout_s": 60})
+    srv = FLServer(cfg, ["site-1", "pooled-1"], PARAMS, tmp_path / "server", job_id="job", address="127.0.0.1:0",
+                   kit=load_kit(kits / "server"), shared_memory=False, vouched_sites=frozenset({"pooled-1"}))
+    srv.start()
+    try:
+        pooled = srv.service.join("pooled-1", "job", "", local=True).session_id  # as the simulator's pool does
+        ch1, site1 = _stub(kits, "site-1", srv.port)
+        beating = _join(site1, "site-1").session_id
+        chw, worker = _stub(kits, "worker-1", srv.port)
+        with pytest.raises(grpc.RpcError) as err:
+            _join(worker, "pooled-1")  # a worker never joins
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as err:  # nor uses a session of a site that connects by itself
+            list(worker.GetTask(pb.GetTaskRequest(session_id=beating, wait_s=0), timeout=10))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as err:  # nor calls what a pooled site never needs
+            worker.Heartbeat(pb.HeartbeatRequest(session_id=pooled), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        chunks = list(worker.GetTask(pb.GetTaskRequest(session_id=pooled, wait_s=0), timeout=10))
+        assert chunks  # the pool's own session: served
+        for ch in (ch1, chw):
+            ch.close()
+    finally:
+        srv.stop()

@@ -94,7 +94,7 @@ def test_provisioning_writes_the_documented_layout(kits):
     assert state["revoked"] == {} and state["next_crl_number"] >= 1
     assert state["issued"] == {n: format(_cert(kits / n / "cert.pem").serial_number, "x") for n in PARTICIPANTS}
     assert json.loads((kits / "server" / "participants.json").read_text()) == {
-        "sites": ["site-1", "site-2"], "admins": ["admin"], "revoked": []}
+        "sites": ["site-1", "site-2"], "admins": ["admin"], "workers": [], "revoked": []}
     assert load_project(kits / "ca" / "project.yml") == parse_project(yaml.safe_load(MINIMAL))
     assert list(_crl(kits)) == []
 

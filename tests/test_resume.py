@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli_deploy import _free_port
 
 from flkit.deploy.provision import provision
 from flkit.job import FedAvgJob, ScriptRunner
+from flkit.runner.ports import free_port
 
 from conftest import REPO, SCRIPTS, finish
 
@@ -71,7 +71,7 @@ def test_kill_9_of_the_server_mid_round_and_resume_gives_the_uninterrupted_model
     """With launch_once=False each task is a launch of its own: a launch that answered a round the
     resumed server runs again (its model was not on disk yet) is launched again, not failed."""
     # The uninterrupted run.
-    port = _free_port()
+    port = free_port()
     kits = _kits(tmp_path / "a", port)
     job_dir = _job(tmp_path / "a", None)
     server = _server(job_dir, kits, port, tmp_path / "a" / "server")
@@ -80,7 +80,7 @@ def test_kill_9_of_the_server_mid_round_and_resume_gives_the_uninterrupted_model
     expected = load_file(tmp_path / "a" / "server" / "FL_global_model.safetensors")
 
     # The same job, its server killed with SIGKILL while round 2's results are held back by the sites.
-    port = _free_port()
+    port = free_port()
     kits = _kits(tmp_path / "b", port)
     hold = tmp_path / "b" / "hold"
     hold.mkdir(parents=True)

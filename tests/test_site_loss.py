@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_deploy import _free_port
 
 from flkit.deploy.kit import load_kit
 from flkit.deploy.provision import provision
 from flkit.job import FedAvgJob, ScriptRunner
+from flkit.runner.ports import free_port
 from flkit.transport.grpc_transport import GrpcTransport
 
 from conftest import REPO, SCRIPTS
@@ -44,7 +44,7 @@ def _client(job_dir: Path, kits: Path, site: str, port: int, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_a_site_killed_mid_round_is_dropped_and_joins_again_at_a_later_round(tmp_path):
-    port = _free_port()
+    port = free_port()
     project = tmp_path / "project.yml"
     project.write_text(json.dumps({"name": "loss", "server": {"host": "localhost", "port": port},
                                    "sites": ["site-1", "site-2", "site-3"], "admins": ["admin"]}))

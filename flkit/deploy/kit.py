@@ -36,7 +36,7 @@ KIT_JSON = "kit.json"
 CRL = "crl.pem"
 PARTICIPANTS = "participants.json"
 KIT_FILES = (CA_CERT, CERT, KEY, KIT_JSON)
-ROLES: tuple[Role, ...] = ("server", "site", "admin")
+ROLES: tuple[Role, ...] = ("server", "site", "admin", "worker")
 
 _HINT = "create the kits with `flkit provision --project project.yml -o kits/` and copy the participant's folder"
 

@@ -29,7 +29,9 @@ import yaml
 
 from flkit.errors import ConfigError
 
-Role = Literal["server", "site", "admin"]
+# "worker": a simulator's pool worker, which runs many pooled sites' tasks over one connection
+# (its certificate may act only for sessions the simulator's pool opened, never join as a site).
+Role = Literal["server", "site", "admin", "worker"]
 
 #: The server's participant name: its kit folder and its certificate's common name.
 SERVER_NAME = "server"
@@ -42,7 +44,7 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
 DEFAULT_VALID_DAYS = 365
 DEFAULT_CA_VALID_DAYS = 3650
-_TOP_KEYS = frozenset({"name", "server", "sites", "admins", "valid_days", "ca_valid_days"})
+_TOP_KEYS = frozenset({"name", "server", "sites", "admins", "workers", "valid_days", "ca_valid_days"})
 _SERVER_KEYS = frozenset({"host", "port", "names"})
 
 
@@ -58,6 +60,7 @@ class Project:
     admins: tuple[str, ...]
     valid_days: int = DEFAULT_VALID_DAYS
     ca_valid_days: int = DEFAULT_CA_VALID_DAYS
+    workers: tuple[str, ...] = ()
 
     @property
     def server_address(self) -> str:
@@ -72,6 +75,8 @@ class Project:
             yield site, "site"
         for admin in self.admins:
             yield admin, "admin"
+        for worker in self.workers:
+            yield worker, "worker"
 
     def role_of(self, name: str) -> Role | None:
         """The participant's role, or None for a name that is not in the project."""
@@ -86,8 +91,11 @@ class Project:
         server: dict[str, object] = {"host": self.server_host, "port": self.server_port}
         if self.server_names:
             server["names"] = list(self.server_names)
-        return {"name": self.name, "server": server, "sites": list(self.sites), "admins": list(self.admins),
-                "valid_days": self.valid_days, "ca_valid_days": self.ca_valid_days}
+        out: dict[str, object] = {"name": self.name, "server": server, "sites": list(self.sites),
+                                  "admins": list(self.admins)}
+        if self.workers:
+            out["workers"] = list(self.workers)
+        return out | {"valid_days": self.valid_days, "ca_valid_days": self.ca_valid_days}
 
     def to_yaml(self) -> str:
         """The project file's text, in the order a person would write it."""
@@ -125,8 +133,9 @@ def parse_project(data: object) -> Project:
         admins=tuple(check_name(n, f"admins[{i}]") for i, n in enumerate(_list(top.get("admins"), "admins"))),
         valid_days=_int(top.get("valid_days", DEFAULT_VALID_DAYS), "valid_days", 1, 100 * 365),
         ca_valid_days=_int(top.get("ca_valid_days", DEFAULT_CA_VALID_DAYS), "ca_valid_days", 1, 100 * 365),
+        workers=tuple(check_name(n, f"workers[{i}]") for i, n in enumerate(_list(top.get("workers"), "workers"))),
     )
-    if not project.sites:
+    if not project.sites and not project.workers:
         raise ConfigError("sites: a project needs at least one site")
     if project.ca_valid_days < project.valid_days:
         raise ConfigError(f"ca_valid_days ({project.ca_valid_days}) is shorter than valid_days "

@@ -330,6 +330,7 @@ def _write_participants(authority: _Authority) -> None:
     revoked = authority.state.revoked
     data = {"sites": [s for s in authority.project.sites if s not in revoked],
             "admins": [a for a in authority.project.admins if a not in revoked],
+            "workers": [w for w in authority.project.workers if w not in revoked],
             "revoked": list(revoked)}
     path = authority.out_dir / SERVER_NAME / PARTICIPANTS
     _write_file(path, (json.dumps(data, indent=2) + "\n").encode(), PUBLIC_FILE)

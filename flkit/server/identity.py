@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from flkit.deploy.kit import read_participants, read_revoked_serials
-from flkit.server.peer import ADMIN, PEER, SITE, Peer
+from flkit.deploy.kit import read_json_object, read_participants, read_revoked_serials
+from flkit.server.peer import ADMIN, PEER, SITE, WORKER, Peer
 
 log = logging.getLogger("flkit.server")
 
@@ -39,6 +39,7 @@ class Participants:
         self._lock = threading.Lock()
         self.sites: frozenset[str] = frozenset()
         self.admins: frozenset[str] = frozenset()
+        self.workers: frozenset[str] = frozenset()
         self.revoked_names: frozenset[str] = frozenset()
         self.revoked_serials: frozenset[int] = frozenset()
         self._stamp: tuple[float, ...] = ()
@@ -63,11 +64,14 @@ class Participants:
         """Read the files again; returns (sites added, names revoked) since the last read."""
         stamp = self.stamp()
         sites, admins, revoked = read_participants(self.kit_dir)
+        workers = read_json_object(self.kit_dir / "participants.json").get("workers") or []
+        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+            raise ValueError("participants.json: workers must be a list of names")
         serials = read_revoked_serials(self.kit_dir)
         with self._lock:
             added = set(sites) - set(self.sites)
             newly_revoked = set(revoked) - set(self.revoked_names)
-            self.sites, self.admins = frozenset(sites), frozenset(admins)
+            self.sites, self.admins, self.workers = frozenset(sites), frozenset(admins), frozenset(workers)
             self.revoked_names, self.revoked_serials = frozenset(revoked), frozenset(serials)
             self._stamp = stamp
         return added, newly_revoked
@@ -86,8 +90,10 @@ def _serial_of(pem: bytes, cache: dict[bytes, int]) -> int:
     return serial
 
 
-# Which roles may call which methods of the service (by the method's last path element).
+# Which roles may call which methods of the service (by the method's last path element): admins
+# only these; workers only the calls of a session the simulator's pool opened; sites all but ADMIN's.
 ADMIN_METHODS = frozenset({"Status", "Abort"})
+WORKER_METHODS = frozenset({"GetTask", "SubmitResult", "LogMetrics"})
 
 
 class IdentityInterceptor(grpc.ServerInterceptor):
@@ -107,16 +113,20 @@ class IdentityInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
         name = names[0].decode(errors="replace")
         subject = (auth.get("x509_subject") or [b""])[0].decode(errors="replace")
-        role = ADMIN if "OU=admin" in subject.split(",") else SITE
+        units = subject.split(",")
+        role = ADMIN if "OU=admin" in units else WORKER if "OU=worker" in units else SITE
         p = self.participants
         if _serial_of(pems[0], self._serials) in p.revoked_serials or name in p.revoked_names:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"the certificate of {name[:64]!r} is revoked (flkit provision --revoke)")
-        known = p.admins if role == ADMIN else p.sites
+        known = {ADMIN: p.admins, WORKER: p.workers}.get(role, p.sites)
         if name not in known:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"{name[:64]!r} is not a {role} of this project (its server kit lists no such {role})")
-        allowed = (role == ADMIN) == (method in ADMIN_METHODS)
+        if role == WORKER:
+            allowed = method in WORKER_METHODS
+        else:
+            allowed = (role == ADMIN) == (method in ADMIN_METHODS)
         if not allowed:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{role} {name!r} may not call {method}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 SITE = "site"
 ADMIN = "admin"
+# A simulator pool worker: it runs the tasks of sites the pool opened sessions for (never joins).
+WORKER = "worker"
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class FLServer:
     its global model, best score, strategy state and records, with the same task ids.
     ``upload_stall_s``: a result upload that receives nothing for this long is cut off (default:
     the larger of 300 s and the heartbeat timeout).
+    ``vouched_sites`` (with a kit): sites that need no certificate of their own, because the
+    simulator's worker pool opens their sessions in this process (a worker's certificate then acts
+    for them).
     ``accept_new_sites`` (with a kit): a site added to the project while the job runs
     (``flkit provision --add-site``) becomes a site of the job, as for jobs whose sites all run
     the same script (``to_clients``);
@@ -73,6 +76,7 @@ class FLServer:
         concurrent_sites: int | None = None,
         kit: Kit | None = None,
         accept_new_sites: bool = False,
+        vouched_sites: frozenset[str] = frozenset(),
         resume: bool = False,
         upload_stall_s: float | None = None,
     ) -> None:
@@ -108,7 +112,7 @@ class FLServer:
             if revoked:
                 raise ConfigError(f"site(s) {site_list(revoked)} of the job are revoked in project {kit.project}; "
                                   "leave them out of the job (-c/--clients), or provision sites with new names")
-            strangers = [s for s in sites if s not in self._participants.sites]
+            strangers = [s for s in sites if s not in self._participants.sites and s not in vouched_sites]
             if strangers:
                 raise ConfigError(f"site(s) {site_list(strangers)} of the job have no certificate in project "
                                   f"{kit.project} (provisioned sites: {site_list(sorted(self._participants.sites))}); "

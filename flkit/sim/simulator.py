@@ -114,7 +114,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
              console: Console | None = None, clients: list[str] | None = None,
              log_config: str | None = None, strategy: str | None = None,
              strategy_args: dict[str, Any] | None = None, backend: str = DEFAULT_BACKEND,
-             address: str = "127.0.0.1:0") -> SimulationResult:
+             address: str = "127.0.0.1:0", tls: bool = False) -> SimulationResult:
     """Run the job in ``job_dir``; outputs go under ``workspace`` (``server/`` and one folder per site).
 
     ``backend`` runs the in-process sites' scripts: "processes" (the default: a pool of worker
@@ -127,7 +127,11 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     processes, whatever the backend. ``strategy``/``strategy_args``: use this registered strategy
     (or these arguments for the job's own) instead of what ``job.json`` names. ``address``: where the
     job's server listens ("host:port"; Ray workers on other nodes need a host they can reach). See
-    ``FedJob.simulator_run`` for the other arguments.
+    ``FedJob.simulator_run`` for the other arguments. ``tls``: serve over mutual TLS with
+    throwaway kits (``<workspace>/kits``): each site that connects by itself (an external process,
+    a thread of its own) gets its own certificate; the pool's workers share a worker certificate,
+    which acts only for the sessions the pool opened. For Ray workers on other nodes, whose links
+    cross the network; the kits folder must be readable there at the same path.
     """
     console = console or Console(highlight=False, soft_wrap=True)
     apply_log_config(log_config)
@@ -150,6 +154,12 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
     if backend == "threads" and len(pooled) <= workers:
         pooled = {}  # a thread per site for the whole job: the in-process runner as it always was
+    kits = server_kit = None
+    if tls:
+        from flkit.deploy.kit import load_kit
+
+        kits = _provision_kits(workspace / "kits", [s for s in sites if s not in pooled], address)
+        server_kit = load_kit(kits / "server")
     server = FLServer(
         workflow,
         list(sites),
@@ -162,6 +172,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         address=address,
         # The pool runs at most TASKS_PER_WORKER site-tasks per worker at once; the others, one each.
         concurrent_sites=min(len(sites), len(sites) - len(pooled) + workers * TASKS_PER_WORKER),
+        kit=server_kit,
+        vouched_sites=frozenset(pooled),
     )
     address = server.start()
     if not quiet:
@@ -181,8 +193,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
                 site_transport = transport
                 if name in pooled and backend != "threads" and transport == "memory":
                     site_transport = "auto"  # a worker process cannot share the server's memory
-                settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token,
-                                        workspace=str(workspace / name), transport=site_transport)
+                kit = None if kits is None else str(kits / (WORKER_KIT if name in pooled else name))
+                settings = SiteSettings(server=address, site_name=name, job_id=job_id, token=server.token or "",
+                                        workspace=str(workspace / name), transport=site_transport, kit=kit)
                 site_gpu = gpus[i % len(gpus)] if gpus else None
                 if name in pooled:
                     settings = replace(settings, **runner.site_settings())
@@ -268,3 +281,21 @@ def _print_summary(console: Console, result: SimulationResult) -> None:
         console.print(f"final global model -> {result.global_model_path}")
     else:
         console.print(f"[bold red]job failed[/]: {escape(result.reason)}", highlight=False)
+
+
+WORKER_KIT = "pool-worker"
+
+
+def _provision_kits(folder: Path, own_sites: list[str], address: str) -> Path:
+    """Throwaway kits for ``simulate(tls=True)``: the server, each site in ``own_sites`` (those that
+    connect by themselves) and one worker kit for the pool's workers."""
+    from flkit.deploy.provision import provision
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    names = [host] if host not in ("", "0.0.0.0", "::", "localhost", "127.0.0.1") else []
+    project = {"name": "simulation", "server": {"host": "localhost", "port": 8002, "names": names},
+               "sites": own_sites, "workers": [WORKER_KIT]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder.parent / "project.yml").write_text(json.dumps(project))  # JSON is YAML
+    provision(folder.parent / "project.yml", folder, force=True)
+    return folder

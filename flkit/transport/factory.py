@@ -36,7 +36,7 @@ def make_transport(settings: SiteSettings) -> Transport:
         from flkit.deploy.kit import load_kit
 
         kit = load_kit(Path(settings.kit))
-        if kit.name != settings.site_name:
+        if kit.name != settings.site_name and kit.role != "worker":  # a pool worker's kit serves its sites
             raise ConfigError(f"site {settings.site_name}: the kit at {settings.kit} is {kit.name}'s; a site runs "
                               "with its own kit (its certificate is its identity)")
     if choice == "grpc":
