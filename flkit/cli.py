@@ -8,7 +8,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -435,12 +435,12 @@ def _print_kits(console: Console, folder: Path) -> None:
     console.print(table)
 
 
-def _print_status(console: Console, address: str, state: dict[str, object]) -> None:
+def _print_status(console: Console, address: str, state: dict[str, Any]) -> None:
     from rich.table import Table
 
     where = f"round {state['round']} ({state['task']})" if state.get("round") is not None else "between rounds"
     console.print(f"job {state['job_id']} on {address}: {state['phase']}, {where}; "
-                  f"{state['completed_rounds']} of {int(state['last_round']) - int(state['first_round']) + 1} "  # type: ignore[call-overload]
+                  f"{state['completed_rounds']} of {state['last_round'] - state['first_round'] + 1} "
                   "round(s) done")
     if state.get("end_reason"):
         console.print(f"ended: {state['end_reason']}")
@@ -448,18 +448,18 @@ def _print_status(console: Console, address: str, state: dict[str, object]) -> N
     if isinstance(best, dict):
         console.print(f"best {state['key_metric']}: {best['score']:.4g} in round {best['round']}")
     counts = state.get("site_counts") or {}
-    console.print("sites: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))  # type: ignore[union-attr]
+    console.print("sites: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     sites = Table(title="sites")
     for column in ("site", "status", "last seen", "this round", "failure"):
         sites.add_column(column)
-    for site in state.get("sites") or []:  # type: ignore[union-attr]
+    for site in state.get("sites") or []:
         seen = "" if site["last_seen_s"] is None else f"{site['last_seen_s']:g} s ago"
         sites.add_row(site["name"], site["status"], seen, site["task"] or "", (site["failure"] or "")[:80])
     console.print(sites)
     rounds = Table(title="latest rounds")
     for column in ("round", "task", "sites", "answered", "failed", "score", "best", "seconds"):
         rounds.add_column(column)
-    for r in state.get("rounds") or []:  # type: ignore[union-attr]
+    for r in state.get("rounds") or []:
         rounds.add_row(str(r["round"]), r["task"], str(r["sites"]), str(r["answered"]), str(len(r["failed"])),
                        "" if r["score"] is None else f"{r['score']:.4g}", "*" if r["best"] else "",
                        f"{r['seconds']:.2f}")

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -62,6 +63,13 @@ def _stub(kits_dir: Path, who: str, port: int) -> tuple[grpc.Channel, pb_grpc.FL
     kit = load_kit(kits_dir / who)
     channel = grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(kit), options=OPTIONS + channel_options(kit))
     return channel, pb_grpc.FLKitStub(channel)
+
+
+def _until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def _join(stub, site: str) -> pb.JoinReply:
@@ -154,8 +162,8 @@ def test_revoking_a_site_closes_its_open_call_and_refuses_the_next(tmp_path):
 
         thread = threading.Thread(target=wait_for_task)
         thread.start()
-        revoke(kits, "site-2")
-        srv._watcher.check()  # what the watcher thread does within a second; called here to not wait for it
+        _until(lambda: "site-2" in srv._watcher.interceptor._active, "site-2's call to be open at the server")
+        revoke(kits, "site-2")  # the server's kit watcher (every second) picks it up: no restart, no call here
         thread.join(10)
         assert not thread.is_alive(), "the revoked site's open call was not closed"
         assert waiting["error"].code() == grpc.StatusCode.CANCELLED
@@ -177,7 +185,7 @@ def test_a_site_added_while_the_server_runs_can_join(tmp_path):
     srv.start()
     try:
         add_site(kits, "site-3")
-        srv._watcher.check()
+        _until(lambda: "site-3" in srv.registry.sites, "the kit watcher to admit site-3")
         ch, site3 = _stub(kits, "site-3", srv.port)
         assert _join(site3, "site-3").session_id
         assert "site-3" in srv.registry.sites
@@ -302,7 +310,7 @@ def test_a_join_already_past_the_certificate_check_when_the_site_is_revoked_is_r
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["processes", "ray"])
-def test_the_simulator_over_mtls_pools_sites_under_a_worker_certificate(tmp_path, backend):
+def test_the_simulator_over_mtls_pools_sites_under_a_worker_certificate(tmp_path, backend, caplog):
     """The pool's workers (processes, or Ray actors) connect back over mutual TLS with the worker kit."""
     from flkit.job import FedAvgJob, ScriptRunner
     from flkit.sim.simulator import simulate
@@ -312,9 +320,11 @@ def test_the_simulator_over_mtls_pools_sites_under_a_worker_certificate(tmp_path
 
     job = FedAvgJob(name="simtls", initial_model=torch.nn.Linear(3, 2), n_clients=4, num_rounds=2)
     job.to_clients(ScriptRunner(script=str(SCRIPTS / "round_site_update.py")))
-    result = simulate(job.export_job(tmp_path / "jobs"), tmp_path / "ws", threads=2, backend=backend,
-                      quiet=True, tls=True)
+    with caplog.at_level("INFO", logger="flkit.server"):
+        result = simulate(job.export_job(tmp_path / "jobs"), tmp_path / "ws", threads=2, backend=backend,
+                          quiet=True, tls=True)
     assert result.ok, result.reason
+    assert "(mutual TLS)" in caplog.text  # the server took only TLS: the workers' links were TLS
     worker = load_kit(tmp_path / "ws" / "kits" / "pool-worker")
     assert worker.role == "worker"
     assert not (tmp_path / "ws" / "kits" / "site-1").exists()  # pooled sites need no certificate of their own

@@ -100,8 +100,9 @@ def load_kit(path: str | Path) -> Kit:
                not_after=cert.not_valid_after_utc)
 
 
-def read_participants(server_kit_path: str | Path) -> tuple[list[str], list[str], list[str]]:
-    """The server kit's ``participants.json``: (sites, admins, revoked names).
+def read_participant_lists(server_kit_path: str | Path) -> dict[str, list[str]]:
+    """The server kit's ``participants.json``: its lists of ``sites``, ``admins``, ``workers``
+    (absent in kits without simulator workers: empty) and ``revoked`` names.
 
     Read again by a running server when the file changes, so a site added or revoked with
     ``flkit provision`` takes effect without a restart.
@@ -109,8 +110,14 @@ def read_participants(server_kit_path: str | Path) -> tuple[list[str], list[str]
     path = Path(server_kit_path) / PARTICIPANTS
     _require_files(path.parent, (PARTICIPANTS,))
     data = read_json_object(path, "with sites, admins and revoked")
-    lists = tuple(_names(data.get(key), f"{path}: {key}") for key in ("sites", "admins", "revoked"))
-    return lists[0], lists[1], lists[2]
+    return {key: _names(data.get(key, [] if key == "workers" else None), f"{path}: {key}")
+            for key in ("sites", "admins", "workers", "revoked")}
+
+
+def read_participants(server_kit_path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """The server kit's (sites, admins, revoked names); see ``read_participant_lists``."""
+    lists = read_participant_lists(server_kit_path)
+    return lists["sites"], lists["admins"], lists["revoked"]
 
 
 def read_revoked_serials(server_kit_path: str | Path) -> set[int]:

@@ -100,7 +100,12 @@ def provision(project_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     ``force``, the old ``ca/`` and kit folders are removed first. ``ca/`` is written last, so an
     interrupted run can simply be run again.
     """
-    project = load_project(project_path)
+    return provision_project(load_project(project_path), out_dir, force=force)
+
+
+def provision_project(project: Project, out_dir: str | Path, *, force: bool = False) -> ProvisionResult:
+    """``provision`` for a project already checked (``parse_project``): e.g. the throwaway kits a
+    run on one host makes for itself (``PocEnv``, ``simulate(tls=True)``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {out} is a file")

@@ -15,7 +15,6 @@ PocEnv deletes its workspace at ``get_result(clean_up=True)``; flkit never delet
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -369,15 +368,12 @@ class _PocJob:
     def _provision(self, port: int) -> Path:
         """Throwaway startup kits for this job's participants, so a PoC runs over mutual TLS as a
         real deployment does (``<root>/kits``; the CA's key never leaves this host)."""
-        from flkit.deploy.provision import provision
+        from flkit.deploy.project import parse_project
+        from flkit.deploy.provision import provision_project
 
-        project = self.root / "project.yml"
-        project.parent.mkdir(parents=True, exist_ok=True)
-        project.write_text(json.dumps({"name": "poc", "server": {"host": "localhost", "port": port},
-                                       "sites": list(self.sites), "admins": ["admin"]}))  # JSON is YAML
-        kits = self.root / "kits"
-        provision(project, kits, force=True)
-        return kits
+        project = parse_project({"name": "poc", "server": {"host": "localhost", "port": port},
+                                 "sites": list(self.sites), "admins": ["admin"]})
+        return provision_project(project, self.root / "kits", force=True).out_dir
 
     def start(self) -> None:
         port = free_port()

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from flkit.deploy.kit import read_json_object, read_participants, read_revoked_serials
+from flkit.deploy.kit import CRL, PARTICIPANTS, read_participant_lists, read_revoked_serials
 from flkit.server.peer import ADMIN, PEER, SITE, WORKER, Peer
 
 log = logging.getLogger("flkit.server")
@@ -46,7 +46,7 @@ class Participants:
         self.reload()
 
     def _files(self) -> tuple[Path, Path]:
-        return self.kit_dir / "participants.json", self.kit_dir / "crl.pem"
+        return self.kit_dir / PARTICIPANTS, self.kit_dir / CRL
 
     def stamp(self) -> tuple[float, ...]:
         """The files' modification times and sizes: a change means a reload."""
@@ -63,16 +63,14 @@ class Participants:
     def reload(self) -> tuple[set[str], set[str]]:
         """Read the files again; returns (sites added, names revoked) since the last read."""
         stamp = self.stamp()
-        sites, admins, revoked = read_participants(self.kit_dir)
-        workers = read_json_object(self.kit_dir / "participants.json").get("workers") or []
-        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
-            raise ValueError("participants.json: workers must be a list of names")
+        lists = read_participant_lists(self.kit_dir)
         serials = read_revoked_serials(self.kit_dir)
         with self._lock:
-            added = set(sites) - set(self.sites)
-            newly_revoked = set(revoked) - set(self.revoked_names)
-            self.sites, self.admins, self.workers = frozenset(sites), frozenset(admins), frozenset(workers)
-            self.revoked_names, self.revoked_serials = frozenset(revoked), frozenset(serials)
+            added = set(lists["sites"]) - self.sites
+            newly_revoked = set(lists["revoked"]) - self.revoked_names
+            self.sites, self.admins = frozenset(lists["sites"]), frozenset(lists["admins"])
+            self.workers, self.revoked_names = frozenset(lists["workers"]), frozenset(lists["revoked"])
+            self.revoked_serials = frozenset(serials)
             self._stamp = stamp
         return added, newly_revoked
 

@@ -302,8 +302,8 @@ class SavedRun:
 
 def load_saved_run(directory: Path) -> SavedRun | None:
     """The last completed round in ``directory``, checked for consistency; None when no round was
-    completed there. The global model file and ``round_state.json`` are written as one round (see
-    ``Persistor``): the model's own metadata must name the round the state says is on disk."""
+    completed there. The global model file and ``round_state.json`` describe one round (see
+    ``Persistor._write``): the model's own metadata must name the round the state says is on disk."""
     directory = Path(directory)
     state_path, model_path = directory / STATE_FILE, directory / GLOBAL_MODEL_FILE
     if not state_path.exists():
@@ -344,8 +344,11 @@ def _finish_staged(directory: Path, saved_round: int) -> None:
     global_staged = staged_path(directory / GLOBAL_MODEL_FILE)
     described = False
     if global_staged.exists():
-        meta, _ = _read_model(global_staged)
-        described = meta.get("round") == str(saved_round)
+        try:  # its metadata only: the tensors are read once, from its final name
+            with safetensors.safe_open(str(global_staged), "pt") as fh:
+                described = (fh.metadata() or {}).get("round") == str(saved_round)
+        except (OSError, safetensors.SafetensorError):
+            described = False  # torn: the state cannot have been written after it
     for name in (BEST_MODEL_FILE, GLOBAL_MODEL_FILE):
         staged = staged_path(directory / name)
         if not staged.exists():

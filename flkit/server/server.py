@@ -211,7 +211,8 @@ class FLServer:
         memory.register(self.address, self.service)  # sites in this process reach it without the network
         self._thread = threading.Thread(target=self._run, name=f"flkit-controller-{self.job_id}", daemon=True)
         self._thread.start()
-        log.info("job %s served on %s", self.job_id, self.address)
+        log.info("job %s served on %s (%s)", self.job_id, self.address,
+                 "mutual TLS" if self.kit is not None else "plain text")
         return self.address
 
     def _site_added(self, site: str) -> None:

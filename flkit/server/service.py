@@ -7,8 +7,9 @@ its three extra copies per message), so GetTask and SubmitResult are registered 
 (de)serializers (``add_to_server``).
 At most ``result_buffers(model size)`` results (4, fewer for models over 256 MB) are received at
 once: further uploads wait (gRPC's flow control holds their senders) so the server's memory stays
-at a few model sizes whatever the number of sites. A result is checked whole before any of it is folded in, so a bad tensor at
-the end of a result can still be refused without touching the aggregate.
+at a few model sizes whatever the number of sites. A result is checked whole before any of it is
+folded in, so a bad tensor at the end of a result can still be refused without touching the
+aggregate.
 Refusals carry their ``ErrorCode`` in the trailing metadata key ``flkit-error``.
 
 Hostile input: requests arrive as bytes and are parsed here, so a malformed message is an

@@ -37,9 +37,11 @@ class StallWatch:
                 self._thread.start()
 
     def progress(self, key: int) -> None:
-        entry = self._active.get(key)
-        if entry is not None:
-            self._active[key] = (time.monotonic(), entry[1], entry[2])
+        """Bytes arrived (once per 4 MiB message: the lock costs nothing beside the copy)."""
+        with self._lock:  # never re-inserts a transfer that ended, never races the watcher's look
+            entry = self._active.get(key)
+            if entry is not None:
+                self._active[key] = (time.monotonic(), entry[1], entry[2])
 
     def end(self, key: int) -> None:
         with self._lock:

@@ -289,13 +289,11 @@ WORKER_KIT = "pool-worker"
 def _provision_kits(folder: Path, own_sites: list[str], address: str) -> Path:
     """Throwaway kits for ``simulate(tls=True)``: the server, each site in ``own_sites`` (those that
     connect by themselves) and one worker kit for the pool's workers."""
-    from flkit.deploy.provision import provision
+    from flkit.deploy.project import parse_project
+    from flkit.deploy.provision import provision_project
 
     host = address.rsplit(":", 1)[0].strip("[]")
     names = [host] if host not in ("", "0.0.0.0", "::", "localhost", "127.0.0.1") else []
-    project = {"name": "simulation", "server": {"host": "localhost", "port": 8002, "names": names},
-               "sites": own_sites, "workers": [WORKER_KIT]}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder.parent / "project.yml").write_text(json.dumps(project))  # JSON is YAML
-    provision(folder.parent / "project.yml", folder, force=True)
-    return folder
+    project = parse_project({"name": "simulation", "server": {"host": "localhost", "port": 8002, "names": names},
+                             "sites": own_sites, "workers": [WORKER_KIT]})
+    return provision_project(project, folder, force=True).out_dir
