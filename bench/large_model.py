@@ -3,7 +3,7 @@
 ``flkit server`` and ``--sites`` ``flkit client`` processes on loopback (plain text, a token: the
 cost measured is the model's, not TLS's), one FedAvg round with a float32 model of ``--params``
 values in tensors of at most 64M values (``--params 550e6`` is 2.2 GB, beyond protobuf's 2 GiB).
-Each site adds 1 in place and sends the model back (bench/large_site.py).
+Each site adds 1 in place and sends the model back (bench/large_site.py). FedAvg is left to choose its aggregator (streamed from 256 MiB).
 
 Memory is each process's peak RSS (its kernel high-water mark, VmHWM) above its own baseline: the
 peak of the same processes in a control run with a model of 1,000 values. Printed as GB and as a

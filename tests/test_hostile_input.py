@@ -43,6 +43,7 @@ from flkit.messages import ServiceError
 from flkit.server.config import WorkflowConfig
 from flkit.server.server import FLServer
 from flkit.server.validation import MAX_REASON_CHARS
+from flkit.strategy.fedavg import FedAvg
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.frames import payload_prefix
@@ -154,12 +155,12 @@ def assert_refused(outcome: Outcome, cause: str | None = None) -> Outcome:
 class Hostile:
     """The module's server, its channel, and the sessions of its sites."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, streamed: bool | None = None) -> None:
         self.out = root / "server"
         self.server = FLServer(
             WorkflowConfig(num_rounds=2, min_clients=1, round_timeout_s=None, join_timeout_s=60,
                            heartbeat_interval_s=1.0, heartbeat_timeout_s=3600.0, key_metric="accuracy"),
-            SITES, INITIAL, self.out, job_id=JOB, token=TOKEN)
+            SITES, INITIAL, self.out, job_id=JOB, token=TOKEN, strategy=FedAvg(streamed=streamed))
         self.server.start()
         self.channel = grpc.insecure_channel(self.server.address, options=OPTIONS)
         self.stub = pb_grpc.FLKitStub(self.channel)
@@ -661,6 +662,31 @@ def test_fuzz_mutated_result_streams(hostile, stream):
     extra, missing or renamed keys, offsets that do not tile the data."""
     outcome = hostile.send([_header(hostile.victim(), hostile.task_id, stream.size), *stream.payload])
     hostile.note(assert_refused(outcome, stream.cause))
+
+
+@pytest.fixture(scope="module")
+def hostile_streamed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    """The same server with FedAvg folding results while they arrive (the large-model path)."""
+    h = Hostile(tmp_path_factory.mktemp("hostile-streamed"), streamed=True)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@settings(FUZZ, max_examples=250)
+@given(stream=_mutated_stream())
+def test_fuzz_mutated_result_streams_folded_while_they_arrive(hostile_streamed, stream):
+    """The same mutations against the streamed fold (the header checked as its bytes come, the
+    values window by window): each refused with a cause, and nothing of any of them stays in the
+    round's sums (weight 1: taking a piece back out is exact, so the sums stay exactly zero)."""
+    h = hostile_streamed
+    outcome = h.send([_header(h.victim(), h.task_id, stream.size), *stream.payload])
+    # Bytes are read as they come: a dropped or moved first piece shows as a malformed header, a
+    # size that disagrees with the data as missing or extra bytes, before the mutation's own cause.
+    assert_refused(outcome, "|".join((stream.cause, MALFORMED, TRUNCATED, TOO_LONG)))
+    sums = h.server.controller._aggregator._sums
+    assert all(int(torch.count_nonzero(t)) == 0 for t in sums.values())
 
 
 def _bad_json(what: str) -> st.SearchStrategy[str]:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from flkit.server.persistor import Persistor, SavedRun, load_params
 from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.validation import check_metrics, check_params, first_non_finite, short_reason, weight_of
-from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
+from flkit.strategy.base import Aggregator, Contribution, RoundClosed, SiteConfig, SiteResult, Strategy
 from flkit.strategy.registry import name_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
@@ -77,6 +78,19 @@ class Answer:
     params_type: ParamsType = ParamsType.FULL
     saved_to: Path | None = None  # where the task's prepare step stored the params
     problem: str | None = None  # why the prepare step could not use the answer (not the site's fault)
+
+
+@dataclass
+class StreamedResult:
+    """A result being folded in while its params arrive (``Controller.begin_result``)."""
+
+    site: str
+    state: SiteStatus
+    open_task: _OpenTask
+    task: Task
+    answer: Answer
+    contribution: Contribution
+    expected: Params  # the global model the result must match (keys, shapes, dtypes)
 
 
 @dataclass
@@ -125,6 +139,8 @@ class Controller:
         # Why this round's aggregate cannot be trusted (a fold failed half-way), if it cannot.
         self._poisoned: str | None = None
         self._aggregator: Aggregator | None = None  # the round's, while a train round runs
+        # Sites whose result is being folded in while it arrives (site -> task id): begin_result.
+        self._streaming: dict[str, str] = {}
         # The first training round to run: start_round, or the one after the last round a resumed
         # job completed (``resume``).
         self.first_round = config.start_round
@@ -350,10 +366,13 @@ class Controller:
         record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
         prepare = None
         self._poisoned = None
+        new_global: Params | None = None
         if task_name == TRAIN:
             try:
+                # The next global model's buffers, taken when the aggregator first asks (it may sum in them).
+                new_global = {}
                 self._aggregator = self.strategy.aggregator(round_num)
-                self._aggregator.start(round_num, self.global_params)
+                self._aggregator.start(round_num, self.global_params, self._output_buffers(new_global))
             except Exception as exc:
                 return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
                                     f"{type(exc).__name__}: {exc}")
@@ -372,12 +391,16 @@ class Controller:
             return JobEnd(True, f"round {round_num}: {self._poisoned}; the global model of round "
                                 f"{round_num - 1} is kept")
 
-        new_global = None
-        if task_name == TRAIN:
-            assert self._aggregator is not None
-            new_global = self._models.take(self.global_params)
-            self._aggregator.finish(new_global)
         if new_global is not None:
+            assert self._aggregator is not None
+            try:
+                self._aggregator.finish()
+            except Exception as exc:
+                return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
+                                    f"{type(exc).__name__}: {exc}; the global model of round {round_num - 1} is kept")
+            if self._poisoned:  # a result the closing round cancelled could not be taken back out
+                return JobEnd(True, f"round {round_num}: {self._poisoned}; the global model of round "
+                                    f"{round_num - 1} is kept")
             names = list(new_global)
             bad_index = first_non_finite([new_global[name] for name in names])
             if bad_index is not None:
@@ -408,6 +431,19 @@ class Controller:
         self.emit({"type": "round_finished", "round": round_num, "task": task_name, "record": record,
                    "key_metric": cfg.key_metric})
         return None
+
+    def _output_buffers(self, taken: Params) -> Callable[[], Params]:
+        """``out`` for Aggregator.start: the pool's next set, taken at the first call into ``taken``."""
+        lock = threading.Lock()
+        like = self.global_params
+
+        def out() -> Params:
+            with lock:
+                if not taken:
+                    taken.update(self._models.take(like))
+                return taken
+
+        return out
 
     def _fold_in(self, answer: Answer) -> None:
         assert answer.params is not None  # a train answer without params was refused
@@ -577,76 +613,174 @@ class Controller:
         """Upper bound for a valid result payload: about the size of the global model."""
         return 2 * self.model_bytes + (1 << 20)
 
+    def _admit_locked(self, session_id: str, task_id: str) -> tuple[SiteStatus, _OpenTask, Task] | None:
+        """The site's state and its open task, if ``task_id`` answers it; None if the site sent an
+        answer again that was already taken (acknowledge it, fold nothing). Caller holds the
+        registry's lock. Raises JobEndedError after the job, ValidationError for a stale task."""
+        reg = self.registry
+        ended = reg.end or self._ending
+        if ended is not None:
+            raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
+        state = reg.touch_locked(session_id)
+        site = state.name
+        open_task = self._open
+        task = None if open_task is None else open_task.task
+        if (open_task is None or task is None or state.task is not task or task.task_id != task_id
+                or state.task_outcome is not None or site in self._streaming):
+            if (task is not None and state.task is task and task.task_id == task_id
+                    and (state.task_outcome == ACCEPTING or site in self._streaming)):
+                # Sent again while the first send is still being folded in (the site's call timed
+                # out): the first send's outcome is this one's too.
+                while state.task is task and (state.task_outcome == ACCEPTING or site in self._streaming):
+                    reg.cond.wait(1.0)
+                if state.task_outcome not in (None, "done") and state.last_done != task_id:
+                    raise ValidationError(f"site {site}: {state.task_outcome}")
+            if task_id and task_id == state.last_done:
+                # Sent again (the answer to the first send was lost in a reconnect): it was folded
+                # in once, and is acknowledged again, never folded twice.
+                log.info("site %s sent its result for task %s again; acknowledged", site, task_id)
+                return None
+            raise ValidationError(f"site {site}: result for a task that is no longer open (task {task_id})")
+        return state, open_task, task
+
+    def _answer(self, site: str, open_task: _OpenTask, task: Task, result: Result, with_params: bool) -> Answer:
+        """The answer's metrics and, if it has params, their type, checked (ValidationError names
+        what is wrong)."""
+        answer = Answer(site, check_metrics(site, result.metrics), result.meta)
+        if open_task.params != "ignored" and with_params:
+            try:
+                answer.params_type = ParamsType(result.params_type or ParamsType.FULL.value)
+            except ValueError:
+                raise ValidationError(f"site {site}: params_type {result.params_type[:50]!r} is neither "
+                                      "FULL nor DIFF") from None
+            if task.name == SUBMIT_MODEL and answer.params_type != ParamsType.FULL:
+                raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
+        return answer
+
+    def _refuse(self, state: SiteStatus, exc: BaseException, accepting: bool) -> None:
+        """A result the server cannot use: the site's task fails with the reason (and the site)."""
+        site = state.name
+        if isinstance(exc, ValidationError):
+            log.error("rejected result: %s", exc)
+            why = f"result rejected: {exc}"
+        else:  # e.g. out of memory half-way through a fold: the round's aggregate is not whole
+            log.error("site %s: the server could not use its result", site, exc_info=exc)
+            why = f"the server could not use its result: {type(exc).__name__}: {exc}"
+        with self.registry.cond:
+            if state.task_outcome == (ACCEPTING if accepting else None):
+                self.registry.settle_locked(state, why)  # closed here: the site may have failed meanwhile
+        self.registry.fail_site(site, why)
+
+    def _accept_locked(self, state: SiteStatus, open_task: _OpenTask, task: Task, answer: Answer) -> None:
+        open_task.on_answer(answer)
+        open_task.record.metrics[state.name] = answer.metrics
+        self.registry.settle_locked(state, "done")
+        state.last_done = task.task_id
+
+    def _emit_result(self, site: str, task: Task, answer: Answer) -> None:
+        self.emit({"type": "result", "round": task.round, "task": task.name, "site": site,
+                   "metrics": answer.metrics, "model_name": task.meta.get("model_name")})
+
     def submit(self, session_id: str, result: Result) -> None:
         """Check one result and fold it in before returning (the Result's params are not kept).
         Raises ValidationError naming the site and the tensor; JobEndedError after the job."""
         reg = self.registry
         with reg.cond:
-            ended = reg.end or self._ending
-            if ended is not None:
-                raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
-            state = reg.touch_locked(session_id)
-            site = state.name
-            open_task = self._open
-            task = None if open_task is None else open_task.task
-            if (open_task is None or task is None or state.task is not task or task.task_id != result.task_id
-                    or state.task_outcome is not None):
-                if (task is not None and state.task is task and task.task_id == result.task_id
-                        and state.task_outcome == ACCEPTING):
-                    # Sent again while the first send is still being folded in (the site's call timed
-                    # out): the first send's outcome is this one's too.
-                    while state.task is task and state.task_outcome == ACCEPTING:
-                        reg.cond.wait(1.0)
-                    if state.task_outcome not in (None, "done") and state.last_done != result.task_id:
-                        raise ValidationError(f"site {site}: {state.task_outcome}")
-                if result.task_id and result.task_id == state.last_done:
-                    # Sent again (the answer to the first send was lost in a reconnect): it was folded
-                    # in once, and is acknowledged again, never folded twice.
-                    log.info("site %s sent its result for task %s again; acknowledged", site, result.task_id)
-                    return
-                raise ValidationError(f"site {site}: result for a task that is no longer open "
-                                      f"(task {result.task_id})")
+            admitted = self._admit_locked(session_id, result.task_id)
+            if admitted is None:
+                return
+            state, open_task, task = admitted
             expected = self.global_params
             state.task_outcome = ACCEPTING  # (not a settling: the round still waits for this site)
+        site = state.name
         try:
-            answer = Answer(site, check_metrics(site, result.metrics), result.meta)
+            answer = self._answer(site, open_task, task, result, result.params is not None)
             if open_task.params == "required" and result.params is None:
                 raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
             if open_task.params != "ignored" and result.params is not None:
-                try:
-                    answer.params_type = ParamsType(result.params_type or ParamsType.FULL.value)
-                except ValueError:
-                    raise ValidationError(f"site {site}: params_type {result.params_type[:50]!r} is neither "
-                                          "FULL nor DIFF") from None
-                if task.name == SUBMIT_MODEL and answer.params_type != ParamsType.FULL:
-                    raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
                 check_params(site, result.params, expected)
                 answer.params = result.params
             if open_task.prepare is not None:
                 open_task.prepare(answer)
             answer.params = None  # the site's tensors are not kept past this call
         except BaseException as exc:
-            if isinstance(exc, ValidationError):
-                log.error("rejected result: %s", exc)
-                why = f"result rejected: {exc}"
-            else:  # e.g. out of memory half-way through a fold: the round's aggregate is not whole
-                log.exception("site %s: the server could not use its result", site)
-                why = f"the server could not use its result: {type(exc).__name__}: {exc}"
-            with reg.cond:
-                if state.task_outcome == ACCEPTING:
-                    reg.settle_locked(state, why)  # closed here: the site may have failed meanwhile
-            reg.fail_site(site, why)
+            self._refuse(state, exc, accepting=True)
             raise
         with reg.cond:
             ended = reg.end or self._ending
             if ended is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
-            open_task.on_answer(answer)
-            open_task.record.metrics[site] = answer.metrics
-            reg.settle_locked(state, "done")
-            state.last_done = task.task_id
-        self.emit({"type": "result", "round": task.round, "task": task.name, "site": site,
-                   "metrics": answer.metrics, "model_name": task.meta.get("model_name")})
+            self._accept_locked(state, open_task, task, answer)
+        self._emit_result(site, task, answer)
+
+    def begin_result(self, session_id: str, result: Result,
+                     cancel: Callable[[], None] | None = None) -> StreamedResult | None | bool:
+        """Open a result to be folded in while its params arrive (``result.params`` is None here).
+
+        Returns a StreamedResult to feed (``StreamedResult.contribution``), then ``end_result`` or
+        ``drop_result``; False when the open task's aggregator does not take results piece by piece
+        (the transport then receives the result whole and calls ``submit``); True when the site sent
+        an answer again that was already taken (acknowledge it). Raises as ``submit`` does for what
+        the header alone shows (a stale task, bad metrics, a bad weight), before any byte is read.
+        ``cancel``: stops the upload (the round closed first)."""
+        reg = self.registry
+        with reg.cond:
+            admitted = self._admit_locked(session_id, result.task_id)
+            if admitted is None:
+                return True
+            state, open_task, task = admitted
+            if open_task.prepare != self._fold_in or self._aggregator is None:
+                return False
+            aggregator, expected = self._aggregator, self.global_params
+            site = state.name
+            try:
+                answer = self._answer(site, open_task, task, result, True)
+                weight = weight_of(site, answer.meta) * self.config.aggregation_weights.get(site, 1.0)
+            except ValidationError as exc:
+                failure: BaseException | None = exc
+            else:
+                failure = None
+                contribution = aggregator.contribution(site, weight, answer.params_type, cancel)
+                if contribution is None:
+                    return False
+                self._streaming[site] = task.task_id
+        if failure is not None:
+            self._refuse(state, failure, accepting=False)
+            raise failure
+        return StreamedResult(site, state, open_task, task, answer, contribution, expected)
+
+    def end_result(self, streamed: StreamedResult) -> None:
+        """Every piece of ``streamed`` is in: it counts. Raises JobEndedError after the job, and
+        RoundClosed (flkit.strategy.base) when the round no longer takes it; the caller then takes
+        its pieces back out (``Contribution.unfold``) and calls ``drop_result``."""
+        reg = self.registry
+        with reg.cond:
+            ended = reg.end or self._ending
+            if ended is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
+            state, task = streamed.state, streamed.task
+            if self._open is not streamed.open_task or state.task is not task or state.task_outcome is not None:
+                why = state.task_outcome if state.task is task and state.task_outcome else "the task closed"
+                raise RoundClosed(f"site {streamed.site}: result for task {task.task_id} came too late ({why})")
+            streamed.contribution.commit()
+            self._streaming.pop(streamed.site, None)
+            self._accept_locked(state, streamed.open_task, task, streamed.answer)
+            reg.cond.notify_all()
+        self._emit_result(streamed.site, task, streamed.answer)
+
+    def drop_result(self, streamed: StreamedResult, problem: BaseException | None, taken_back: bool = True) -> None:
+        """``streamed`` does not count. ``problem``: a ValidationError of the site's params fails the
+        site's task, as in ``submit``; anything else (the upload broke off, the round closed) leaves
+        the site free to send again. ``taken_back`` False: its folded pieces could not be taken back
+        out, so the round's aggregate cannot be trusted (the round fails, the global model is kept)."""
+        with self.registry.cond:
+            if self._streaming.get(streamed.site) == streamed.task.task_id:
+                del self._streaming[streamed.site]
+            if not taken_back and self._open is streamed.open_task:
+                self._poisoned = f"taking the partial result of site {streamed.site} back out failed ({problem})"
+            self.registry.cond.notify_all()
+        if isinstance(problem, ValidationError):
+            self._refuse(streamed.state, problem, accepting=False)
 
     # -- state --------------------------------------------------------------
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from flkit.errors import ConfigError, ValidationError
 from flkit.messages import ErrorCode, JoinReply, Result, ServiceError, SubmitReply, TaskOrEnd
 from flkit.report.tracking import TrackingHub
 from flkit.server.config import check_site_name
-from flkit.server.controller import Controller, JobEndedError
+from flkit.server.controller import Controller, JobEndedError, StreamedResult
 from flkit.server.sites import SiteRegistry
+from flkit.server.streamed_upload import UploadRefused
 from flkit.server.validation import (
     MAX_TOKEN_CHARS,
     check_job_id,
@@ -30,6 +32,7 @@ from flkit.server.validation import (
     is_id,
     short_reason,
 )
+from flkit.strategy.base import RoundClosed
 from flkit.wire.tracking_records import check_records
 
 log = logging.getLogger("flkit.server")
@@ -124,6 +127,43 @@ class JobService:
         except ValidationError as exc:
             return SubmitReply(accepted=False, error=str(exc))
         return SubmitReply(accepted=True)
+
+    def begin_streamed(self, session_id: str, result: Result,
+                       cancel: Callable[[], None] | None = None) -> StreamedResult | SubmitReply | None:
+        """Open a result to be folded in while its params arrive (``result`` without params):
+        a StreamedResult to feed; a SubmitReply when it is answered already (acknowledged as sent
+        before, or refused on what its header says); None when the round's aggregator takes whole
+        results only (receive it whole and ``submit`` it)."""
+        checked_session(session_id)
+        try:
+            self.check_result_header(result.task_id, result.params_type)
+            opened = self.controller.begin_result(session_id, result, cancel)
+        except JobEndedError as exc:
+            return SubmitReply(accepted=False, error=str(exc), job_ended=True)
+        except (ValidationError, RoundClosed) as exc:
+            return SubmitReply(accepted=False, error=str(exc))
+        if opened is True:
+            return SubmitReply(accepted=True)
+        if opened is False:
+            return None
+        return opened
+
+    def end_streamed(self, streamed: StreamedResult) -> None:
+        """Every byte of ``streamed`` is in: it counts (Controller.end_result; raises as it does)."""
+        self.controller.end_result(streamed)
+
+    def drop_streamed(self, streamed: StreamedResult, problem: BaseException, taken_back: bool) -> SubmitReply:
+        """``streamed`` does not count (Controller.drop_result): ``problem`` stopped it after its pieces
+        were taken back out (``taken_back``; False: that failed too). The reply for the site: a
+        ValidationError is the site's result being wrong (its task fails), anything known is a
+        refusal it may retry, anything else is the server's own failure (logged with its traceback)."""
+        known = (ValidationError, UploadRefused, RoundClosed, JobEndedError, ServiceError)
+        if not isinstance(problem, known):
+            log.error("site %s: the server could not fold its result in", streamed.site, exc_info=problem)
+        self.controller.drop_result(streamed, problem, taken_back)
+        if isinstance(problem, JobEndedError):
+            return SubmitReply(accepted=False, error=str(problem), job_ended=True)
+        return SubmitReply(accepted=False, error=short_reason(str(problem) or type(problem).__name__))
 
     @staticmethod
     def check_result_header(task_id: str, params_type: str) -> None:

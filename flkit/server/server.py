@@ -187,7 +187,8 @@ class FLServer:
             if self.shm is not None:
                 self.service.offers.update(self.shm.offers)
                 self.controller.keep_models_in(self.shm.folder)  # sites on this host map them by name
-        self._servicer = FLKitService(self.service, self.shm, stall_s=self.upload_stall_s)
+        self._servicer = FLKitService(self.service, self.shm, stall_s=self.upload_stall_s,
+                                     journal_dir=self.persistor.directory / ".uploads")
         add_to_server(self._servicer, self._grpc)
         try:
             if self.kit is not None:

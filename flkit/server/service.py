@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -33,11 +35,19 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from flkit.errors import ValidationError
-from flkit.messages import ErrorCode, JobEnd, Result, ServiceError
-from flkit.server.job_service import JobService
+from flkit.messages import ErrorCode, JobEnd, Result, ServiceError, SubmitReply
+from flkit.server.job_service import JobService, StreamedResult
 from flkit.server.peer import ADMIN, current_peer
 from flkit.server.shm_exchange import ShmExchange
 from flkit.server.stall_watch import StallWatch
+from flkit.server.streamed_upload import (
+    DiskJournal,
+    FileSource,
+    Journal,
+    StreamedUpload,
+    UploadRefused,
+    Windows,
+)
 from flkit.wire import flkit_pb2 as pb
 from flkit.wire import flkit_pb2_grpc as pb_grpc
 from flkit.wire.codec import Params, json_to_dict
@@ -86,6 +96,10 @@ def _short(text: str) -> str:
     return text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters)"
 
 
+def _no_shm() -> Params:
+    raise ValidationError("this server offers no shared-memory folder")
+
+
 class _Aborted(Exception):
     """The call was answered with a refusal (``context.abort``): not for the last-resort guard."""
 
@@ -95,8 +109,8 @@ def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     try:
         context.abort(STATUS.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), _short(str(exc)))
     except Exception:  # context.abort raises (a bare Exception) once the status is set
-        raise _Aborted() from None
-    raise _Aborted()
+        raise _Aborted(exc) from None
+    raise _Aborted(exc)
 
 
 def _refused(error: str, job_ended: bool = False) -> pb.SubmitReply:
@@ -217,12 +231,18 @@ def add_to_server(servicer: FLKitService, server: grpc.Server) -> None:
 
 
 class FLKitService(pb_grpc.FLKitServicer):
-    def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 300.0) -> None:
+    def __init__(self, service: JobService, shm: ShmExchange | None = None, stall_s: float = 300.0,
+                 journal_dir: Path | None = None) -> None:
         self.service = service
+        # Where streamed uploads journal what they fold (unlinked files): the server's workspace.
+        self.journal_dir = journal_dir or Path(tempfile.gettempdir())
         self.shm = shm  # params by file for sites on this host (they ask with params_by_file)
         self.result_buffers = result_buffers(service.controller.model_bytes)
         self._buffers = threading.BoundedSemaphore(self.result_buffers)
         self._received = ReceiveBuffers(keep=self.result_buffers)
+        # Results folded in while they arrive need a window buffer each, whatever the model's size.
+        self._streams = threading.BoundedSemaphore(RESULT_BUFFERS)
+        self._windows = Windows(keep=RESULT_BUFFERS)
         self.guard = _Guard()
         # Uploads that stop sending bytes give their receive buffer back after this long.
         self.stalls = StallWatch(stall_s)
@@ -313,6 +333,13 @@ class FLKitService(pb_grpc.FLKitServicer):
                 return _refused(f"site {site} is already sending a result; one at a time")
             self._uploading[header.session_id] = id(context)
         try:
+            streamed = self.service.begin_streamed(header.session_id, self._result(header, metrics, meta),
+                                                   context.cancel)
+            if isinstance(streamed, SubmitReply):
+                return self._reply(streamed)
+            if streamed is not None:
+                with self._streams:  # a window buffer each
+                    return self._submit_streamed(header, streamed, request_iterator, context)
             with self._buffers:  # a bounded number of model-sized buffers, whatever the number of sites
                 buffer = self._received.take(header.payload_size)
                 key = id(context)
@@ -325,22 +352,32 @@ class FLKitService(pb_grpc.FLKitServicer):
         finally:
             self._end_upload(header.session_id, context)
 
-    def _submit(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
-                request_iterator: Iterator[bytes], buffer: bytearray | None,
-                context: grpc.ServicerContext) -> pb.SubmitReply:
-        if buffer is None:
-            buffer = bytearray()
-        view = np.frombuffer(buffer, dtype=np.uint8)
-        received = 0
+    @staticmethod
+    def _result(header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any]) -> Result:
+        """The result the header describes, without its params (for ``begin_streamed``)."""
+        return Result(task_id=header.task_id, params_type=header.params_type, params=None, metrics=metrics,
+                      meta=meta)
+
+    @staticmethod
+    def _reply(reply: SubmitReply) -> pb.SubmitReply:
+        if reply.accepted:
+            return pb.SubmitReply(accepted=True, job_ended=reply.job_ended)
+        return _refused(reply.error, reply.job_ended)
+
+    def _payloads(self, header: pb.ResultHeader, request_iterator: Iterator[bytes],
+                  context: grpc.ServicerContext) -> Iterator[memoryview]:
+        """The payload bytes of a result stream, message by message. Raises UploadRefused when the
+        stream breaks off (cancelled: it stalled, or the site went away) or is not made of payload
+        messages; every ALIVE_EVERY_CHUNKS messages the site counts as seen."""
         frames = iter(request_iterator)
         chunks = 0
         while True:
             try:
                 frame = next(frames)
             except StopIteration:
-                break
+                return
             except grpc.RpcError:  # cancelled: it stalled (StallWatch), or the site went away
-                return _refused(f"result upload ended after {received} of {header.payload_size} bytes")
+                raise UploadRefused("result upload ended before all its bytes came") from None
             chunks += 1
             self.stalls.progress(id(context))
             if chunks % ALIVE_EVERY_CHUNKS == 0:  # bytes arriving: the site is alive, whatever its heartbeat
@@ -349,22 +386,94 @@ class FLKitService(pb_grpc.FLKitServicer):
                 except ServiceError as exc:  # the site failed or re-joined meanwhile
                     _abort(context, exc)
             if not is_payload(frame):
-                return _refused("result stream: a message after the header is not a payload message")
+                raise UploadRefused("result stream: a message after the header is not a payload message")
             try:
-                payload = payload_of(frame)
+                yield payload_of(frame)
             except ValidationError as exc:
-                return _refused(str(exc))
-            size = len(payload)
-            if received + size > header.payload_size:
-                return _refused(f"result payload longer than its header says ({header.payload_size} bytes)")
-            copy_into(view, received, payload)
-            received += size
+                raise UploadRefused(str(exc)) from None
+
+    def _submit(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
+                request_iterator: Iterator[bytes], buffer: bytearray | None,
+                context: grpc.ServicerContext) -> pb.SubmitReply:
+        if buffer is None:
+            buffer = bytearray()
+        view = np.frombuffer(buffer, dtype=np.uint8)
+        received = 0
+        try:
+            for payload in self._payloads(header, request_iterator, context):
+                size = len(payload)
+                if received + size > header.payload_size:
+                    return _refused(f"result payload longer than its header says ({header.payload_size} bytes)")
+                copy_into(view, received, payload)
+                received += size
+        except UploadRefused as exc:
+            if str(exc).startswith("result upload ended"):
+                return _refused(f"result upload ended after {received} of {header.payload_size} bytes")
+            return _refused(str(exc))
         self._received_all(header.session_id, context)
         if received != header.payload_size:
             return _refused(f"result payload truncated: got {received} of {header.payload_size} bytes")
         del view
         return self._hand_over(header, metrics, meta, lambda: parse(buffer) if header.payload_size else None,
                                context)
+
+    def _submit_streamed(self, header: pb.ResultHeader, streamed: StreamedResult, request_iterator: Iterator[bytes],
+                         context: grpc.ServicerContext) -> pb.SubmitReply:
+        """Fold the result in while its bytes arrive (flkit.server.streamed_upload), journaled to disk."""
+        key = id(context)
+        self.stalls.begin(key, f"result upload of site {streamed.site}", context.cancel)
+        window = self._windows.take()
+        try:
+            journal = DiskJournal(self.journal_dir)
+        except OSError as exc:
+            self.stalls.end(key)
+            self._windows.give_back(window)
+            log.error("cannot journal the result of site %s in %s (%s); it is refused, the site may send it again",
+                      streamed.site, self.journal_dir, exc)
+            return self._reply(self.service.drop_streamed(streamed, exc, taken_back=True))
+        upload = StreamedUpload(streamed.site, streamed.expected, streamed.contribution, header.payload_size,
+                                window, journal)
+        try:
+            return self._fold_streamed(upload, streamed, lambda: self._feed(upload, header, request_iterator,
+                                                                            context))
+        finally:
+            self.stalls.end(key)
+            journal.close()
+            self._windows.give_back(window)
+
+    def _feed(self, upload: StreamedUpload, header: pb.ResultHeader, request_iterator: Iterator[bytes],
+              context: grpc.ServicerContext) -> None:
+        try:
+            for payload in self._payloads(header, request_iterator, context):
+                upload.feed(payload)
+        except UploadRefused as exc:
+            raise UploadRefused(f"{exc} (got {upload.received} of {header.payload_size} bytes)") from None
+        self.stalls.end(id(context))  # every byte is in: folding the last window is the server's time
+        upload.end()
+
+    def _fold_streamed(self, upload: StreamedUpload, streamed: StreamedResult,
+                       read: Callable[[], None]) -> pb.SubmitReply:
+        """Run ``read`` (which feeds ``upload``), then count the result; on any failure take back
+        what was folded and tell the site why (its fault or not: JobService.drop_streamed)."""
+        try:
+            read()
+            self.service.end_streamed(streamed)
+            return pb.SubmitReply(accepted=True)
+        except BaseException as exc:  # noqa: BLE001 - whatever stopped it, the folded pieces come back out
+            taken_back = True
+            try:
+                upload.take_back()
+            except BaseException as undo:  # noqa: BLE001
+                log.error("site %s: taking its partial result back out failed (%s: %s)", streamed.site,
+                          type(undo).__name__, undo)
+                taken_back = False
+            streamed.contribution.discard()
+            # (a refusal already answered: the ServiceError it answered with is the problem)
+            problem = exc.args[0] if isinstance(exc, _Aborted) and exc.args else exc
+            reply = self.service.drop_streamed(streamed, problem, taken_back)
+            if isinstance(exc, _Aborted) or not isinstance(exc, Exception):
+                raise
+            return self._reply(reply)
 
     def _received_all(self, session_id: str, context: grpc.ServicerContext) -> None:
         """Every byte of an upload is in: parsing and folding it are the server's time, not a stall,
@@ -379,14 +488,38 @@ class FLKitService(pb_grpc.FLKitServicer):
 
     def _submit_file(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
                      context: grpc.ServicerContext) -> pb.SubmitReply:
-        """A result whose params a site on this host wrote to the shared-memory folder."""
+        """A result whose params a site on this host wrote to the shared-memory folder: folded in
+        window by window if the round's aggregator takes pieces (the file is read, never mapped, and
+        is its own journal), else mapped and handed over whole."""
+        if self.shm is None:
+            return self._hand_over(header, metrics, meta, _no_shm, context)
+        streamed = self.service.begin_streamed(header.session_id, self._result(header, metrics, meta))
+        if isinstance(streamed, SubmitReply):
+            return self._reply(streamed)
+        if streamed is None:
+            shm = self.shm
+            return self._hand_over(header, metrics, meta, lambda: shm.take_result(
+                header.session_id, header.task_id, header.params_file, header.payload_size), context)
+        with self._streams:
+            window = self._windows.take()
+            source: FileSource | None = None
+            try:
+                def read() -> None:
+                    nonlocal source
+                    assert self.shm is not None
+                    path = self.shm.result_path(header.session_id, header.task_id, header.params_file)
+                    source = FileSource(path, header.payload_size)
+                    upload.journal = source
+                    upload.read_file(source)
+                    upload.end()
 
-        def read() -> Params:
-            if self.shm is None:
-                raise ValidationError("this server offers no shared-memory folder")
-            return self.shm.take_result(header.session_id, header.task_id, header.params_file, header.payload_size)
-
-        return self._hand_over(header, metrics, meta, read, context)
+                upload = StreamedUpload(streamed.site, streamed.expected, streamed.contribution,
+                                        header.payload_size, window, Journal())
+                return self._fold_streamed(upload, streamed, read)
+            finally:
+                if source is not None:
+                    source.close()
+                self._windows.give_back(window)
 
     def _hand_over(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
                    read_params: Callable[[], Params | None], context: grpc.ServicerContext) -> pb.SubmitReply:

@@ -222,9 +222,14 @@ class ShmExchange:
     def take_result(self, session_id: str, task_id: str, name: str, size: int) -> Params:
         """A site's result file, mapped copy-on-write (no copy). The file stays the site's: it writes
         its next result over it once the server has answered (the mapping is not used after that)."""
+        return shm_files.map_params_file(self.result_path(session_id, task_id, name), size)
+
+    def result_path(self, session_id: str, task_id: str, name: str) -> Path:
+        """Where the site of ``session_id`` wrote its result for ``task_id`` (ValidationError if
+        ``name`` is not that file's name)."""
         if name != shm_files.result_file_name(session_id, task_id):
             raise ValidationError(f"result file {name[:80]!r} is not this session's file for task {task_id}")
-        return shm_files.map_params_file(self.folder / shm_files.check_name(name), size)
+        return self.folder / shm_files.check_name(name)
 
     def close(self) -> None:
         """Remove the folder and every file in it."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,10 +66,10 @@ def _names(names: list[str]) -> str:
     return f"[{shown}{f' and {len(names) - 5} more' if len(names) > 5 else ''}]"
 
 
-def check_params(site: str, params: Params, expected: Params) -> None:
-    """Same keys, shapes and dtypes as ``expected``, and only finite values."""
-    missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
+def check_layout(site: str, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], expected: Params) -> None:
+    """``layout`` (name -> (shape, dtype)) has the keys, shapes and dtypes of ``expected``."""
+    missing = sorted(set(expected) - set(layout))
+    extra = sorted(set(layout) - set(expected))
     if missing or extra:
         parts = []
         if missing:
@@ -78,13 +78,16 @@ def check_params(site: str, params: Params, expected: Params) -> None:
             parts.append(f"unexpected {_names(extra)}")
         raise ValidationError(f"site {site}: result keys do not match the global model: {'; '.join(parts)}")
     for name, ref in expected.items():
-        got = params[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise ValidationError(
-                f"site {site}: tensor '{name}' has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-            )
-        if got.dtype != ref.dtype:
-            raise ValidationError(f"site {site}: tensor '{name}' has dtype {got.dtype}, expected {ref.dtype}")
+        shape, dtype = layout[name]
+        if tuple(shape) != tuple(ref.shape):
+            raise ValidationError(f"site {site}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+        if dtype != ref.dtype:
+            raise ValidationError(f"site {site}: tensor '{name}' has dtype {dtype}, expected {ref.dtype}")
+
+
+def check_params(site: str, params: Params, expected: Params) -> None:
+    """Same keys, shapes and dtypes as ``expected``, and only finite values."""
+    check_layout(site, {name: (tuple(t.shape), t.dtype) for name, t in params.items()}, expected)
     names = list(expected)
     bad_index = first_non_finite([params[name] for name in names])
     if bad_index is not None:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from flkit.errors import FLKitError
+
 if TYPE_CHECKING:  # importing flkit.strategy costs no torch: a strategy file only needs the ABCs
+    import torch
+
     from flkit.model import ParamsType
     from flkit.wire.codec import Params
 
@@ -41,30 +45,74 @@ class SiteResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class Contribution(ABC):
+    """One result folded in piece by piece while its bytes arrive (``Aggregator.contribution``).
+
+    Why: a whole-result receive buffer is one model size on the server per upload; folding each
+    piece as it arrives needs none. The catch is that a result can still turn out bad after part
+    of it is in (a NaN in its last tensor, a site that dies half-way, a round that closes first):
+    so every folded piece can be taken back out (``unfold``) by whoever kept its bytes (the server
+    journals them), and the result counts only once ``commit`` says so.
+    """
+
+    @abstractmethod
+    def fold(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Add ``values`` (flat, the model's dtype) as elements ``start...`` of tensor ``name``.
+        Raises ``RoundClosed`` once the round no longer takes this result (then unfold what was folded)."""
+
+    @abstractmethod
+    def unfold(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Take back a piece ``fold`` added (the same arguments)."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Every piece is in: the result counts. Raises ``RoundClosed`` if the round closed first."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """The result does not count; every piece folded so far has been unfolded."""
+
+
+class RoundClosed(FLKitError):
+    """The round's aggregate no longer takes this result (it closed, or its end was decided)."""
+
+
 class Aggregator(ABC):
     """Turns one round's results into the next global model, streaming.
 
     The Controller calls ``start`` once per round, ``add`` for every accepted result as it
     arrives (possibly from several threads at once; ``result.params`` are only valid during the
     call, so an aggregator keeps what it needs, not the result), and ``finish`` to have the next
-    global model written into buffers it provides. An aggregator that needs every result at once
-    (a median) keeps them, bounded by the round's sites, and says so in its docstring.
+    global model written into the buffers ``start`` was given. An aggregator that needs every
+    result at once (a median) keeps them, bounded by the round's sites, and says so in its docstring.
+    An aggregator that can fold a result while its bytes arrive also offers ``contribution``.
     """
 
     @abstractmethod
-    def start(self, round_num: int, global_params: Params) -> None:
-        """Prepare to aggregate results computed from ``global_params``."""
+    def start(self, round_num: int, global_params: Params, out: Callable[[], Params]) -> None:
+        """Prepare to aggregate results computed from ``global_params``. ``out()``: the buffers
+        ``finish`` writes the next global model into (contiguous CPU tensors with the keys, shapes and
+        dtypes of the global model, contents undefined; the same ones at every call); an aggregator
+        may use them as working memory during the round. Call it as late as possible: the previous
+        model's buffers are free again once the sites have fetched this round's task. Why the caller
+        gives the memory: it knows where sites read the model from (shared memory, a file in
+        /dev/shm), so the aggregate needs no further copy to get there."""
 
     @abstractmethod
     def add(self, result: SiteResult) -> None:
-        """Fold one accepted result into the running aggregate."""
+        """Fold one accepted, checked result into the running aggregate."""
 
     @abstractmethod
-    def finish(self, out: Params) -> None:
-        """Write the new global model into ``out`` (contiguous CPU tensors with the keys, shapes and
-        dtypes of the round's global model; their contents are undefined until written). Why the
-        caller gives the memory: it knows where sites read the model from (shared memory, a file
-        in /dev/shm), so the aggregate needs no further copy to get there."""
+    def finish(self) -> None:
+        """Write the new global model into the buffers ``start``'s ``out()`` gives."""
+
+    def contribution(self, site: str, weight: float, params_type: ParamsType,
+                     cancel: Callable[[], None] | None = None) -> Contribution | None:
+        """A result to fold in piece by piece as its bytes arrive, or None (the default): this
+        aggregator takes whole, checked results through ``add``. ``cancel``: stops the upload
+        feeding it (called if the round closes first). The pieces are checked (layout, finite
+        values) before they are folded; the result as a whole is not, until ``commit``."""
+        return None
 
 
 class Strategy(ABC):
@@ -134,4 +182,4 @@ def mean_metrics(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]
     return {name: sums[name] / counts[name] for name in sums}
 
 
-__all__ = ["Aggregator", "SiteConfig", "SiteResult", "Strategy", "mean_metrics"]
+__all__ = ["Aggregator", "Contribution", "RoundClosed", "SiteConfig", "SiteResult", "Strategy", "mean_metrics"]

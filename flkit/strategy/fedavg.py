@@ -1,21 +1,25 @@
 """FedAvg: every offered site trains, and the results are averaged by weight.
 
 The strategy plans nothing beyond the round's offer (sampling is the job's ``clients_per_round``
-or ``fraction``); the work is in its aggregator, ``WeightedMean``, which streams the results into
-float64 sums and writes the mean once into the buffers the Controller gives it.
+or ``fraction``); the work is in its aggregator: ``WeightedMean``, which folds whole results into
+float64 sums and writes the mean once into the buffers the Controller gives it, or, for models of
+a gigabyte and more, ``StreamedMean`` (flkit.strategy.streamed_mean), which sums in those buffers
+themselves while the results' bytes arrive.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from flkit.errors import FLKitError
 from flkit.model import ParamsType
-from flkit.strategy.base import Aggregator, SiteResult, Strategy
+from flkit.strategy.base import Aggregator, Contribution, SiteResult, Strategy
 from flkit.strategy.registry import register
+from flkit.strategy.streamed_mean import StreamedMean
 from flkit.wire.codec import Params
 
 # Elements folded per step (a 16 MiB float64 staging buffer). Why this large: each step is a few
@@ -74,13 +78,14 @@ class WeightedMean(Aggregator):
 
     Memory: one float64 sum per tensor (two float32 model sizes), reused across rounds, and a
     16 MiB staging buffer; the next global model goes into the buffers the controller gives
-    ``finish``. Results are folded in as they arrive and never kept. DIFF results are summed as differences and the global model is
+    ``start``. Results are folded in as they arrive and never kept. DIFF results are summed as differences and the global model is
     added once, weighted, at the end, so FULL and DIFF sites can be mixed. Integer buffers (e.g.
     BatchNorm's ``num_batches_tracked``) are rounded back to their dtype, bool ones by majority.
     """
 
     def __init__(self) -> None:
         self._global: Params = {}
+        self._out: Callable[[], Params] = dict
         self._sums: dict[str, torch.Tensor] = {}  # flat float64 (complex128) running sums
         self._slices: list[_Slice] = []
         self._cond = threading.Condition()  # everything below, and the folder's hand-over
@@ -92,10 +97,11 @@ class WeightedMean(Aggregator):
         self._folding = False  # a thread is walking the sums
         self._staging: torch.Tensor | None = None  # used by the folder only
 
-    def start(self, round_num: int, global_params: Params) -> None:
+    def start(self, round_num: int, global_params: Params, out: Callable[[], Params]) -> None:
         with self._cond:  # a late fold of the last round cannot land in this one
             self._wait_idle_locked()
             self._global = global_params
+            self._out = out
             self._total_weight = self._diff_weight = 0.0
             self._results = 0
             self._round = round_num
@@ -193,12 +199,13 @@ class WeightedMean(Aggregator):
                 self._folding = False
                 self._cond.notify_all()
 
-    def finish(self, out: Params) -> None:
+    def finish(self) -> None:
         with self._cond:  # no fold is half-way through the sums
             self._wait_idle_locked()
             if not self._results:
                 raise FLKitError(f"round {self._round}: no results to aggregate")
             total, diff_weight = self._total_weight, self._diff_weight
+            out = self._out()  # taken now: the last round's model is likelier to be free by now
             base_flat = {name: base.reshape(-1) for name, base in self._global.items()}
             for piece in self._slices:
                 if diff_weight:
@@ -218,17 +225,63 @@ class WeightedMean(Aggregator):
             flat_out[piece.start:piece.stop].copy_(staged)
 
 
+# Models at least this large (256 MiB) are averaged by StreamedMean unless the job says otherwise: the float64
+# sums and whole-result receive buffers of WeightedMean would put the server at about 5 model sizes.
+STREAMED_FROM_BYTES = 256 << 20
+
+
+class _BySize(Aggregator):
+    """FedAvg's aggregator when the job leaves the choice to the model's size (``streamed=None``):
+    ``WeightedMean`` below STREAMED_FROM_BYTES, ``StreamedMean`` from there on, decided at each
+    round's start (the model's size does not change within a job)."""
+
+    def __init__(self) -> None:
+        self._exact = WeightedMean()
+        self._streamed: StreamedMean | None = None
+        self._chosen: Aggregator = self._exact
+
+    def start(self, round_num: int, global_params: Params, out: Callable[[], Params]) -> None:
+        size = sum(t.numel() * t.element_size() for t in global_params.values())
+        if size >= STREAMED_FROM_BYTES:
+            self._streamed = self._streamed or StreamedMean()
+            self._chosen = self._streamed
+        else:
+            self._chosen = self._exact
+        self._chosen.start(round_num, global_params, out)
+
+    def add(self, result: SiteResult) -> None:
+        self._chosen.add(result)
+
+    def finish(self) -> None:
+        self._chosen.finish()
+
+    def contribution(self, site: str, weight: float, params_type: ParamsType,
+                     cancel: Callable[[], None] | None = None) -> Contribution | None:
+        return self._chosen.contribution(site, weight, params_type, cancel)
+
+
 @register("fedavg")
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al., 2017): each offered site trains from the global model,
     and the next global model is the mean of their results weighted by ``NUM_STEPS_CURRENT_ROUND``
-    (times the job's ``aggregation_weights``). No arguments; no state."""
+    (times the job's ``aggregation_weights``). No state.
 
-    def __init__(self) -> None:
-        self._aggregate = WeightedMean()  # one for the job: its sums are reused round after round
+    ``streamed``: how the mean is summed. False: in float64 from whole, checked results
+    (``WeightedMean``: the same bits whatever order the results arrive in; the server holds about
+    five model sizes). True: in the model's dtype, in the next global model's buffers, each result
+    folded in while its bytes arrive (``StreamedMean``: about two model sizes; equal to the exact
+    mean up to float32 rounding, which depends on the arrival order). None (the default): streamed
+    for models of 256 MiB and more."""
 
-    def aggregator(self, round_num: int) -> WeightedMean:
+    def __init__(self, streamed: bool | None = None) -> None:
+        if streamed is not None and not isinstance(streamed, bool):
+            raise TypeError(f"FedAvg: streamed must be true, false or null, got {streamed!r}")
+        # One aggregator for the job: its buffers are reused round after round.
+        self._aggregate: Aggregator = (_BySize() if streamed is None
+                                       else StreamedMean() if streamed else WeightedMean())
+
+    def aggregator(self, round_num: int) -> Aggregator:
         return self._aggregate
 
 
-__all__ = ["FOLD_CHUNK", "FedAvg", "WeightedMean"]
+__all__ = ["FOLD_CHUNK", "STREAMED_FROM_BYTES", "FedAvg", "StreamedMean", "WeightedMean"]

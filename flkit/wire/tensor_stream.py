@@ -17,6 +17,7 @@ import json
 import mmap
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
@@ -108,53 +109,38 @@ class Encoded:
             yield b"".join([prefix(filled), *pending] if prefix else pending)
 
 
-def _numel(shape: list[int], limit: int) -> int:
-    """The product of ``shape``, or limit + 1 as soon as it exceeds ``limit`` (no huge integers)."""
-    if 0 in shape:
-        return 0
-    count = 1
-    for dim in shape:
-        count *= dim
-        if count > limit:
-            return limit + 1
-    return count
+Span = tuple[int, int, str, torch.dtype, list[int]]  # (begin, end) in the data, name, dtype, shape
 
 
-def parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None = None) -> Params:
-    """Tensors that are views of ``buffer`` (a writable bytearray: the caller gives up its use).
+def read_spans(header_json: bytes, data_len: int) -> list[Span]:
+    """The tensors a safetensors header describes, ordered by where their bytes lie in the data
+    (the ``data_len`` bytes after the header), checked to tile the data exactly. Raises
+    ValidationError (a message quoting at most a short prefix of the sender's names)."""
+    return _checked(lambda: _read_spans(header_json, data_len))
 
-    Raises ValidationError for anything that is not well-formed safetensors; never executes or
-    unpickles anything, and costs time in proportion to the header (no huge shapes, no deep JSON).
-    """
+
+_T = TypeVar("_T")
+
+
+def _checked(read: Callable[[], _T]) -> _T:
+    """``read()``, with whatever hostile bytes make the parsing code raise turned into a ValidationError."""
     try:
-        return _parse(buffer, expected_size)
+        return read()
     except ValidationError:
         raise
     except (RecursionError, TypeError, OverflowError, ValueError, RuntimeError) as exc:
         raise ValidationError(f"malformed params payload: {type(exc).__name__}: {exc}") from None
 
 
-def _parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None) -> Params:
-    view = memoryview(buffer)
-    total = len(view)
-    if expected_size is not None and total != expected_size:
-        raise ValidationError(f"params payload has {total} bytes, expected {expected_size}")
-    if total < 8:
-        raise ValidationError("malformed params payload: shorter than its 8-byte header length")
-    (header_len,) = struct.unpack_from("<Q", view, 0)
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > total:
-        raise ValidationError(f"malformed params payload: header length {header_len} does not fit "
-                              f"in {total} bytes")
+def _read_spans(header_json: bytes, data_len: int) -> list[Span]:
     try:
-        header = json.loads(bytes(view[8:8 + header_len]))
+        header = json.loads(header_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationError(f"malformed params payload: header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ValidationError("malformed params payload: header is not a JSON object")
     header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    data_len = total - data_start
-    spans = []
+    spans: list[Span] = []
     for name, entry in header.items():
         # Names and dtypes are the other side's text: messages quote a short prefix of them.
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -187,6 +173,43 @@ def _parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None
         at = end
     if at != data_len:
         raise ValidationError(f"malformed params payload: tensors cover {at} of {data_len} data bytes")
+    return spans
+
+
+def _numel(shape: list[int], limit: int) -> int:
+    """The product of ``shape``, or limit + 1 as soon as it exceeds ``limit`` (no huge integers)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > limit:
+            return limit + 1
+    return count
+
+
+def parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None = None) -> Params:
+    """Tensors that are views of ``buffer`` (a writable bytearray: the caller gives up its use).
+
+    Raises ValidationError for anything that is not well-formed safetensors; never executes or
+    unpickles anything, and costs time in proportion to the header (no huge shapes, no deep JSON).
+    """
+    return _checked(lambda: _parse(buffer, expected_size))
+
+
+def _parse(buffer: bytearray | memoryview | mmap.mmap, expected_size: int | None) -> Params:
+    view = memoryview(buffer)
+    total = len(view)
+    if expected_size is not None and total != expected_size:
+        raise ValidationError(f"params payload has {total} bytes, expected {expected_size}")
+    if total < 8:
+        raise ValidationError("malformed params payload: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack_from("<Q", view, 0)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > total:
+        raise ValidationError(f"malformed params payload: header length {header_len} does not fit "
+                              f"in {total} bytes")
+    spans = read_spans(bytes(view[8:8 + header_len]), total - 8 - header_len)
+    data_start = 8 + header_len
     out: Params = {}
     for begin, end, name, dtype, shape in spans:
         if end == begin:

@@ -1,0 +1,251 @@
+"""Results folded in while their bytes arrive (``FedAvg(streamed=True)``): the mean over every
+transport, and each way a result can fail half-way (a NaN in its last window, an upload that
+breaks off, a round that closes first), after which the aggregate is as if it never came.
+
+Values are small integers, so every float32 sum is exact and "as if it never came" is checked
+bit for bit."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from flkit.errors import FLKitError
+from flkit.model import FLModel, ParamsType
+from flkit.server import streamed_upload
+from flkit.server.persistor import load_params
+from flkit.server.streamed_upload import DiskJournal, StreamedUpload, Windows
+from flkit.strategy.fedavg import FedAvg, StreamedMean
+from flkit.wire import flkit_pb2 as pb
+from flkit.wire.frames import payload_prefix
+from flkit.wire.grpc_options import SERVICE_NAME
+from flkit.wire.tensor_stream import Encoded
+
+from conftest import ServerHarness
+
+WINDOW = 8192  # bytes: the 200 KB model below crosses about 25 windows
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    return {"a": torch.zeros(50_000), "b": torch.zeros(3, 7), "h": torch.zeros(10, dtype=torch.float16),
+            "n": torch.tensor(0)}
+
+
+def _params(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a": torch.randint(-50, 50, (50_000,), generator=gen).float(),
+            "b": torch.randint(-50, 50, (3, 7), generator=gen).float(),
+            "h": torch.randint(-8, 8, (10,), generator=gen).half(), "n": torch.tensor(seed)}
+
+
+def _mean(results: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """The exact weighted mean, rounded once to each tensor's dtype (integers: to the nearest)."""
+    total = sum(w for _, w in results)
+    out = {}
+    for name, like in _initial().items():
+        value = sum(p[name].double() * w for p, w in results) / total
+        out[name] = value.round().to(like.dtype) if not like.is_floating_point() else value.to(like.dtype)
+    return out
+
+
+@pytest.fixture
+def small_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Windows of WINDOW bytes; returns a list that grows by one per window folded."""
+    monkeypatch.setattr(streamed_upload, "WINDOW_BYTES", WINDOW)
+    flushed: list[int] = []
+    real = StreamedUpload._flush
+
+    def counting(self: StreamedUpload) -> None:
+        flushed.append(self._filled)
+        real(self)
+
+    monkeypatch.setattr(StreamedUpload, "_flush", counting)
+    return flushed
+
+
+def _run_sites(harness: ServerHarness, server, sends: dict[str, tuple[dict[str, torch.Tensor], int]],
+               sessions: dict | None = None) -> dict:
+    """Each site receives its task and sends its params with its weight, in its own thread
+    (``sessions``: sessions already open, by site)."""
+    errors: dict[str, BaseException] = {}
+    sessions = sessions or {}
+
+    def site(name: str) -> None:
+        try:
+            session = sessions.get(name) or harness.session(server, name)
+            session.receive(timeout=30)
+            params, weight = sends[name]
+            session.send(FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": weight}))
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors[name] = exc
+
+    threads = [threading.Thread(target=site, args=(name,)) for name in sends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
+def _assert_global(server, expected: dict[str, torch.Tensor]) -> None:
+    saved = load_params(server.persistor.global_model_path)
+    for name, want in expected.items():
+        assert saved[name].dtype == want.dtype, name
+        assert torch.equal(saved[name], want), name
+
+
+@pytest.mark.parametrize("transport", ["memory", "grpc", "shm"])
+def test_streamed_mean_over_each_transport(tmp_path, small_windows, transport):
+    """grpc and shm results are folded window by window (no whole-result buffer); memory results whole."""
+    harness = ServerHarness(tmp_path, transport=transport)
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
+        assert _run_sites(harness, server, sends) == {}
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        _assert_global(server, _mean(list(sends.values())))
+        if transport == "memory":
+            assert not small_windows
+        else:
+            assert len(small_windows) >= 2 * 25  # about 25 windows per result
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_nan_in_the_last_window_is_taken_back_out_and_the_site_fails(tmp_path, small_windows, transport):
+    harness = ServerHarness(tmp_path, transport=transport)
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2", "site-3"], num_rounds=1, min_clients=2,
+                               strategy=FedAvg(streamed=True))
+        bad = _params(3)
+        bad["a"][-1] = float("nan")  # its last window: every earlier window was folded in already
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 2), "site-3": (bad, 5)}
+        errors = _run_sites(harness, server, sends)
+        assert set(errors) == {"site-3"}
+        assert "non-finite" in str(errors["site-3"])
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        assert "non-finite" in server.controller.history[0].failed["site-3"]
+        _assert_global(server, _mean([sends["site-1"], sends["site-2"]]))
+    finally:
+        harness.close()
+
+
+def _raw_submit(session):
+    """SubmitResult taking serialised messages (as a site's transport sends them), on the session's channel."""
+    return session.transport._channel.stream_unary(f"/{SERVICE_NAME}/SubmitResult", request_serializer=None,
+                                                   response_deserializer=pb.SubmitReply.FromString)
+
+
+def _frames(session, task_id: str, params: dict[str, torch.Tensor], weight: int) -> tuple[bytes, list[bytes]]:
+    """A result's header message and its payload messages (as a site's transport sends them)."""
+    encoded = Encoded(params)
+    header = pb.ResultChunk(header=pb.ResultHeader(
+        session_id=session._session_id, task_id=task_id, params_type=ParamsType.FULL.value,
+        payload_size=encoded.size, meta_json=f'{{"NUM_STEPS_CURRENT_ROUND": {weight}}}')).SerializeToString()
+    return header, list(encoded.chunks(4096, payload_prefix))
+
+
+def test_an_upload_that_breaks_off_is_taken_back_out_and_may_be_sent_again(tmp_path, small_windows):
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
+        s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+        s1.connect(), s2.connect()
+        s1.receive(timeout=30)
+        s2.receive(timeout=30)
+        header, payload = _frames(s1, s1.state.task.task_id, _params(7), 4)  # this first send dies half-way
+        reply = _raw_submit(s1)(iter([header, *payload[:len(payload) // 2]]), timeout=30)
+        assert not reply.accepted and "truncated" in reply.error, reply
+        assert len(small_windows) >= 10  # half of it had been folded in before it broke off
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
+        s1.send(FLModel(params=sends["site-1"][0], meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+        s2.send(FLModel(params=sends["site-2"][0], meta={"NUM_STEPS_CURRENT_ROUND": 3}))
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        _assert_global(server, _mean(list(sends.values())))
+    finally:
+        harness.close()
+
+
+def test_a_round_that_closes_mid_upload_cancels_it_and_takes_it_back_out(tmp_path, small_windows):
+    """Site-3's upload stops half-way; the round times out with the two others (min_clients=2),
+    cancels the upload and takes its folded half back out before making the global model."""
+    harness = ServerHarness(tmp_path, transport="grpc")
+    release = threading.Event()
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2", "site-3"], num_rounds=1, min_clients=2,
+                               round_timeout_s=3, strategy=FedAvg(streamed=True))
+        sessions = {name: harness.session(server, name) for name in ("site-1", "site-2", "site-3")}
+        for session in sessions.values():
+            session.connect()
+        s3 = sessions["site-3"]
+        s3.receive(timeout=30)
+        header, payload = _frames(s3, s3.state.task.task_id, _params(9), 6)
+
+        def stalled():
+            yield header
+            yield from payload[:len(payload) // 2]
+            release.wait(60)  # the rest never comes while the round is open
+
+        failures: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                _raw_submit(s3)(stalled(), timeout=60)
+            except grpc.RpcError as exc:
+                failures.append(exc)
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 2)}
+        assert _run_sites(harness, server, sends, sessions) == {}
+        outcome = server.wait(60)
+        release.set()
+        uploader.join(30)
+        assert outcome is not None and not outcome.failed, outcome
+        assert "round_timeout_s" in server.controller.history[0].failed["site-3"]
+        assert failures and failures[0].code() == grpc.StatusCode.CANCELLED
+        _assert_global(server, _mean(list(sends.values())))
+    finally:
+        release.set()
+        harness.close()
+
+
+def test_the_journal_reads_back_what_was_written(tmp_path):
+    """Full windows go to disk with O_DIRECT where the file system takes it; the last is padded."""
+    windows = Windows(keep=1)
+    window = windows.take()
+    journal = DiskJournal(tmp_path)
+    try:
+        written = []
+        for size in (streamed_upload.WINDOW_BYTES, streamed_upload.WINDOW_BYTES, 12345):
+            data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+            window[:size] = data
+            journal.append(window, size)
+            written.append(data)
+        assert list(tmp_path.iterdir()) == []  # unlinked: nothing outlives the upload
+        at = 0
+        for data in written:
+            journal.read_into(window, at, len(data))
+            assert window[:len(data)] == data
+            at += len(data)
+    finally:
+        journal.close()
+
+
+def test_a_piece_of_an_unknown_tensor_or_outside_the_model_is_refused():
+    mean = StreamedMean()
+    out = {name: torch.empty_like(t) for name, t in _initial().items()}
+    mean.start(0, _initial(), lambda: out)
+    piece = mean.contribution("s", 1.0, ParamsType.FULL)
+    with pytest.raises(FLKitError, match="outside the model"):
+        piece.fold("a", 49_999, torch.ones(2))
+    with pytest.raises(FLKitError, match="outside the model"):
+        piece.fold("nope", 0, torch.ones(1))
+    piece.discard()
