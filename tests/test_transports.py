@@ -208,7 +208,7 @@ def test_aggregation_gives_the_same_bits_in_any_arrival_order():
     strategy = WeightedMean()
     for order in itertools.permutations(results):
         out = {name: torch.empty_like(t) for name, t in base.items()}
-        strategy.start(0, base, lambda: out)
+        strategy.start(0, base, lambda out=out: out)
         for result in order:
             strategy.add(result)
         strategy.finish()
