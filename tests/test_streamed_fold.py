@@ -243,9 +243,115 @@ def test_a_piece_of_an_unknown_tensor_or_outside_the_model_is_refused():
     mean = StreamedMean()
     out = {name: torch.empty_like(t) for name, t in _initial().items()}
     mean.start(0, _initial(), lambda: out)
-    piece = mean.contribution("s", 1.0, ParamsType.FULL)
+    piece = mean.contribution(0, "s", 1.0, ParamsType.FULL)
     with pytest.raises(FLKitError, match="outside the model"):
         piece.fold("a", 49_999, torch.ones(2))
     with pytest.raises(FLKitError, match="outside the model"):
         piece.fold("nope", 0, torch.ones(1))
     piece.discard()
+
+
+def test_a_result_that_cannot_be_taken_back_out_fails_the_round_and_keeps_the_model(tmp_path, small_windows,
+                                                                                       monkeypatch):
+    """If the journal cannot be read back, the round's sums hold part of a refused result: the round
+    fails with the reason, and the global model stays the one before it."""
+
+    def unreadable(self, window, offset, size):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(DiskJournal, "read_into", unreadable)
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, min_clients=1,
+                               strategy=FedAvg(streamed=True))
+        bad = _params(3)
+        bad["a"][-1] = float("nan")
+        errors = _run_sites(harness, server, {"site-1": (_params(1), 1), "site-2": (bad, 2)})
+        assert "site-2" in errors
+        outcome = server.wait(30)
+        assert outcome is not None and outcome.failed
+        assert "part of the refused result of site site-2 could not be taken back out" in outcome.reason
+        assert "the global model of round -1 is kept" in outcome.reason
+        assert all(torch.equal(server.controller.global_params[k], v) for k, v in _initial().items())
+    finally:
+        harness.close()
+
+
+def test_a_round_closing_on_a_result_that_cannot_be_taken_back_out_keeps_the_model(tmp_path, small_windows,
+                                                                                  monkeypatch):
+    """The same when the round's close cancels the upload (``finish`` waits for it to go): the
+    round fails instead of making a global model that holds part of it."""
+
+    def unreadable(self, window, offset, size):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(DiskJournal, "read_into", unreadable)
+    harness = ServerHarness(tmp_path, transport="grpc")
+    release = threading.Event()
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, min_clients=1, round_timeout_s=3,
+                               strategy=FedAvg(streamed=True))
+        sessions = {name: harness.session(server, name) for name in ("site-1", "site-2")}
+        for session in sessions.values():
+            session.connect()
+        s2 = sessions["site-2"]
+        s2.receive(timeout=30)
+        header, payload = _frames(s2, s2.state.task.task_id, _params(9), 6)
+
+        def stalled():
+            yield header
+            yield from payload[:len(payload) // 2]
+            release.wait(60)
+
+        uploader = threading.Thread(target=lambda: _ended_quietly(lambda: _raw_submit(s2)(stalled(), timeout=60)))
+        uploader.start()
+        assert _run_sites(harness, server, {"site-1": (_params(1), 1)}, sessions) == {}
+        outcome = server.wait(60)
+        release.set()
+        uploader.join(30)
+        assert outcome is not None and outcome.failed
+        assert "part of the refused result of site site-2 could not be taken back out" in outcome.reason
+        assert all(torch.equal(server.controller.global_params[k], v) for k, v in _initial().items())
+    finally:
+        release.set()
+        harness.close()
+
+
+def _ended_quietly(call):
+    try:
+        call()
+    except grpc.RpcError:
+        pass
+
+
+def test_a_journal_that_cannot_be_made_refuses_the_result_and_the_site_sends_again(tmp_path, small_windows,
+                                                                                  monkeypatch):
+    """A server-side failure before any byte is folded (here: no journal file) refuses the result
+    at once and leaves nothing open: the site sends again and the round completes exactly."""
+    real = DiskJournal.__init__
+    failures = [OSError(28, "No space left on device")]
+
+    def once_full(self, folder):
+        if failures:
+            raise failures.pop()
+        real(self, folder)
+
+    monkeypatch.setattr(DiskJournal, "__init__", once_full)
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
+        s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+        s1.connect(), s2.connect()
+        s1.receive(timeout=30)
+        s2.receive(timeout=30)
+        header, payload = _frames(s1, s1.state.task.task_id, _params(1), 1)
+        reply = _raw_submit(s1)(iter([header, *payload]), timeout=30)
+        assert not reply.accepted and "No space left on device" in reply.error, reply
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
+        s1.send(FLModel(params=sends["site-1"][0], meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+        s2.send(FLModel(params=sends["site-2"][0], meta={"NUM_STEPS_CURRENT_ROUND": 3}))
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        _assert_global(server, _mean(list(sends.values())))
+    finally:
+        harness.close()

@@ -398,9 +398,6 @@ class Controller:
             except Exception as exc:
                 return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
                                     f"{type(exc).__name__}: {exc}; the global model of round {round_num - 1} is kept")
-            if self._poisoned:  # a result the closing round cancelled could not be taken back out
-                return JobEnd(True, f"round {round_num}: {self._poisoned}; the global model of round "
-                                    f"{round_num - 1} is kept")
             names = list(new_global)
             bad_index = first_non_finite([new_global[name] for name in names])
             if bad_index is not None:
@@ -616,32 +613,38 @@ class Controller:
     def _admit_locked(self, session_id: str, task_id: str) -> tuple[SiteStatus, _OpenTask, Task] | None:
         """The site's state and its open task, if ``task_id`` answers it; None if the site sent an
         answer again that was already taken (acknowledge it, fold nothing). Caller holds the
-        registry's lock. Raises JobEndedError after the job, ValidationError for a stale task."""
+        registry's lock. Raises JobEndedError after the job, ValidationError for a stale task.
+
+        A send that comes while an earlier send of the same answer is still being folded in (the
+        site's call timed out, or its upload broke off and it sent again) waits for that one: if it
+        was taken, this one is acknowledged; if it failed the site's task, this one gets that
+        reason; if it was refused in a way the site may retry, this one is admitted."""
         reg = self.registry
-        ended = reg.end or self._ending
-        if ended is not None:
-            raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
-        state = reg.touch_locked(session_id)
-        site = state.name
-        open_task = self._open
-        task = None if open_task is None else open_task.task
-        if (open_task is None or task is None or state.task is not task or task.task_id != task_id
-                or state.task_outcome is not None or site in self._streaming):
-            if (task is not None and state.task is task and task.task_id == task_id
-                    and (state.task_outcome == ACCEPTING or site in self._streaming)):
-                # Sent again while the first send is still being folded in (the site's call timed
-                # out): the first send's outcome is this one's too.
-                while state.task is task and (state.task_outcome == ACCEPTING or site in self._streaming):
-                    reg.cond.wait(1.0)
-                if state.task_outcome not in (None, "done") and state.last_done != task_id:
-                    raise ValidationError(f"site {site}: {state.task_outcome}")
+        waited = False
+        while True:
+            ended = reg.end or self._ending
+            if ended is not None:
+                raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
+            state = reg.touch_locked(session_id)
+            site = state.name
+            open_task = self._open
+            task = None if open_task is None else open_task.task
+            answers_it = task is not None and state.task is task and task.task_id == task_id
+            if open_task is not None and task is not None and answers_it and state.task_outcome is None \
+                    and site not in self._streaming:
+                return state, open_task, task
+            if answers_it and (state.task_outcome == ACCEPTING or site in self._streaming):
+                reg.cond.wait(1.0)
+                waited = True
+                continue
             if task_id and task_id == state.last_done:
                 # Sent again (the answer to the first send was lost in a reconnect): it was folded
                 # in once, and is acknowledged again, never folded twice.
                 log.info("site %s sent its result for task %s again; acknowledged", site, task_id)
                 return None
+            if waited and answers_it and state.task_outcome not in (None, "done"):
+                raise ValidationError(f"site {site}: {state.task_outcome}")
             raise ValidationError(f"site {site}: result for a task that is no longer open (task {task_id})")
-        return state, open_task, task
 
     def _answer(self, site: str, open_task: _OpenTask, task: Task, result: Result, with_params: bool) -> Answer:
         """The answer's metrics and, if it has params, their type, checked (ValidationError names
@@ -657,8 +660,9 @@ class Controller:
                 raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
         return answer
 
-    def _refuse(self, state: SiteStatus, exc: BaseException, accepting: bool) -> None:
-        """A result the server cannot use: the site's task fails with the reason (and the site)."""
+    def _refuse(self, state: SiteStatus, exc: BaseException, accepting: bool, task: Task | None = None) -> None:
+        """A result the server cannot use: the site's task fails with the reason (and the site).
+        ``task``: the task the result answered (only that task is settled, not a later one)."""
         site = state.name
         if isinstance(exc, ValidationError):
             log.error("rejected result: %s", exc)
@@ -667,7 +671,7 @@ class Controller:
             log.error("site %s: the server could not use its result", site, exc_info=exc)
             why = f"the server could not use its result: {type(exc).__name__}: {exc}"
         with self.registry.cond:
-            if state.task_outcome == (ACCEPTING if accepting else None):
+            if state.task_outcome == (ACCEPTING if accepting else None) and (task is None or state.task is task):
                 self.registry.settle_locked(state, why)  # closed here: the site may have failed meanwhile
         self.registry.fail_site(site, why)
 
@@ -740,14 +744,27 @@ class Controller:
                 failure: BaseException | None = exc
             else:
                 failure = None
-                contribution = aggregator.contribution(site, weight, answer.params_type, cancel)
-                if contribution is None:
-                    return False
-                self._streaming[site] = task.task_id
+                self._streaming[site] = task.task_id  # (a second send of it waits for this one)
         if failure is not None:
             self._refuse(state, failure, accepting=False)
             raise failure
+        # Outside the registry's lock: the round's first contribution may prepare the sums (a pass
+        # over the model), which the other sites' calls need not wait for.
+        try:
+            contribution = aggregator.contribution(task.round, site, weight, answer.params_type, cancel)
+        except BaseException:
+            self._unmark_streaming(site, task.task_id)
+            raise
+        if contribution is None:
+            self._unmark_streaming(site, task.task_id)
+            return False
         return StreamedResult(site, state, open_task, task, answer, contribution, expected)
+
+    def _unmark_streaming(self, site: str, task_id: str) -> None:
+        with self.registry.cond:
+            if self._streaming.get(site) == task_id:
+                del self._streaming[site]
+            self.registry.cond.notify_all()
 
     def end_result(self, streamed: StreamedResult) -> None:
         """Every piece of ``streamed`` is in: it counts. Raises JobEndedError after the job, and
@@ -768,19 +785,14 @@ class Controller:
             reg.cond.notify_all()
         self._emit_result(streamed.site, task, streamed.answer)
 
-    def drop_result(self, streamed: StreamedResult, problem: BaseException | None, taken_back: bool = True) -> None:
-        """``streamed`` does not count. ``problem``: a ValidationError of the site's params fails the
+    def drop_result(self, streamed: StreamedResult, problem: BaseException | None) -> None:
+        """``streamed`` does not count (its pieces were taken back out, or its contribution was
+        discarded as not whole). ``problem``: a ValidationError of the site's params fails the
         site's task, as in ``submit``; anything else (the upload broke off, the round closed) leaves
-        the site free to send again. ``taken_back`` False: its folded pieces could not be taken back
-        out, so the round's aggregate cannot be trusted (the round fails, the global model is kept)."""
-        with self.registry.cond:
-            if self._streaming.get(streamed.site) == streamed.task.task_id:
-                del self._streaming[streamed.site]
-            if not taken_back and self._open is streamed.open_task:
-                self._poisoned = f"taking the partial result of site {streamed.site} back out failed ({problem})"
-            self.registry.cond.notify_all()
+        the site free to send again."""
+        self._unmark_streaming(streamed.site, streamed.task.task_id)
         if isinstance(problem, ValidationError):
-            self._refuse(streamed.state, problem, accepting=False)
+            self._refuse(streamed.state, problem, accepting=False, task=streamed.task)
 
     # -- state --------------------------------------------------------------
 

@@ -152,15 +152,15 @@ class JobService:
         """Every byte of ``streamed`` is in: it counts (Controller.end_result; raises as it does)."""
         self.controller.end_result(streamed)
 
-    def drop_streamed(self, streamed: StreamedResult, problem: BaseException, taken_back: bool) -> SubmitReply:
-        """``streamed`` does not count (Controller.drop_result): ``problem`` stopped it after its pieces
-        were taken back out (``taken_back``; False: that failed too). The reply for the site: a
-        ValidationError is the site's result being wrong (its task fails), anything known is a
-        refusal it may retry, anything else is the server's own failure (logged with its traceback)."""
+    def drop_streamed(self, streamed: StreamedResult, problem: BaseException) -> SubmitReply:
+        """``streamed`` does not count (Controller.drop_result): ``problem`` stopped it. The reply for
+        the site: a ValidationError is the site's result being wrong (its task fails), anything known
+        is a refusal it may retry, anything else is the server's own failure (logged with its
+        traceback; the site may retry too)."""
         known = (ValidationError, UploadRefused, RoundClosed, JobEndedError, ServiceError)
         if not isinstance(problem, known):
             log.error("site %s: the server could not fold its result in", streamed.site, exc_info=problem)
-        self.controller.drop_result(streamed, problem, taken_back)
+        self.controller.drop_result(streamed, problem)
         if isinstance(problem, JobEndedError):
             return SubmitReply(accepted=False, error=str(problem), job_ended=True)
         return SubmitReply(accepted=False, error=short_reason(str(problem) or type(problem).__name__))

@@ -422,58 +422,60 @@ class FLKitService(pb_grpc.FLKitServicer):
         """Fold the result in while its bytes arrive (flkit.server.streamed_upload), journaled to disk."""
         key = id(context)
         self.stalls.begin(key, f"result upload of site {streamed.site}", context.cancel)
-        window = self._windows.take()
+
+        def feed(upload: StreamedUpload) -> None:
+            try:
+                for payload in self._payloads(header, request_iterator, context):
+                    upload.feed(payload)
+            except UploadRefused as exc:
+                self._received_all(header.session_id, context)  # the site may send it again at once
+                raise UploadRefused(f"{exc} (got {upload.received} of {header.payload_size} bytes)") from None
+            # Every byte is in: folding the last window is the server's time, and the site may send
+            # again (after its call timed out) while this one ends.
+            self._received_all(header.session_id, context)
+            upload.end()
+
         try:
-            journal = DiskJournal(self.journal_dir)
-        except OSError as exc:
-            self.stalls.end(key)
-            self._windows.give_back(window)
-            log.error("cannot journal the result of site %s in %s (%s); it is refused, the site may send it again",
-                      streamed.site, self.journal_dir, exc)
-            return self._reply(self.service.drop_streamed(streamed, exc, taken_back=True))
-        upload = StreamedUpload(streamed.site, streamed.expected, streamed.contribution, header.payload_size,
-                                window, journal)
-        try:
-            return self._fold_streamed(upload, streamed, lambda: self._feed(upload, header, request_iterator,
-                                                                            context))
+            return self._fold_streamed(header, streamed, lambda: DiskJournal(self.journal_dir), feed)
         finally:
             self.stalls.end(key)
-            journal.close()
-            self._windows.give_back(window)
 
-    def _feed(self, upload: StreamedUpload, header: pb.ResultHeader, request_iterator: Iterator[bytes],
-              context: grpc.ServicerContext) -> None:
+    def _fold_streamed(self, header: pb.ResultHeader, streamed: StreamedResult, journal: Callable[[], Journal],
+                       feed: Callable[[StreamedUpload], None]) -> pb.SubmitReply:
+        """Feed the result into its contribution (``feed``) through a window and ``journal()``, then
+        count it. Whatever stops it after ``begin_streamed`` (the site's bad bytes, a broken upload,
+        the round closing, a server error), what was folded is taken back out, the contribution is
+        discarded and the JobService says what the site is told (``drop_streamed``)."""
+        window = opened = upload = None
         try:
-            for payload in self._payloads(header, request_iterator, context):
-                upload.feed(payload)
-        except UploadRefused as exc:
-            raise UploadRefused(f"{exc} (got {upload.received} of {header.payload_size} bytes)") from None
-        self.stalls.end(id(context))  # every byte is in: folding the last window is the server's time
-        upload.end()
-
-    def _fold_streamed(self, upload: StreamedUpload, streamed: StreamedResult,
-                       read: Callable[[], None]) -> pb.SubmitReply:
-        """Run ``read`` (which feeds ``upload``), then count the result; on any failure take back
-        what was folded and tell the site why (its fault or not: JobService.drop_streamed)."""
-        try:
-            read()
+            window = self._windows.take()
+            opened = journal()
+            upload = StreamedUpload(streamed.site, streamed.expected, streamed.contribution, header.payload_size,
+                                    window, opened)
+            feed(upload)
             self.service.end_streamed(streamed)
             return pb.SubmitReply(accepted=True)
         except BaseException as exc:  # noqa: BLE001 - whatever stopped it, the folded pieces come back out
             taken_back = True
-            try:
-                upload.take_back()
-            except BaseException as undo:  # noqa: BLE001
-                log.error("site %s: taking its partial result back out failed (%s: %s)", streamed.site,
-                          type(undo).__name__, undo)
-                taken_back = False
-            streamed.contribution.discard()
+            if upload is not None:
+                try:
+                    upload.take_back()
+                except BaseException as undo:  # noqa: BLE001
+                    log.error("site %s: taking its partial result back out failed (%s: %s); the round's "
+                              "aggregate is not whole", streamed.site, type(undo).__name__, undo)
+                    taken_back = False
+            streamed.contribution.discard(taken_back)
             # (a refusal already answered: the ServiceError it answered with is the problem)
             problem = exc.args[0] if isinstance(exc, _Aborted) and exc.args else exc
-            reply = self.service.drop_streamed(streamed, problem, taken_back)
+            reply = self.service.drop_streamed(streamed, problem)
             if isinstance(exc, _Aborted) or not isinstance(exc, Exception):
                 raise
             return self._reply(reply)
+        finally:
+            if opened is not None:
+                opened.close()
+            if window is not None:
+                self._windows.give_back(window)
 
     def _received_all(self, session_id: str, context: grpc.ServicerContext) -> None:
         """Every byte of an upload is in: parsing and folding it are the server's time, not a stall,
@@ -491,35 +493,26 @@ class FLKitService(pb_grpc.FLKitServicer):
         """A result whose params a site on this host wrote to the shared-memory folder: folded in
         window by window if the round's aggregator takes pieces (the file is read, never mapped, and
         is its own journal), else mapped and handed over whole."""
-        if self.shm is None:
+        shm = self.shm
+        if shm is None:
             return self._hand_over(header, metrics, meta, _no_shm, context)
         streamed = self.service.begin_streamed(header.session_id, self._result(header, metrics, meta))
         if isinstance(streamed, SubmitReply):
             return self._reply(streamed)
         if streamed is None:
-            shm = self.shm
             return self._hand_over(header, metrics, meta, lambda: shm.take_result(
                 header.session_id, header.task_id, header.params_file, header.payload_size), context)
-        with self._streams:
-            window = self._windows.take()
-            source: FileSource | None = None
-            try:
-                def read() -> None:
-                    nonlocal source
-                    assert self.shm is not None
-                    path = self.shm.result_path(header.session_id, header.task_id, header.params_file)
-                    source = FileSource(path, header.payload_size)
-                    upload.journal = source
-                    upload.read_file(source)
-                    upload.end()
 
-                upload = StreamedUpload(streamed.site, streamed.expected, streamed.contribution,
-                                        header.payload_size, window, Journal())
-                return self._fold_streamed(upload, streamed, read)
-            finally:
-                if source is not None:
-                    source.close()
-                self._windows.give_back(window)
+        def source() -> FileSource:
+            return FileSource(shm.result_path(header.session_id, header.task_id, header.params_file),
+                              header.payload_size)
+
+        def feed(upload: StreamedUpload) -> None:
+            upload.read_file()
+            upload.end()
+
+        with self._streams:
+            return self._fold_streamed(header, streamed, source, feed)
 
     def _hand_over(self, header: pb.ResultHeader, metrics: dict[str, Any], meta: dict[str, Any],
                    read_params: Callable[[], Params | None], context: grpc.ServicerContext) -> pb.SubmitReply:

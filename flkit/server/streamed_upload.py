@@ -18,6 +18,7 @@ answer).
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -41,6 +42,7 @@ from flkit.wire.tensor_stream import MAX_HEADER_BYTES, Span, read_spans
 # A multiple of 4096 (O_DIRECT), hence of every element size: no element straddles two windows.
 WINDOW_BYTES = 16 << 20
 ALIGN = 4096
+log = logging.getLogger("flkit.server")
 _REFUSED = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
 
 
@@ -72,12 +74,27 @@ def _pread_all(fd: int, view: memoryview, offset: int) -> None:
         done += got
 
 
+_warned: set[str] = set()
+
+
+def _warn_buffered(folder: Path, exc: OSError | None) -> None:
+    """Once per folder: journals there go through the page cache (memory, on tmpfs)."""
+    key = str(folder)
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("the file system of %s refuses O_DIRECT (%s): upload journals are written buffered there, "
+                "through the page cache (memory, on tmpfs); give the server a workspace on a disk",
+                folder or "the server's workspace", exc.strerror if exc is not None else "aligned writes refused")
+
+
 class DiskJournal(Journal):
     """An unlinked file in ``folder``: written with O_DIRECT where the file system takes it (no
     page cache: the journal costs disk bandwidth, not memory), buffered where it does not."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._folder = folder
         fd, name = tempfile.mkstemp(dir=folder, prefix=".upload-")
         self._fd = fd  # read back (and written, where O_DIRECT is refused) through this one
         self._direct: int | None = None
@@ -89,6 +106,10 @@ class DiskJournal(Journal):
                 except OSError as exc:
                     if exc.errno not in _REFUSED:
                         raise
+                    _warn_buffered(folder, exc)
+        except BaseException:
+            os.close(fd)
+            raise
         finally:
             os.unlink(name)  # nothing of it outlives the process, whatever happens
         self.size = 0
@@ -108,6 +129,7 @@ class DiskJournal(Journal):
                         raise
                 os.close(self._direct)  # the file system took the open but not the write
                 self._direct = None
+                _warn_buffered(self._folder, None)
             done = 0
             while done < size:
                 done += os.pwrite(self._fd, view[done:size], self.size + done)
@@ -139,10 +161,11 @@ class FileSource(Journal):
         except OSError as exc:
             raise ValidationError(f"cannot open shared-memory params {path.name}: {exc.strerror}") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != expected_size:
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != expected_size \
+                or expected_size < 8:
             os.close(fd)
             raise ValidationError(f"shared-memory params {path.name} is not a regular file of this user "
-                                  f"with {expected_size} bytes")
+                                  f"with {expected_size} bytes (at least 8)")
         self.fd = fd
         self.data_start = 0  # set once the header is read
 
@@ -224,8 +247,11 @@ class StreamedUpload:
             if self._filled == WINDOW_BYTES:
                 self._flush()
 
-    def read_file(self, source: FileSource) -> None:
-        """The whole payload from ``source``, a window at a time straight into the window."""
+    def read_file(self) -> None:
+        """The whole payload from the journal, a FileSource, a window at a time straight into the window."""
+        source = self.journal
+        if not isinstance(source, FileSource):
+            raise TypeError("read_file needs a FileSource as the upload's journal")
         prefix = bytearray(8)
         _pread_all(source.fd, memoryview(prefix), 0)
         (length,) = struct.unpack("<Q", prefix)
@@ -297,10 +323,11 @@ class StreamedUpload:
     def _flush(self) -> None:
         size = self._filled
         pieces = self._pieces(self._window_at, size)
-        for name, _, values, _ in pieces:  # nothing of a window is folded unless all of it is finite
+        for name, start, values, _ in pieces:  # nothing of a window is folded unless all of it is finite
             if values.is_floating_point() and not all_finite(values):
                 bad = int((~torch.isfinite(values)).sum())
-                raise ValidationError(f"site {self.site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
+                raise ValidationError(f"site {self.site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) "
+                                      f"among its elements {start}..{start + values.numel() - 1}")
         self.journal.append(self._window, size)  # journaled before folded: take_back can replay it
         for name, start, values, end in pieces:
             self.contribution.fold(name, start, values)

@@ -69,8 +69,10 @@ class Contribution(ABC):
         """Every piece is in: the result counts. Raises ``RoundClosed`` if the round closed first."""
 
     @abstractmethod
-    def discard(self) -> None:
-        """The result does not count; every piece folded so far has been unfolded."""
+    def discard(self, taken_back: bool = True) -> None:
+        """The result does not count; every piece folded so far has been unfolded. ``taken_back``
+        False: some could not be (their bytes could not be read back), so the round's aggregate is
+        not whole and ``finish`` must raise rather than write it."""
 
 
 class RoundClosed(FLKitError):
@@ -106,12 +108,14 @@ class Aggregator(ABC):
     def finish(self) -> None:
         """Write the new global model into the buffers ``start``'s ``out()`` gives."""
 
-    def contribution(self, site: str, weight: float, params_type: ParamsType,
+    def contribution(self, round_num: int, site: str, weight: float, params_type: ParamsType,
                      cancel: Callable[[], None] | None = None) -> Contribution | None:
-        """A result to fold in piece by piece as its bytes arrive, or None (the default): this
-        aggregator takes whole, checked results through ``add``. ``cancel``: stops the upload
-        feeding it (called if the round closes first). The pieces are checked (layout, finite
-        values) before they are folded; the result as a whole is not, until ``commit``."""
+        """A result of round ``round_num`` to fold in piece by piece as its bytes arrive, or None
+        (the default): this aggregator takes whole, checked results through ``add``. Raises
+        RoundClosed when ``round_num`` is not the round it aggregates now (the result came late).
+        ``cancel``: stops the upload feeding it (called if the round closes first). The pieces are
+        checked (layout, finite values) before they are folded; the result as a whole is not,
+        until ``commit``."""
         return None
 
 

@@ -255,9 +255,9 @@ class _BySize(Aggregator):
     def finish(self) -> None:
         self._chosen.finish()
 
-    def contribution(self, site: str, weight: float, params_type: ParamsType,
+    def contribution(self, round_num: int, site: str, weight: float, params_type: ParamsType,
                      cancel: Callable[[], None] | None = None) -> Contribution | None:
-        return self._chosen.contribution(site, weight, params_type, cancel)
+        return self._chosen.contribution(round_num, site, weight, params_type, cancel)
 
 
 @register("fedavg")

@@ -13,8 +13,8 @@ What it gives up: float32 sums round at every addition, so the mean depends (at 
 bit) on the order the results arrive in, and taking back a result that failed half-way
 (``unfold``) leaves at most a rounding error of the sum in the elements it reached. Tensors of
 other dtypes keep side sums: float64 for integers and bool (rounded back, bool by majority, as
-``WeightedMean``), float32 for 16- and 8-bit floats (so a half-precision model costs two more of
-its sizes).
+``WeightedMean``), float32 for 16-bit floats (so a half-precision model costs two more of its
+sizes: about four in all on the server).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _sum_dtype(dtype: torch.dtype) -> torch.dtype | None:
     if dtype in (torch.float32, torch.float64, torch.complex64):
         return None
     if dtype.is_floating_point:
-        return torch.float32  # float16, bfloat16, float8: their own precision is too coarse to sum in
+        return torch.float32  # float16, bfloat16: their own precision is too coarse to sum in
     return torch.float64  # integers and bool: exact below 2**53
 
 
@@ -69,8 +69,8 @@ class _Piecewise(Contribution):
     def commit(self) -> None:
         self.owner._commit(self)
 
-    def discard(self) -> None:
-        self.owner._discard(self)
+    def discard(self, taken_back: bool = True) -> None:
+        self.owner._discard(self, taken_back)
 
 
 class StreamedMean(Aggregator):
@@ -96,6 +96,7 @@ class StreamedMean(Aggregator):
         self._total = 0.0
         self._diff = 0.0
         self._results = 0
+        self._broken: str | None = None  # why the round's sums are not whole (finish raises it)
 
     def start(self, round_num: int, global_params: Params, out: Callable[[], Params]) -> None:
         self._close()  # a result still open from an abandoned round is taken back out first
@@ -105,6 +106,7 @@ class StreamedMean(Aggregator):
             self._sums, self._out, self._locks = {}, {}, {}
             self._total = self._diff = 0.0
             self._results = 0
+            self._broken = None
             self._round = round_num
             self._closed = False
 
@@ -132,20 +134,21 @@ class StreamedMean(Aggregator):
         self._locks = {name: [threading.Lock() for _ in range(0, t.numel(), STRIPE)] for name, t in sums.items()}
         self._sums = sums
 
-    def contribution(self, site: str, weight: float, params_type: ParamsType,
+    def contribution(self, round_num: int, site: str, weight: float, params_type: ParamsType,
                      cancel: object = None) -> _Piecewise:
         if not weight > 0:
             raise FLKitError(f"site {site}: aggregation weight must be > 0, got {weight}")
         piece = _Piecewise(self, site, weight, params_type, cancel)
         with self._cond:
-            if self._closed:
-                raise RoundClosed(f"site {site}: round {self._round} takes no more results")
+            if self._closed or round_num != self._round:
+                raise RoundClosed(f"site {site}: the result of round {round_num} came too late "
+                                  f"(round {self._round} is {'closed' if self._closed else 'open'})")
             self._prepare_locked()
             self._open.add(piece)
         return piece
 
     def add(self, result: SiteResult) -> None:
-        piece = self.contribution(result.site, result.weight, result.params_type)
+        piece = self.contribution(self._round, result.site, result.weight, result.params_type)
         folded: list[str] = []
         try:
             for name, total in self._sums.items():
@@ -188,9 +191,12 @@ class StreamedMean(Aggregator):
             self._results += 1
             self._cond.notify_all()
 
-    def _discard(self, piece: _Piecewise) -> None:
+    def _discard(self, piece: _Piecewise, taken_back: bool) -> None:
         with self._cond:
             self._open.discard(piece)
+            if not taken_back and self._broken is None:
+                self._broken = (f"part of the refused result of site {piece.site} could not be taken back out "
+                                "of the round's sums")
             self._cond.notify_all()
 
     def _close(self) -> None:
@@ -211,6 +217,8 @@ class StreamedMean(Aggregator):
 
     def finish(self) -> None:
         self._close()
+        if self._broken is not None:
+            raise FLKitError(self._broken)
         if not self._results:
             raise FLKitError(f"round {self._round}: no results to aggregate")
         base = {name: t.reshape(-1) for name, t in self._global.items()}
