@@ -703,7 +703,7 @@ def _bad_json(what: str) -> st.SearchStrategy[str]:
         if what == "metrics_json":
             return any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values())
         return value.get("NUM_STEPS_CURRENT_ROUND") is not None
-    steps = st.one_of(st.text(max_size=10), st.integers(max_value=0), st.just(float("inf"))).map(
+    steps = st.one_of(st.text(max_size=10), st.integers(max_value=-1), st.just(float("inf"))).map(
         lambda v: json.dumps({"NUM_STEPS_CURRENT_ROUND": v}))
     values = st.one_of(st.text(max_size=10), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
                        st.floats(allow_nan=False), st.integers())

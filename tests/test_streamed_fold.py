@@ -355,3 +355,23 @@ def test_a_journal_that_cannot_be_made_refuses_the_result_and_the_site_sends_aga
         _assert_global(server, _mean(list(sends.values())))
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["exact", "streamed"])
+def test_a_site_without_data_answers_with_zero_steps_and_is_skipped_with_a_note(tmp_path, small_windows, streamed):
+    """NUM_STEPS_CURRENT_ROUND=0 (an empty part of a skewed split): the answer is taken, not
+    aggregated, and the round's record says why; the global model is the other sites' mean."""
+    harness = ServerHarness(tmp_path, transport="grpc")
+    try:
+        server = harness.start(_initial(), ["site-1", "site-2", "site-3"], num_rounds=1,
+                               strategy=FedAvg(streamed=streamed))
+        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3), "site-3": (_params(3), 0)}
+        assert _run_sites(harness, server, sends) == {}
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        record = server.controller.history[0]
+        assert set(record.notes) == {"site-3"} and "no data this round" in record.notes["site-3"]
+        assert not record.failed
+        _assert_global(server, _mean([sends["site-1"], sends["site-2"]]))
+    finally:
+        harness.close()

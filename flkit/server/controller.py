@@ -28,7 +28,7 @@ from typing import Any
 from flkit import shared_model
 from flkit.errors import ValidationError
 from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
-from flkit.model import ParamsType
+from flkit.model import MetaKey, ParamsType
 from flkit.server.config import WorkflowConfig
 from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.listing import failure_list, first_line, site_list
@@ -65,6 +65,8 @@ class RoundRecord:
     seconds: float = 0.0
     # An evaluation round's metrics as the strategy aggregates them (aggregate_evaluate).
     aggregated: dict[str, float] | None = None
+    # Sites whose answer was taken but not aggregated, and why (e.g. no data this round).
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -429,6 +431,14 @@ class Controller:
                    "key_metric": cfg.key_metric})
         return None
 
+    def _skip(self, site: str) -> None:
+        """A result of weight 0 (NUM_STEPS_CURRENT_ROUND=0: no data this round) is taken, not folded in."""
+        note = f"{MetaKey.NUM_STEPS_CURRENT_ROUND}=0 (no data this round): answer taken, not aggregated"
+        log.info("site %s: %s", site, note)
+        with self.registry.cond:
+            if self._open is not None:
+                self._open.record.notes[site] = note
+
     def _output_buffers(self, taken: Params) -> Callable[[], Params]:
         """``out`` for Aggregator.start: the pool's next set, taken at the first call into ``taken``."""
         lock = threading.Lock()
@@ -446,6 +456,9 @@ class Controller:
         assert answer.params is not None  # a train answer without params was refused
         weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
         assert self._aggregator is not None  # a train round is open
+        if weight == 0:
+            self._skip(answer.site)
+            return
         try:
             self._aggregator.add(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
         except BaseException as exc:  # part of the result may be in the sums: the round cannot finish
@@ -743,6 +756,8 @@ class Controller:
             except ValidationError as exc:
                 failure: BaseException | None = exc
             else:
+                if weight == 0:  # nothing to fold: taken whole, then skipped (``_fold_in``)
+                    return False
                 failure = None
                 self._streaming[site] = task.task_id  # (a second send of it waits for this one)
         if failure is not None:

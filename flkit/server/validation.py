@@ -97,11 +97,12 @@ def check_params(site: str, params: Params, expected: Params) -> None:
 
 
 def weight_of(site: str, meta: dict[str, Any]) -> float:
-    """The aggregation weight: NUM_STEPS_CURRENT_ROUND, default 1."""
+    """The aggregation weight: NUM_STEPS_CURRENT_ROUND, default 1. Zero is a site that had no data
+    this round (e.g. an empty part of a skewed split): its result is taken but not folded in."""
     raw = meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not _finite(raw) or raw <= 0:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not _finite(raw) or raw < 0:
         raise ValidationError(
-            f"site {site}: meta {MetaKey.NUM_STEPS_CURRENT_ROUND} must be a positive number, got {quote(raw)}"
+            f"site {site}: meta {MetaKey.NUM_STEPS_CURRENT_ROUND} must be a number >= 0, got {quote(raw)}"
         )
     return float(raw)
 
