@@ -8,7 +8,7 @@ labels 0-9), so ``Net`` and the training code never need to know which one is in
 * ``digits``: scikit-learn's bundled handwritten digits (1797 real 8x8 images), upscaled to
   3x32x32. It ships with scikit-learn, so the example and its tests run without internet.
 
-``shard`` then gives every FL site its own disjoint slice of the training set.
+``shard`` then gives every FL site its own disjoint part of the training set (``flkit.data.partition``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from flkit.data import partition
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 DEFAULT_DATA_PATH = "/tmp/flkit_data/cifar10"
@@ -98,14 +99,26 @@ def site_index(site_name: str, num_sites: int) -> int:
     return k - 1
 
 
-def shard(dataset: Dataset, site_name: str, num_sites: int) -> Subset:
-    """The part of ``dataset`` that ``site_name`` trains on: one of ``num_sites`` disjoint slices.
+def shard(dataset: Dataset, site_name: str, num_sites: int, scheme: str = "iid", alpha: float | None = None) -> Subset:
+    """The part of ``dataset`` that ``site_name`` trains on, from ``flkit.data.partition``.
 
-    The samples are shuffled with a fixed seed before slicing (so each site gets a mix of all
-    classes, not e.g. only the first classes of an ordered dataset) and then cut into
-    ``num_sites`` contiguous slices whose sizes differ by at most one. Together the slices of
-    site-1..site-N cover the whole dataset exactly once.
+    ``scheme="iid"``: a seeded shuffle cut into ``num_sites`` parts whose sizes differ by at most one
+    (each site gets a mix of all classes, not e.g. only the first classes of an ordered dataset);
+    ``"dirichlet"`` with ``alpha``: label skew (0.1: each site holds a few classes), every site with
+    at least one batch's worth of samples. Together the parts of site-1..site-N cover the whole
+    dataset exactly once, the same way in every process (a fixed seed).
     """
     index = site_index(site_name, num_sites)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SHARD_SEED))
-    return Subset(dataset, torch.tensor_split(order, num_sites)[index].tolist())
+    options = {"alpha": alpha, "min_size": 8} if scheme == "dirichlet" else {}
+    split = partition(labels_of(dataset), num_sites, scheme, seed=SHARD_SEED, **options)
+    return Subset(dataset, split.indices(f"site-{index + 1}"))
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Every sample's label, without loading the images (both sources keep them apart)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)  # torchvision's CIFAR10
+    if targets is None:
+        raise TypeError(f"cannot read the labels of a {type(dataset).__name__}")
+    return list(targets)
