@@ -173,6 +173,36 @@ def test_an_upload_that_breaks_off_is_taken_back_out_and_may_be_sent_again(tmp_p
         harness.close()
 
 
+def _stall_half_way(harness: ServerHarness, server, stalling: str, others: list[str],
+                    release: threading.Event) -> tuple[dict, threading.Thread, list[BaseException]]:
+    """Open every site's session; ``stalling`` receives its task and uploads half of a result, then
+    sends nothing more until ``release``. Returns the sessions, the uploading thread and the gRPC
+    errors its call ended with."""
+    sessions = {name: harness.session(server, name) for name in [*others, stalling]}
+    for session in sessions.values():
+        session.connect()
+    stuck = sessions[stalling]
+    stuck.receive(timeout=30)
+    header, payload = _frames(stuck, stuck.state.task.task_id, _params(9), 6)
+
+    def stalled():
+        yield header
+        yield from payload[:len(payload) // 2]
+        release.wait(60)  # the rest never comes while the round is open
+
+    failures: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            _raw_submit(stuck)(stalled(), timeout=60)
+        except grpc.RpcError as exc:
+            failures.append(exc)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    return sessions, uploader, failures
+
+
 def test_a_round_that_closes_mid_upload_cancels_it_and_takes_it_back_out(tmp_path, small_windows):
     """Site-3's upload stops half-way; the round times out with the two others (min_clients=2),
     cancels the upload and takes its folded half back out before making the global model."""
@@ -181,28 +211,7 @@ def test_a_round_that_closes_mid_upload_cancels_it_and_takes_it_back_out(tmp_pat
     try:
         server = harness.start(_initial(), ["site-1", "site-2", "site-3"], num_rounds=1, min_clients=2,
                                round_timeout_s=3, strategy=FedAvg(streamed=True))
-        sessions = {name: harness.session(server, name) for name in ("site-1", "site-2", "site-3")}
-        for session in sessions.values():
-            session.connect()
-        s3 = sessions["site-3"]
-        s3.receive(timeout=30)
-        header, payload = _frames(s3, s3.state.task.task_id, _params(9), 6)
-
-        def stalled():
-            yield header
-            yield from payload[:len(payload) // 2]
-            release.wait(60)  # the rest never comes while the round is open
-
-        failures: list[BaseException] = []
-
-        def upload() -> None:
-            try:
-                _raw_submit(s3)(stalled(), timeout=60)
-            except grpc.RpcError as exc:
-                failures.append(exc)
-
-        uploader = threading.Thread(target=upload)
-        uploader.start()
+        sessions, uploader, failures = _stall_half_way(harness, server, "site-3", ["site-1", "site-2"], release)
         sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 2)}
         assert _run_sites(harness, server, sends, sessions) == {}
         outcome = server.wait(60)
@@ -291,20 +300,7 @@ def test_a_round_closing_on_a_result_that_cannot_be_taken_back_out_keeps_the_mod
     try:
         server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, min_clients=1, round_timeout_s=3,
                                strategy=FedAvg(streamed=True))
-        sessions = {name: harness.session(server, name) for name in ("site-1", "site-2")}
-        for session in sessions.values():
-            session.connect()
-        s2 = sessions["site-2"]
-        s2.receive(timeout=30)
-        header, payload = _frames(s2, s2.state.task.task_id, _params(9), 6)
-
-        def stalled():
-            yield header
-            yield from payload[:len(payload) // 2]
-            release.wait(60)
-
-        uploader = threading.Thread(target=lambda: _ended_quietly(lambda: _raw_submit(s2)(stalled(), timeout=60)))
-        uploader.start()
+        sessions, uploader, _ = _stall_half_way(harness, server, "site-2", ["site-1"], release)
         assert _run_sites(harness, server, {"site-1": (_params(1), 1)}, sessions) == {}
         outcome = server.wait(60)
         release.set()
@@ -315,13 +311,6 @@ def test_a_round_closing_on_a_result_that_cannot_be_taken_back_out_keeps_the_mod
     finally:
         release.set()
         harness.close()
-
-
-def _ended_quietly(call):
-    try:
-        call()
-    except grpc.RpcError:
-        pass
 
 
 def test_a_journal_that_cannot_be_made_refuses_the_result_and_the_site_sends_again(tmp_path, small_windows,
