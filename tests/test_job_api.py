@@ -487,8 +487,7 @@ def test_fedavg_every_argument(tmp_path):
             memory_gc_rounds=2,
         )
     assert ignored_args(record) == ["allow_empty_global_weights", "enable_tensor_disk_offload", "exclude_vars",
-                                    "patience", "persistor_id", "save_filename", "stop_cond", "task_check_period",
-                                    "task_name"]
+                                    "persistor_id", "save_filename", "task_check_period", "task_name"]
     job = FedJob()
     job.to(controller, "server")  # FedAvg(model=...) is the initial model
     job.to(ScriptRunner(TRAIN), "site-1")
@@ -496,6 +495,7 @@ def test_fedavg_every_argument(tmp_path):
     folder = job.export_job(tmp_path)
     workflow = job_json(folder)["workflow"]
     assert (workflow["start_round"], workflow["clients_per_round"], workflow["min_clients"]) == (1, 2, 2)
+    assert (workflow["stop_cond"], workflow["patience"]) == ("accuracy >= 0.9", 2)
     assert workflow["aggregation_weights"] == {"site-1": 2.0}
     assert workflow["server_memory_gc_rounds"] == 2
     saved = load_file(folder / "initial_model.safetensors")
@@ -579,13 +579,14 @@ def test_fedavgrecipe_every_argument(tmp_path):
             enable_tensor_disk_offload=True, client_memory_gc_rounds=3, cuda_empty_cache=True,
         )
     assert ignored_args(record) == ["aggregator_data_kind", "best_model_filename", "enable_tensor_disk_offload",
-                                    "exclude_vars", "model_locator", "model_persistor", "patience", "save_filename",
-                                    "server_expected_format", "stop_cond"]
+                                    "exclude_vars", "model_locator", "model_persistor", "save_filename",
+                                    "server_expected_format"]
     folder = recipe.export(tmp_path / "out")
     data = job_json(folder)
     workflow = data["workflow"]
     assert (workflow["num_rounds"], workflow["clients_per_round"], workflow["min_clients"]) == (3, 2, 2)
     assert (workflow["key_metric"], workflow["negate_key_metric"]) == ("loss", True)
+    assert (workflow["stop_cond"], workflow["patience"]) == ("loss <= 0.1", 3)
     assert workflow["aggregation_weights"] == {"site-1": 2.0}
     assert workflow["server_memory_gc_rounds"] == 2
     assert data["clients"] is None and sorted(data["sites"]) == ["site-1", "site-2"]
@@ -602,7 +603,7 @@ def test_fedavgrecipe_every_argument(tmp_path):
 
 
 def test_stop_cond_on_the_key_metric_sets_its_direction():
-    with pytest.warns(IgnoredArgumentWarning, match="stop_cond is accepted but has no effect"):
+    with no_ignored_warning():
         lower = quiet_recipe(key_metric="loss", stop_cond="loss < 0.2")
         higher = quiet_recipe(key_metric="accuracy", stop_cond="accuracy >= 0.9")
         other = quiet_recipe(key_metric="accuracy", stop_cond="loss < 0.2")  # another metric: no direction

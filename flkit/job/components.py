@@ -10,7 +10,6 @@ an ``IgnoredArgumentWarning``; behaviour flkit does not have yet is an error nam
 from __future__ import annotations
 
 import importlib
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from flkit.compat import warn_if_set
 from flkit.errors import ConfigError
-from flkit.server.config import check_site_name
+from flkit.server.config import check_site_name, parse_stop_cond
 from flkit.wire.codec import Params, to_cpu_params
 
 
@@ -38,9 +37,6 @@ class DataKind(str, Enum):
     APP_DEFINED = "APP_DEFINED"
 
 
-STOP_COND = re.compile(r"^(\S+) (>=|<=|>|<|=) (\S+)$")
-
-
 def later(feature: str) -> str:
     return f"{feature} is not available in this version of flkit yet"
 
@@ -48,24 +44,9 @@ def later(feature: str) -> str:
 # Why NVFlare arguments have no effect here (one wording, whichever class takes them).
 KEEPS_MODELS = "flkit's server keeps the models itself (<workspace>/server/*.safetensors)"
 HOLDS_TENSORS = "flkit's server always holds torch tensors"
-NO_EARLY_STOP = later("early stopping") + "; all num_rounds rounds run"
 ALL_AGGREGATED = "every tensor of the model is aggregated"
 STREAMED = "results are folded into the running mean as they arrive"
 BEST_FILE = "the best model is saved as best_FL_global_model.safetensors"
-
-
-def check_stop_cond(stop_cond: str | None) -> tuple[str, str, float] | None:
-    """NVFlare's ``"<metric> <op> <value>"`` (single spaces), parsed; ConfigError when malformed."""
-    if stop_cond is None:
-        return None
-    match = STOP_COND.match(stop_cond) if isinstance(stop_cond, str) else None
-    if match is None:
-        raise ConfigError(f"stop_cond must look like 'accuracy >= 0.95' (metric, operator, number), got {stop_cond!r}")
-    try:
-        value = float(match.group(3))
-    except ValueError:
-        raise ConfigError(f"stop_cond {stop_cond!r}: {match.group(3)!r} is not a number") from None
-    return match.group(1), match.group(2), value
 
 
 class FedAvg:
@@ -101,11 +82,11 @@ class FedAvg:
                               "built in")
         if not isinstance(num_clients, int) or num_clients < 1:
             raise ConfigError(f"FedAvg num_clients must be >= 1, got {num_clients!r}")
-        check_stop_cond(stop_cond)
+        parse_stop_cond(stop_cond)
         warn_if_set("FedAvg", locals(), {
             "persistor_id": "persistor", "allow_empty_global_weights": False, "task_check_period": 0.5,
             "save_filename": "FL_global_model.pt", "task_name": "train", "exclude_vars": None,
-            "enable_tensor_disk_offload": False, "stop_cond": None, "patience": None,
+            "enable_tensor_disk_offload": False,
         }, {
             "persistor_id": KEEPS_MODELS,
             "allow_empty_global_weights": "an empty result is always refused with a clear error",
@@ -114,9 +95,8 @@ class FedAvg:
             "task_name": "training tasks are always named 'train' (flare.is_train())",
             "exclude_vars": ALL_AGGREGATED,
             "enable_tensor_disk_offload": STREAMED,
-            "stop_cond": NO_EARLY_STOP,
-            "patience": NO_EARLY_STOP,
         })
+        self.stop_cond, self.patience = stop_cond, patience
         self.num_clients = num_clients
         self.num_rounds = num_rounds
         self.start_round = start_round
@@ -134,6 +114,8 @@ class FedAvg:
             "min_clients": 1 if self.ignore_result_error else self.num_clients,
             "aggregation_weights": self.aggregation_weights,
             "server_memory_gc_rounds": self.memory_gc_rounds,
+            "stop_cond": self.stop_cond,
+            "patience": self.patience,
         }
 
 

@@ -21,18 +21,16 @@ from flkit.job.components import (
     BEST_FILE,
     HOLDS_TENSORS,
     KEEPS_MODELS,
-    NO_EARLY_STOP,
     STREAMED,
     DataKind,
     FedAvg,
     IntimeModelSelector,
     PTModel,
-    check_stop_cond,
     later,
 )
 from flkit.job.fed_job import FedJob, key_metric_direction
 from flkit.runner.script_runner import ExchangeFormat, FrameworkType, ScriptRunner, TransferType
-from flkit.server.config import check_site_name
+from flkit.server.config import check_site_name, parse_stop_cond
 
 if TYPE_CHECKING:
     from flkit.job.envs import ExecEnv, Run
@@ -135,10 +133,10 @@ def _exec_params(owner: str, server: dict[str, Any] | None, client: dict[str, An
 def infer_key_metric_mode(key_metric: str | None, key_metric_mode: str | None, stop_cond: str | None) -> str:
     """NVFlare's rule: without a mode, a stop_cond on the key metric says the direction
     (``<``/``<=``: lower is better); a mode that contradicts it is an error."""
-    parsed = check_stop_cond(stop_cond)
+    parsed = parse_stop_cond(stop_cond)
     implied = None
-    if parsed is not None and parsed[0] == key_metric and parsed[1] != "=":
-        implied = "min" if parsed[1] in ("<", "<=") else "max"
+    if parsed is not None and parsed.metric == key_metric and parsed.op != "=":
+        implied = "min" if parsed.op in ("<", "<=") else "max"
     if key_metric_mode is None:
         return implied or "max"
     mode = str(getattr(key_metric_mode, "value", key_metric_mode)).lower()
@@ -210,15 +208,13 @@ class FedAvgRecipe(Recipe):
         warn_if_set(owner, locals(), {
             "aggregator_data_kind": DataKind.WEIGHTS, "server_expected_format": ExchangeFormat.NUMPY,
             "model_persistor": None,
-            "model_locator": None, "stop_cond": None, "patience": None, "best_model_filename": None,
+            "model_locator": None, "best_model_filename": None,
             "save_filename": None, "exclude_vars": None, "enable_tensor_disk_offload": False,
         }, {
             "aggregator_data_kind": "each result's params_type (FULL or DIFF) says what it holds",
             "server_expected_format": HOLDS_TENSORS,
             "model_persistor": KEEPS_MODELS,
             "model_locator": KEEPS_MODELS,
-            "stop_cond": NO_EARLY_STOP,
-            "patience": NO_EARLY_STOP,
             "best_model_filename": BEST_FILE,
             "save_filename": BEST_FILE,
             "exclude_vars": ALL_AGGREGATED,
@@ -229,7 +225,7 @@ class FedAvgRecipe(Recipe):
         job = FedJob(name=name, min_clients=min_clients)
         job.to_server(PTModel(model, initial_ckpt=initial_ckpt))
         job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, aggregation_weights=aggregation_weights,
-                             memory_gc_rounds=server_memory_gc_rounds))
+                             memory_gc_rounds=server_memory_gc_rounds, stop_cond=stop_cond, patience=patience))
         if key_metric:
             job.to_server(IntimeModelSelector(key_metric=key_metric,
                                               negate_key_metric=key_metric_direction(mode, None)))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from flkit.errors import ConfigError
 from flkit.model import ParamsType
@@ -54,6 +56,39 @@ class CrossSiteEvalConfig:
                 raise ConfigError(f"cross-site evaluation {name} must be a positive number of seconds, got {value!r}")
 
 
+_STOP_COND = re.compile(r"^(\S+) (>=|<=|>|<|=) (\S+)$")
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "=": operator.eq,
+}
+
+
+class StopCond(NamedTuple):
+    """NVFlare's early-stopping condition ``"<metric> <op> <value>"``, parsed."""
+
+    metric: str
+    op: str
+    value: float
+
+    def holds(self, measured: float) -> bool:
+        return _COMPARE[self.op](measured, self.value)
+
+
+def parse_stop_cond(stop_cond: str | None) -> StopCond | None:
+    """``"accuracy >= 0.95"`` (single spaces; >=, <=, >, < or =), parsed; ConfigError when malformed."""
+    if stop_cond is None:
+        return None
+    match = _STOP_COND.match(stop_cond) if isinstance(stop_cond, str) else None
+    if match is None:
+        raise ConfigError(f"stop_cond must look like 'accuracy >= 0.95' (metric, operator, number), got {stop_cond!r}")
+    try:
+        value = float(match.group(3))
+    except ValueError:
+        raise ConfigError(f"stop_cond {stop_cond!r}: {match.group(3)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"stop_cond {stop_cond!r}: the value must be a finite number")
+    return StopCond(match.group(1), match.group(2), value)
+
+
 @dataclass
 class WorkflowConfig:
     """FedAvg round loop settings (NVFlare's names where they exist).
@@ -97,6 +132,12 @@ class WorkflowConfig:
     join_timeout_s: float = 300.0
     # Longest a round may take; sites that have not answered by then are dropped.
     round_timeout_s: float | None = None
+    # Early stopping (NVFlare's FedAvg): stop after the first training round whose metric (the mean
+    # over the sites that reported it) meets "<metric> <op> <value>", e.g. "accuracy >= 0.95" ...
+    stop_cond: str | None = None
+    # ... or after this many training rounds in a row without a new best key_metric (without a
+    # key_metric: without improvement of stop_cond's metric, in the direction its operator says).
+    patience: int | None = None
     heartbeat_interval_s: float = 5.0
     # A site not heard from for this long is considered dead.
     heartbeat_timeout_s: float = 60.0
@@ -128,6 +169,13 @@ class WorkflowConfig:
             ) from None
         if self.key_metric is not None and (not isinstance(self.key_metric, str) or not self.key_metric):
             raise ConfigError("key_metric must be a non-empty metric name, or None for no best-model selection")
+        parse_stop_cond(self.stop_cond)
+        if self.patience is not None:
+            if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+                raise ConfigError(f"patience must be an int >= 1 (rounds without improvement), got {self.patience!r}")
+            if self.key_metric is None and self.stop_cond is None:
+                raise ConfigError("patience counts rounds without improvement of the key_metric (or of stop_cond's "
+                                  "metric): it needs a key_metric or a stop_cond")
         self.mandatory_clients = [check_site_name(s) for s in self.mandatory_clients]
         weights = {}
         for site, weight in dict(self.aggregation_weights).items():

@@ -29,7 +29,7 @@ from flkit import shared_model
 from flkit.errors import ValidationError
 from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import MetaKey, ParamsType
-from flkit.server.config import WorkflowConfig
+from flkit.server.config import WorkflowConfig, parse_stop_cond
 from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, SavedRun, load_params
@@ -47,6 +47,14 @@ __all__ = ["SUBMIT_MODEL", "TRAIN", "VALIDATE", "Answer", "Controller", "JobEnde
 
 
 Event = dict[str, Any]
+
+
+def _mean_metric(metrics_by_site: dict[str, dict[str, float]], metric: str) -> float | None:
+    """The mean of ``metric`` over the sites that reported it as a finite number (None: none did)."""
+    values = [float(m[metric]) for m in metrics_by_site.values()
+              if isinstance(m.get(metric), (int, float)) and not isinstance(m.get(metric), bool)
+              and math.isfinite(m[metric])]
+    return sum(values) / len(values) if values else None
 
 
 class JobEndedError(Exception):
@@ -237,12 +245,22 @@ class Controller:
         end = self._wait_for_sites()
         if end is not None:
             return end
+        last, stopped = cfg.last_round, self._early_stop()
         for round_num in range(self.first_round, cfg.last_round + 1):
+            if stopped is not None:  # (a resumed job that had already met its condition)
+                last = round_num - 1
+                break
             end = self._run_round(round_num, TRAIN)
             if end is not None:
                 return end
+            stopped = self._early_stop()
+            if stopped is not None:
+                last = round_num
+                log.info("stopping early after round %d: %s", round_num, stopped)
+                self.emit({"type": "early_stop", "round": round_num, "reason": stopped})
+                break
         if cfg.final_validation:
-            end = self._run_round(cfg.last_round + 1, VALIDATE)
+            end = self._run_round(last + 1, VALIDATE)
             if end is not None:
                 return end
         if cfg.cross_site_eval is not None:
@@ -251,7 +269,42 @@ class Controller:
                 return end
         best = self.selector.best
         best_txt = f"; best {cfg.key_metric}={best.value:.4g} in round {best.round}" if best else ""
-        return JobEnd(failed=False, reason=f"completed {cfg.num_rounds} round(s){best_txt}")
+        early = f" (stopped early: {stopped})" if stopped is not None else ""
+        return JobEnd(failed=False, reason=f"completed {last - cfg.start_round + 1} round(s){early}{best_txt}")
+
+    def _early_stop(self) -> str | None:
+        """Why the job stops after its last training round (``stop_cond`` met, or ``patience``
+        rounds without a new best key metric), or None. Read from the history alone, so a resumed
+        job decides as the first run would have."""
+        cfg = self.config
+        trained = [r for r in self.history if r.task == TRAIN]
+        if not trained:
+            return None
+        cond = parse_stop_cond(cfg.stop_cond)
+        if cond is not None:
+            value = _mean_metric(trained[-1].metrics, cond.metric)
+            if value is not None and cond.holds(value):
+                return f"{cfg.stop_cond} held in round {trained[-1].round} ({cond.metric}={value:.4g}, the sites' mean)"
+        if cfg.patience is not None:
+            if cfg.key_metric is not None:
+                metric, lower = cfg.key_metric, cfg.negate_key_metric
+            else:
+                assert cond is not None  # (WorkflowConfig: patience needs a key_metric or a stop_cond)
+                metric, lower = cond.metric, cond.op in ("<", "<=")
+            best: tuple[float, int] | None = None
+            without = 0
+            for record in trained:  # a round nobody scored neither improves nor counts
+                score = _mean_metric(record.metrics, metric)
+                if score is None:
+                    continue
+                if best is None or (score < best[0] if lower else score > best[0]):
+                    best, without = (score, record.round), 0
+                else:
+                    without += 1
+            if best is not None and without >= cfg.patience:
+                return (f"no improvement of {metric} in {without} round(s), patience={cfg.patience} "
+                        f"(best {best[0]:.4g} in round {best[1]})")
+        return None
 
     def _failures_locked(self) -> str:
         failed = {s.name: s.failure or "" for s in self.registry.sites.values() if s.status == SiteStatus.FAILED}
