@@ -78,3 +78,20 @@ def test_the_recipe_passes_stop_cond_and_patience_to_job_json(tmp_path):
 def test_bad_early_stopping_settings_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         WorkflowConfig(**options)
+
+
+def test_every_run_writes_its_history_to_metrics_json(tmp_path):
+    """``<workspace>/server/metrics.json``, whatever tracking is on: per round the sites that
+    answered, their weights and timings, their metrics and means, the score and the best round."""
+    state, _ = _run(tmp_path, "0.5,0.8,0.7", num_rounds=3)
+    metrics = json.loads((tmp_path / "ws" / "server" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["key_metric"], metrics["key_metric_mode"]) == ("completed", "accuracy", "max")
+    assert metrics["best"] == {"round": 1, "score": 0.8}
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    for record, accuracy, best in zip(metrics["rounds"], (0.5, 0.8, 0.7), (True, True, False), strict=True):
+        assert record["answered"] == ["site-1", "site-2"] and record["failed"] == {}
+        assert record["weights"] == {"site-1": 1.0, "site-2": 1.0}
+        assert record["mean"] == {"accuracy": accuracy} and record["best"] is best
+        assert all(0 <= t <= record["seconds"] for t in record["answered_after_s"].values())
+        assert set(record["answered_after_s"]) == {"site-1", "site-2"}
+    assert metrics["reason"] == state["reason"]

@@ -7,6 +7,7 @@ bit for bit."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
@@ -362,5 +363,9 @@ def test_a_site_without_data_answers_with_zero_steps_and_is_skipped_with_a_note(
         assert set(record.notes) == {"site-3"} and "no data this round" in record.notes["site-3"]
         assert not record.failed
         _assert_global(server, _mean([sends["site-1"], sends["site-2"]]))
+        server.persistor.flush(30)
+        history = json.loads((server.persistor.directory / "metrics.json").read_text())["rounds"][0]
+        assert history["weights"] == {"site-1": 1.0, "site-2": 3.0, "site-3": 0.0}
+        assert list(history["skipped"]) == ["site-3"]
     finally:
         harness.close()

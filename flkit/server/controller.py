@@ -75,6 +75,10 @@ class RoundRecord:
     aggregated: dict[str, float] | None = None
     # Sites whose answer was taken but not aggregated, and why (e.g. no data this round).
     notes: dict[str, str] = field(default_factory=dict)
+    # Each answering site's aggregation weight (train rounds) and seconds from the round's start
+    # to its answer being taken.
+    weights: dict[str, float] = field(default_factory=dict)
+    answered_after_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Answer:
     params: Params | None = None
     params_type: ParamsType = ParamsType.FULL
     saved_to: Path | None = None  # where the task's prepare step stored the params
+    weight: float | None = None  # its aggregation weight (train answers)
     problem: str | None = None  # why the prepare step could not use the answer (not the site's fault)
 
 
@@ -113,6 +118,7 @@ class _OpenTask:
     # Slow work on a checked answer (folding it into the aggregate, writing a model to disk),
     # outside the registry lock; the answer's params are only valid during this call.
     prepare: Callable[[Answer], None] | None = None
+    started: float = field(default_factory=time.monotonic)  # when the task went out
 
 
 class Controller:
@@ -474,7 +480,7 @@ class Controller:
         record.seconds = time.monotonic() - started
         self.history.append(record)
         if new_global is not None:  # the model and the state that describes it, as one round
-            self.persistor.save_global(new_global, round_num, self._state(None))
+            self.persistor.save_global(new_global, round_num, self._state(None), self._metrics(None))
         else:
             self._save_state(None)
         n = cfg.server_memory_gc_rounds
@@ -508,6 +514,7 @@ class Controller:
     def _fold_in(self, answer: Answer) -> None:
         assert answer.params is not None  # a train answer without params was refused
         weight = weight_of(answer.site, answer.meta) * self.config.aggregation_weights.get(answer.site, 1.0)
+        answer.weight = weight
         assert self._aggregator is not None  # a train round is open
         if weight == 0:
             self._skip(answer.site)
@@ -744,6 +751,9 @@ class Controller:
     def _accept_locked(self, state: SiteStatus, open_task: _OpenTask, task: Task, answer: Answer) -> None:
         open_task.on_answer(answer)
         open_task.record.metrics[state.name] = answer.metrics
+        if answer.weight is not None:
+            open_task.record.weights[state.name] = answer.weight
+        open_task.record.answered_after_s[state.name] = round(time.monotonic() - open_task.started, 4)
         self.registry.settle_locked(state, "done")
         state.last_done = task.task_id
 
@@ -806,6 +816,7 @@ class Controller:
             try:
                 answer = self._answer(site, open_task, task, result, True)
                 weight = weight_of(site, answer.meta) * self.config.aggregation_weights.get(site, 1.0)
+                answer.weight = weight
             except ValidationError as exc:
                 failure: BaseException | None = exc
             else:
@@ -865,7 +876,37 @@ class Controller:
     # -- state --------------------------------------------------------------
 
     def _save_state(self, outcome: JobEnd | None) -> None:
-        self.persistor.save_state(self._state(outcome))
+        self.persistor.save_state(self._state(outcome), self._metrics(outcome))
+
+    def _metrics(self, outcome: JobEnd | None) -> dict[str, Any]:
+        """``metrics.json``: the run's history for people and tools (``round_state.json`` is what a
+        resume needs). Per round: the sites offered, those that answered (with their weights and
+        how long after the round's start), failed or were skipped, each site's metrics and their
+        means, the key metric's score and whether it was the best, and the round's seconds."""
+        cfg = self.config
+        rounds = []
+        for r in self.history:
+            names = sorted({name for m in r.metrics.values() for name in m})
+            means = {name: _mean_metric(r.metrics, name) for name in names}
+            rounds.append({
+                "round": r.round, "task": r.task, "sites": r.sites, "answered": sorted(r.metrics),
+                "failed": r.failed, "skipped": r.notes, "weights": r.weights,
+                "answered_after_s": r.answered_after_s, "metrics": r.metrics,
+                "mean": {k: v for k, v in means.items() if v is not None},
+                "aggregated": r.aggregated, "score": r.score, "best": r.best, "seconds": round(r.seconds, 4),
+            })
+        best = self.selector.best
+        return {
+            "job_id": self.registry.job_id,
+            "key_metric": cfg.key_metric,
+            "key_metric_mode": "min" if cfg.negate_key_metric else "max",
+            "strategy": self._strategy_name,
+            "num_rounds": cfg.num_rounds,
+            "status": "running" if outcome is None else ("failed" if outcome.failed else "completed"),
+            "reason": None if outcome is None else outcome.reason,
+            "best": None if best is None else {"round": best.round, "score": best.value},
+            "rounds": rounds,
+        }
 
     def _state(self, outcome: JobEnd | None) -> dict[str, Any]:
         """The round state: what ``round_state.json`` says and a resumed server takes back."""

@@ -25,6 +25,8 @@ log = logging.getLogger("flkit.server")
 GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
 BEST_MODEL_FILE = "best_FL_global_model.safetensors"
 STATE_FILE = "round_state.json"
+# The run's history for people and tools (flkit report): per round, metrics, participation, weights, timings.
+METRICS_FILE = "metrics.json"
 # How much lower the writer thread's CPU priority is than the round loop's (nice increment).
 WRITER_NICE = 10
 
@@ -117,9 +119,10 @@ class _Pending:
     global_round: int | None = None
     best: tuple[Params, dict[str, Any]] | None = None
     state: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
 
     def empty(self) -> bool:
-        return self.global_params is None and self.best is None and self.state is None
+        return self.global_params is None and self.best is None and self.state is None and self.metrics is None
 
 
 class Persistor:
@@ -164,15 +167,19 @@ class Persistor:
 
     # -- handing over ---------------------------------------------------------
 
-    def save_global(self, params: Params, round_num: int, state: dict[str, Any] | None = None) -> None:
+    def save_global(self, params: Params, round_num: int, state: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None) -> None:
         """Queue the global model made in ``round_num`` (replacing one not written yet), with the
         round state that describes it: both are handed over at once, so the writer never takes a
-        model without its state (a resume reads the two as one round)."""
+        model without its state (a resume reads the two as one round). ``metrics``: the run's
+        history for ``metrics.json``, written after the state."""
         with self._cond:
             self._check_locked()
             self._pending.global_params, self._pending.global_round = params, round_num
             if state is not None:
                 self._pending.state = dict(state)
+            if metrics is not None:
+                self._pending.metrics = metrics
             self.handed_rounds += 1
             self._wake_locked()
 
@@ -183,11 +190,14 @@ class Persistor:
             self._pending.best = (params, {"round": round_num, "key_metric": key_metric, "score": repr(score)})
             self._wake_locked()
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        """Queue the round state; it is written after the models handed over before it."""
+    def save_state(self, state: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+        """Queue the round state (and the run's history for ``metrics.json``); they are written
+        after the models handed over before them."""
         with self._cond:
             self._check_locked()
             self._pending.state = dict(state)
+            if metrics is not None:
+                self._pending.metrics = metrics
             self._wake_locked()
 
     def flush(self, timeout: float | None = None) -> None:
@@ -278,6 +288,8 @@ class Persistor:
             write_json(self.state_path, state)
         for source, target in staged:
             os.replace(source, target)
+        if work.metrics is not None:
+            write_json(self.directory / METRICS_FILE, work.metrics)
 
     def server_models(self, include_best: bool) -> list[tuple[str, Path]]:
         """The server's models for cross-site evaluation, named ``SRV_<file name>`` as NVFlare does:
