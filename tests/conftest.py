@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,24 @@ def any_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Serv
     h = ServerHarness(tmp_path, transport=request.param)
     yield h
     h.close()
+
+
+def in_threads(target: Callable[[str], None], names: Iterable[str], timeout: float = 60) -> dict[str, BaseException]:
+    """Run ``target(name)`` for every name at once, one thread each; what each raised, by name."""
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            target(name)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:

@@ -3,8 +3,6 @@ Multi-Krum; and a real server whose median ignores one site sending huge values.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from flkit.model import FLModel, ParamsType
 from flkit.server.persistor import load_params
 from flkit.strategy import SiteResult, create
 
-from conftest import ServerHarness
+from conftest import ServerHarness, in_threads
 
 
 def _aggregate(name: str, args: dict, results: list[tuple[dict, float]], base: dict | None = None,
@@ -86,22 +84,12 @@ def test_a_server_with_the_median_ignores_one_site_sending_huge_values(tmp_path)
         server = harness.start(initial, ["site-1", "site-2", "site-3"], num_rounds=1, key_metric=None,
                                strategy=create("median"))
         sends = {"site-1": torch.full((4,), 1.0), "site-2": torch.full((4,), 2.0), "site-3": torch.full((4,), 1e9)}
-        errors: list[BaseException] = []
-
         def site(name: str) -> None:
-            try:
-                session = harness.session(server, name)
-                session.receive(timeout=30)
-                session.send(FLModel(params={"w": sends[name]}, meta={"NUM_STEPS_CURRENT_ROUND": 100}))
-            except BaseException as exc:  # noqa: BLE001 - checked below
-                errors.append(exc)
+            session = harness.session(server, name)
+            session.receive(timeout=30)
+            session.send(FLModel(params={"w": sends[name]}, meta={"NUM_STEPS_CURRENT_ROUND": 100}))
 
-        threads = [threading.Thread(target=site, args=(n,)) for n in sends]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
+        assert in_threads(site, sends) == {}
         outcome = server.wait(30)
         assert outcome is not None and not outcome.failed, outcome
         assert torch.equal(load_params(server.persistor.global_model_path)["w"], torch.full((4,), 2.0))

@@ -25,7 +25,7 @@ from flkit.wire.frames import payload_prefix
 from flkit.wire.grpc_options import SERVICE_NAME
 from flkit.wire.tensor_stream import Encoded
 
-from conftest import ServerHarness
+from conftest import ServerHarness, in_threads
 
 WINDOW = 8192  # bytes: the 200 KB model below crosses about 25 windows
 
@@ -70,25 +70,36 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def _run_sites(harness: ServerHarness, server, sends: dict[str, tuple[dict[str, torch.Tensor], int]],
                sessions: dict | None = None) -> dict:
     """Each site receives its task and sends its params with its weight, in its own thread
-    (``sessions``: sessions already open, by site)."""
-    errors: dict[str, BaseException] = {}
+    (``sessions``: sessions already open, by site); what each raised, by site."""
     sessions = sessions or {}
 
     def site(name: str) -> None:
-        try:
-            session = sessions.get(name) or harness.session(server, name)
-            session.receive(timeout=30)
-            params, weight = sends[name]
-            session.send(FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": weight}))
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            errors[name] = exc
+        session = sessions.get(name) or harness.session(server, name)
+        session.receive(timeout=30)
+        params, weight = sends[name]
+        session.send(FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": weight}))
 
-    threads = [threading.Thread(target=site, args=(name,)) for name in sends]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return errors
+    return in_threads(site, sends)
+
+
+def _two_sites_with_their_tasks(harness: ServerHarness):
+    """A streamed FedAvg server of site-1 and site-2, each of which holds its round-0 task."""
+    server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
+    s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
+    s1.connect(), s2.connect()
+    s1.receive(timeout=30)
+    s2.receive(timeout=30)
+    return server, s1, s2
+
+
+def _send_and_check(server, sessions: dict) -> None:
+    """site-1 and site-2 answer with weights 1 and 3; the job completes with exactly their mean."""
+    sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
+    for name, (params, weight) in sends.items():
+        sessions[name].send(FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": weight}))
+    outcome = server.wait(30)
+    assert outcome is not None and not outcome.failed, outcome
+    _assert_global(server, _mean(list(sends.values())))
 
 
 def _assert_global(server, expected: dict[str, torch.Tensor]) -> None:
@@ -155,21 +166,12 @@ def _frames(session, task_id: str, params: dict[str, torch.Tensor], weight: int)
 def test_an_upload_that_breaks_off_is_taken_back_out_and_may_be_sent_again(tmp_path, small_windows):
     harness = ServerHarness(tmp_path, transport="grpc")
     try:
-        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
-        s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
-        s1.connect(), s2.connect()
-        s1.receive(timeout=30)
-        s2.receive(timeout=30)
+        server, s1, s2 = _two_sites_with_their_tasks(harness)
         header, payload = _frames(s1, s1.state.task.task_id, _params(7), 4)  # this first send dies half-way
         reply = _raw_submit(s1)(iter([header, *payload[:len(payload) // 2]]), timeout=30)
         assert not reply.accepted and "truncated" in reply.error, reply
         assert len(small_windows) >= 10  # half of it had been folded in before it broke off
-        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
-        s1.send(FLModel(params=sends["site-1"][0], meta={"NUM_STEPS_CURRENT_ROUND": 1}))
-        s2.send(FLModel(params=sends["site-2"][0], meta={"NUM_STEPS_CURRENT_ROUND": 3}))
-        outcome = server.wait(30)
-        assert outcome is not None and not outcome.failed, outcome
-        _assert_global(server, _mean(list(sends.values())))
+        _send_and_check(server, {"site-1": s1, "site-2": s2})
     finally:
         harness.close()
 
@@ -329,20 +331,11 @@ def test_a_journal_that_cannot_be_made_refuses_the_result_and_the_site_sends_aga
     monkeypatch.setattr(DiskJournal, "__init__", once_full)
     harness = ServerHarness(tmp_path, transport="grpc")
     try:
-        server = harness.start(_initial(), ["site-1", "site-2"], num_rounds=1, strategy=FedAvg(streamed=True))
-        s1, s2 = harness.session(server, "site-1"), harness.session(server, "site-2")
-        s1.connect(), s2.connect()
-        s1.receive(timeout=30)
-        s2.receive(timeout=30)
+        server, s1, s2 = _two_sites_with_their_tasks(harness)
         header, payload = _frames(s1, s1.state.task.task_id, _params(1), 1)
         reply = _raw_submit(s1)(iter([header, *payload]), timeout=30)
         assert not reply.accepted and "No space left on device" in reply.error, reply
-        sends = {"site-1": (_params(1), 1), "site-2": (_params(2), 3)}
-        s1.send(FLModel(params=sends["site-1"][0], meta={"NUM_STEPS_CURRENT_ROUND": 1}))
-        s2.send(FLModel(params=sends["site-2"][0], meta={"NUM_STEPS_CURRENT_ROUND": 3}))
-        outcome = server.wait(30)
-        assert outcome is not None and not outcome.failed, outcome
-        _assert_global(server, _mean(list(sends.values())))
+        _send_and_check(server, {"site-1": s1, "site-2": s2})
     finally:
         harness.close()
 
