@@ -173,3 +173,18 @@ def test_a_fold_that_fails_raises_in_its_thread_and_the_next_round_can_start(kin
     out = start(strategy, 1, {"w": torch.zeros(4)})
     strategy.add(SiteResult("b", {"w": torch.ones(4)}, ParamsType.FULL, 1.0))
     assert torch.equal(finish(strategy, out)["w"], torch.ones(4))
+
+
+@BOTH
+def test_complex_tensors_are_averaged_in_their_own_kind(kind):
+    """Complex buffers (complex64 and complex128) average like floats: (a + 3b) / 4."""
+    initial = {"c": torch.zeros(2, dtype=torch.complex128), "d": torch.zeros(2, dtype=torch.complex64)}
+    a = {"c": torch.tensor([1 + 2j, 4j], dtype=torch.complex128), "d": torch.tensor([2 + 0j, 1j], dtype=torch.complex64)}
+    b = {"c": torch.tensor([5 + 2j, 0j], dtype=torch.complex128), "d": torch.tensor([2 + 4j, 1j], dtype=torch.complex64)}
+    strategy = kind()
+    out = start(strategy, 0, initial)
+    strategy.add(SiteResult("a", a, ParamsType.FULL, 1.0))
+    strategy.add(SiteResult("b", b, ParamsType.FULL, 3.0))
+    finish(strategy, out)
+    assert torch.equal(out["c"], torch.tensor([4 + 2j, 1j], dtype=torch.complex128))
+    assert torch.equal(out["d"], torch.tensor([2 + 3j, 1j], dtype=torch.complex64))

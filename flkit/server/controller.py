@@ -36,7 +36,15 @@ from flkit.server.persistor import Persistor, SavedRun, load_params
 from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.validation import check_metrics, check_params, first_non_finite, short_reason, weight_of
-from flkit.strategy.base import Aggregator, Contribution, RoundClosed, SiteConfig, SiteResult, Strategy
+from flkit.strategy.base import (
+    Aggregator,
+    Contribution,
+    RoundClosed,
+    SiteConfig,
+    SiteResult,
+    Strategy,
+    mean_metrics,
+)
 from flkit.strategy.registry import name_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
 from flkit.wire.codec import Params
@@ -47,14 +55,6 @@ __all__ = ["SUBMIT_MODEL", "TRAIN", "VALIDATE", "Answer", "Controller", "JobEnde
 
 
 Event = dict[str, Any]
-
-
-def _mean_metric(metrics_by_site: dict[str, dict[str, float]], metric: str) -> float | None:
-    """The mean of ``metric`` over the sites that reported it as a finite number (None: none did)."""
-    values = [float(m[metric]) for m in metrics_by_site.values()
-              if isinstance(m.get(metric), (int, float)) and not isinstance(m.get(metric), bool)
-              and math.isfinite(m[metric])]
-    return sum(values) / len(values) if values else None
 
 
 class JobEndedError(Exception):
@@ -288,7 +288,7 @@ class Controller:
             return None
         cond = parse_stop_cond(cfg.stop_cond)
         if cond is not None:
-            value = _mean_metric(trained[-1].metrics, cond.metric)
+            value = mean_metrics(trained[-1].metrics).get(cond.metric)
             if value is not None and cond.holds(value):
                 return f"{cfg.stop_cond} held in round {trained[-1].round} ({cond.metric}={value:.4g}, the sites' mean)"
         if cfg.patience is not None:
@@ -300,7 +300,7 @@ class Controller:
             best: tuple[float, int] | None = None
             without = 0
             for record in trained:  # a round nobody scored neither improves nor counts
-                score = _mean_metric(record.metrics, metric)
+                score = mean_metrics(record.metrics).get(metric)
                 if score is None:
                     continue
                 if best is None or (score < best[0] if lower else score > best[0]):
@@ -886,13 +886,11 @@ class Controller:
         cfg = self.config
         rounds = []
         for r in self.history:
-            names = sorted({name for m in r.metrics.values() for name in m})
-            means = {name: _mean_metric(r.metrics, name) for name in names}
             rounds.append({
                 "round": r.round, "task": r.task, "sites": r.sites, "answered": sorted(r.metrics),
                 "failed": r.failed, "skipped": r.notes, "weights": r.weights,
                 "answered_after_s": r.answered_after_s, "metrics": r.metrics,
-                "mean": {k: v for k, v in means.items() if v is not None},
+                "mean": mean_metrics(r.metrics),
                 "aggregated": r.aggregated, "score": r.score, "best": r.best, "seconds": round(r.seconds, 4),
             })
         best = self.selector.best

@@ -30,7 +30,7 @@ from flkit.wire.tensor_stream import Encoded
 
 BOUNCE_BYTES = 8 << 20
 # What file systems answer to an O_DIRECT open or write they do not take.
-_REFUSED = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
+REFUSED_ERRNOS = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
 ALIGN = 4096  # a multiple of every common logical block size (512, 4096)
 
 
@@ -65,7 +65,7 @@ class DirectWriter:
         try:
             fd = os.open(path, os.O_WRONLY | flag)
         except OSError as exc:
-            if exc.errno in _REFUSED:
+            if exc.errno in REFUSED_ERRNOS:
                 raise DirectWriteUnsupported(exc.errno, f"{path}: the file system refuses O_DIRECT") from exc
             raise
         try:
@@ -103,7 +103,7 @@ class DirectWriter:
         try:
             written = os.write(fd, view)
         except OSError as exc:
-            if exc.errno in _REFUSED:
+            if exc.errno in REFUSED_ERRNOS:
                 raise DirectWriteUnsupported(exc.errno, "the file system refuses aligned O_DIRECT writes") from exc
             raise
         finally:
@@ -112,4 +112,4 @@ class DirectWriter:
             raise DirectWriteUnsupported(errno.EIO, f"short O_DIRECT write ({written} of {length} bytes)")
 
 
-__all__ = ["DirectWriteUnsupported", "DirectWriter"]
+__all__ = ["ALIGN", "REFUSED_ERRNOS", "DirectWriteUnsupported", "DirectWriter"]

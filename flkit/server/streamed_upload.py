@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from flkit.errors import ValidationError
+from flkit.server.direct_write import ALIGN, REFUSED_ERRNOS
 from flkit.server.validation import all_finite, check_layout
 from flkit.strategy.base import Contribution
 from flkit.wire.codec import Params
@@ -41,9 +42,7 @@ from flkit.wire.tensor_stream import MAX_HEADER_BYTES, Span, read_spans
 # little per byte, small enough that a few concurrent uploads cost nothing next to the model.
 # A multiple of 4096 (O_DIRECT), hence of every element size: no element straddles two windows.
 WINDOW_BYTES = 16 << 20
-ALIGN = 4096
 log = logging.getLogger("flkit.server")
-_REFUSED = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
 
 
 class UploadRefused(Exception):
@@ -85,7 +84,7 @@ def _warn_buffered(folder: Path, exc: OSError | None) -> None:
     _warned.add(key)
     log.warning("the file system of %s refuses O_DIRECT (%s): upload journals are written buffered there, "
                 "through the page cache (memory, on tmpfs); give the server a workspace on a disk",
-                folder or "the server's workspace", exc.strerror if exc is not None else "aligned writes refused")
+                folder, exc.strerror if exc is not None else "aligned writes refused")
 
 
 class DiskJournal(Journal):
@@ -104,7 +103,7 @@ class DiskJournal(Journal):
                 try:
                     self._direct = os.open(name, os.O_WRONLY | flag)
                 except OSError as exc:
-                    if exc.errno not in _REFUSED:
+                    if exc.errno not in REFUSED_ERRNOS:
                         raise
                     _warn_buffered(folder, exc)
         except BaseException:
@@ -125,7 +124,7 @@ class DiskJournal(Journal):
                         self.size += size
                         return
                 except OSError as exc:
-                    if exc.errno not in _REFUSED:
+                    if exc.errno not in REFUSED_ERRNOS:
                         raise
                 os.close(self._direct)  # the file system took the open but not the write
                 self._direct = None

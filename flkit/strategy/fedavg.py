@@ -19,7 +19,7 @@ from flkit.errors import FLKitError
 from flkit.model import ParamsType
 from flkit.strategy.base import Aggregator, Contribution, SiteResult, Strategy
 from flkit.strategy.registry import register
-from flkit.strategy.streamed_mean import StreamedMean
+from flkit.strategy.streamed_mean import StreamedMean, write_mean
 from flkit.wire.codec import Params
 
 # Elements folded per step (a 16 MiB float64 staging buffer). Why this large: each step is a few
@@ -216,13 +216,7 @@ class WeightedMean(Aggregator):
         """out[piece] = sum[piece] / total, rounded once to the output's dtype."""
         staged = self._buffer(piece.stop - piece.start, self._sums[piece.name].dtype)
         torch.div(self._sums[piece.name][piece.start:piece.stop], total, out=staged)
-        dtype = flat_out.dtype
-        if dtype == torch.bool:
-            flat_out[piece.start:piece.stop].copy_(staged >= 0.5)
-        elif not (dtype.is_floating_point or dtype.is_complex):
-            flat_out[piece.start:piece.stop].copy_(staged.round_())
-        else:
-            flat_out[piece.start:piece.stop].copy_(staged)
+        write_mean(flat_out[piece.start:piece.stop], staged)
 
 
 # Models at least this large (256 MiB) are averaged by StreamedMean unless the job says otherwise: the float64

@@ -6,8 +6,8 @@ sizes for a float32 model) and takes whole, checked results (a receive buffer of
 per upload), so the server peaks at about five model sizes. For a model of gigabytes that is what
 decides whether the job fits on the server at all. Here the sums are the ``out`` buffers the
 controller gives ``start`` (the next global model, in the model's dtype) and results arrive as
-pieces (``Contribution``), so the server holds the global model, the next one and a few window
-buffers: about two model sizes, whatever the number of sites.
+pieces (``Contribution``), so the server holds the global model, the next one and, per upload
+being folded (a bounded number), a window buffer: about two model sizes plus a fixed overhead.
 
 What it gives up: float32 sums round at every addition, so the mean depends (at float32's last
 bit) on the order the results arrive in, and taking back a result that failed half-way
@@ -37,9 +37,20 @@ STRIPE = 1 << 21
 CLOSE_WAIT_S = 600.0
 
 
+def write_mean(out: torch.Tensor, mean: torch.Tensor) -> None:
+    """``out`` = ``mean`` rounded once to ``out``'s dtype: floats as they are, integers to the
+    nearest, bool by majority (``mean`` >= 0.5). Shared by FedAvg's two aggregators."""
+    if out.dtype == torch.bool:
+        out.copy_(mean >= 0.5)
+    elif not (out.dtype.is_floating_point or out.dtype.is_complex):
+        out.copy_(mean.round_())
+    else:
+        out.copy_(mean)
+
+
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype | None:
     """The dtype of a tensor's side sum, or None when the sum lives in the output buffer itself."""
-    if dtype in (torch.float32, torch.float64, torch.complex64):
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
         return None
     if dtype.is_floating_point:
         return torch.float32  # float16, bfloat16: their own precision is too coarse to sum in
@@ -50,7 +61,7 @@ class _Piecewise(Contribution):
     """One result on its way in (``StreamedMean.contribution``)."""
 
     def __init__(self, owner: StreamedMean, site: str, weight: float, params_type: ParamsType,
-                 cancel: object) -> None:
+                 cancel: Callable[[], None] | None) -> None:
         self.owner = owner
         self.site = site
         self.weight = weight
@@ -135,7 +146,7 @@ class StreamedMean(Aggregator):
         self._sums = sums
 
     def contribution(self, round_num: int, site: str, weight: float, params_type: ParamsType,
-                     cancel: object = None) -> _Piecewise:
+                     cancel: Callable[[], None] | None = None) -> _Piecewise:
         if not weight > 0:
             raise FLKitError(f"site {site}: aggregation weight must be > 0, got {weight}")
         piece = _Piecewise(self, site, weight, params_type, cancel)
@@ -208,7 +219,7 @@ class StreamedMean(Aggregator):
             for piece in pending:
                 piece.cancelled = True
         for piece in pending:
-            if callable(piece.cancel):
+            if piece.cancel is not None:
                 piece.cancel()
         with self._cond:
             if not self._cond.wait_for(lambda: not self._open, CLOSE_WAIT_S):
@@ -226,15 +237,8 @@ class StreamedMean(Aggregator):
             if self._diff:  # DIFF results summed differences: the global model, weighted, once
                 total.add_(base[name], alpha=self._diff)
             total.div_(self._total)
-            out = self._out[name]
-            if total is out:
-                continue
-            if out.dtype == torch.bool:
-                out.copy_(total >= 0.5)
-            elif not out.dtype.is_floating_point:
-                out.copy_(total.round_())
-            else:
-                out.copy_(total)
+            if total is not self._out[name]:
+                write_mean(self._out[name], total)
 
 
-__all__ = ["STRIPE", "StreamedMean"]
+__all__ = ["STRIPE", "StreamedMean", "write_mean"]
