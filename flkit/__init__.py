@@ -21,7 +21,7 @@ from flkit.errors import (
     ResultRejectedError,
     ValidationError,
 )
-from flkit.model import FLMetaKey, FLModel, MetaKey, ParamsType
+from flkit.model import AlgorithmConstants, FLMetaKey, FLModel, MetaKey, ParamsType
 
 if TYPE_CHECKING:
     from flkit.api import (
@@ -84,6 +84,7 @@ __all__ = [
     "CommunicationError",
     "ConfigError",
     "FLKitError",
+    "AlgorithmConstants",
     "FLMetaKey",
     "FLModel",
     "JobFailedError",

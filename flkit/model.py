@@ -32,6 +32,15 @@ class MetaKey:
 FLMetaKey = MetaKey
 
 
+class AlgorithmConstants:
+    """Meta keys of the algorithms whose client side flkit ships (NVFlare's ``AlgorithmConstants``,
+    the same strings): SCAFFOLD's control variates and FedProx's coefficient."""
+
+    SCAFFOLD_CTRL_DIFF = "scaffold_c_diff"  # a site's change of its control variate (tensors)
+    SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"  # the server's control variate, sent with each task (tensors)
+    FEDPROX_MU = "fedprox_mu"  # FedProx's coefficient, sent with each training task
+
+
 class FLModel:
     """A model (or its change) with metrics, round numbers and free-form meta.
 

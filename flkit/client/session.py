@@ -38,6 +38,7 @@ from flkit.messages import (
 )
 from flkit.model import FLModel, ParamsType
 from flkit.transport import Transport, make_transport
+from flkit.wire import meta_tensors
 from flkit.wire.codec import encode_params, plain_meta, plain_metrics, to_cpu_params
 
 # A next-task call waits at most this long at the server; the site then asks again.
@@ -51,9 +52,12 @@ T = TypeVar("T")
 def task_model(task: Task, settings: SiteSettings) -> FLModel:
     """The FLModel a script receives for a task (on rank 0 and on every other rank alike)."""
     meta = dict(task.meta, job_id=settings.job_id, site_name=settings.site_name)
-    params: Any = task.params
+    params: Any
+    params, groups = meta_tensors.unpack(task.params)
     if params is not None and settings.framework == "numpy":
         params = _as_numpy(params)
+    for key, tensors in groups.items():  # e.g. SCAFFOLD's global control variate
+        meta[key] = _as_numpy(tensors) if settings.framework == "numpy" else tensors
     return FLModel(params_type=task.params_type or None, params=params, current_round=task.round,
                    total_rounds=task.total_rounds, meta=meta)
 
@@ -356,7 +360,7 @@ class Session:
         if task.name == TRAIN and task.params is not None and self._sends_diff():
             # The script may change the received tensors in place (numpy views, `p += ...`): a DIFF
             # must be taken against the model as it arrived, so keep one copy of it.
-            self._diff_base = {k: v.clone() for k, v in task.params.items()}
+            self._diff_base = {k: v.clone() for k, v in task.params.items() if not k.startswith(meta_tensors.PREFIX)}
         return task_model(task, self.settings)
 
     def _sends_diff(self) -> bool:
@@ -407,7 +411,8 @@ class Session:
         task = state.task if state.phase in (Phase.HELD, Phase.ANSWERED) else None
         if task is None:
             raise FLKitError("send() without a task: call receive() first")
-        result = Result(task.task_id, metrics=plain_metrics(model.metrics), meta=plain_meta(model.meta))
+        meta, groups = meta_tensors.split_meta(model.meta)  # tensors in meta travel beside the params
+        result = Result(task.task_id, metrics=plain_metrics(model.metrics), meta=plain_meta(meta))
         if task.name == TRAIN:
             if model.params is None:
                 raise ValidationError(f"task 'train' of round {task.round} must be answered with params")
@@ -417,7 +422,7 @@ class Session:
             if self._sends_diff() and sent_type == ParamsType.FULL:
                 params = self._diff(params, self._diff_base or {})
                 result.params_type = ParamsType.DIFF.value
-            result.params = params
+            result.params = meta_tensors.pack(params, groups) if groups else params
         elif task.name == SUBMIT_MODEL and model.params is not None:
             # Cross-site evaluation asks for the site's own model: always the whole model.
             if model.params_type == ParamsType.DIFF:

@@ -35,7 +35,14 @@ from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, SavedRun, load_params
 from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
-from flkit.server.validation import check_metrics, check_params, first_non_finite, short_reason, weight_of
+from flkit.server.validation import (
+    check_meta_tensors,
+    check_metrics,
+    check_params,
+    first_non_finite,
+    short_reason,
+    weight_of,
+)
 from flkit.strategy.base import (
     Aggregator,
     Contribution,
@@ -47,7 +54,9 @@ from flkit.strategy.base import (
 )
 from flkit.strategy.registry import name_of
 from flkit.tensor_reuse import BufferPool, copy_into_pool
+from flkit.wire import meta_tensors
 from flkit.wire.codec import Params
+from flkit.wire.meta_tensors import Groups
 
 log = logging.getLogger("flkit.server")
 
@@ -93,6 +102,7 @@ class Answer:
     saved_to: Path | None = None  # where the task's prepare step stored the params
     weight: float | None = None  # its aggregation weight (train answers)
     problem: str | None = None  # why the prepare step could not use the answer (not the site's fault)
+    meta_tensors: Groups = field(default_factory=dict)  # tensors the site sent in its meta (checked)
 
 
 @dataclass
@@ -205,6 +215,7 @@ class Controller:
                 from None
         try:
             self.strategy.load_state_dict(strategy.get("state") or {})
+            self.strategy.load_state_tensors(saved.strategy_tensors)
         except Exception as exc:
             raise ValidationError(f"cannot resume: {self._strategy_name}.load_state_dict failed: "
                                   f"{type(exc).__name__}: {exc}") from None
@@ -419,6 +430,12 @@ class Controller:
             if len(active) < cfg.min_clients:
                 return JobEnd(True, f"round {round_num}: only {len(active)} site(s) available, "
                                     f"min_clients={cfg.min_clients} ({self._failures_locked() or 'sites left'})")
+        if task_name == TRAIN:
+            try:
+                self.strategy.population(list(active))
+            except Exception as exc:
+                return JobEnd(True, f"round {round_num}: {self._strategy_name}.population failed: "
+                                    f"{type(exc).__name__}: {exc}")
         offered = self._sample(round_num, active) if task_name == TRAIN else active
         plan = self._plan(round_num, task_name, offered)
         if isinstance(plan, JobEnd):
@@ -428,8 +445,13 @@ class Controller:
         prepare = None
         self._poisoned = None
         new_global: Params | None = None
+        task_params = self.global_params
         if task_name == TRAIN:
             try:
+                extra = self.strategy.train_tensors(round_num, self.global_params)
+                if extra:  # e.g. SCAFFOLD's control variate: beside the model, as tensors
+                    task_params = meta_tensors.pack(self.global_params, {k: dict(v) for k, v in extra.items()}) \
+                        or {}
                 # The next global model's buffers, taken when the aggregator first asks (it may sum in them).
                 new_global = {}
                 self._aggregator = self.strategy.aggregator(round_num)
@@ -442,7 +464,7 @@ class Controller:
             params = "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
                    "total_rounds": cfg.num_rounds, "first_round": cfg.start_round})
-        end = self._dispatch(task_name, round_num, sites, self.global_params, {}, record, params,
+        end = self._dispatch(task_name, round_num, sites, task_params, {}, record, params,
                              lambda answer: None, min_answers=min(cfg.min_clients, len(sites)),
                              timeout_s=cfg.round_timeout_s, timeout_label="round_timeout_s", started=started,
                              prepare=prepare, site_meta=plan)
@@ -455,6 +477,8 @@ class Controller:
         if new_global is not None:
             assert self._aggregator is not None
             try:
+                if self.strategy.state_tensors():  # the last round's are being written: finish changes them
+                    self.persistor.flush()
                 self._aggregator.finish()
             except Exception as exc:
                 return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
@@ -480,7 +504,8 @@ class Controller:
         record.seconds = time.monotonic() - started
         self.history.append(record)
         if new_global is not None:  # the model and the state that describes it, as one round
-            self.persistor.save_global(new_global, round_num, self._state(None), self._metrics(None))
+            self.persistor.save_global(new_global, round_num, self._state(None), self._metrics(None),
+                                       dict(self.strategy.state_tensors()))
         else:
             self._save_state(None)
         n = cfg.server_memory_gc_rounds
@@ -520,7 +545,8 @@ class Controller:
             self._skip(answer.site)
             return
         try:
-            self._aggregator.add(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics))
+            self._aggregator.add(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics,
+                                            answer.meta_tensors))
         except BaseException as exc:  # part of the result may be in the sums: the round cannot finish
             self._poisoned = (f"folding the result of site {answer.site} failed half-way "
                               f"({type(exc).__name__}: {exc})")
@@ -778,11 +804,15 @@ class Controller:
             if open_task.params == "required" and result.params is None:
                 raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
             if open_task.params != "ignored" and result.params is not None:
-                check_params(site, result.params, expected)
-                answer.params = result.params
+                params, groups = meta_tensors.unpack(result.params)
+                assert params is not None
+                check_params(site, params, expected)
+                if groups:
+                    check_meta_tensors(site, groups, sum(t.numel() * t.element_size() for t in expected.values()))
+                answer.params, answer.meta_tensors = params, groups
             if open_task.prepare is not None:
                 open_task.prepare(answer)
-            answer.params = None  # the site's tensors are not kept past this call
+            answer.params, answer.meta_tensors = None, {}  # the site's tensors are not kept past this call
         except BaseException as exc:
             self._refuse(state, exc, accepting=True)
             raise

@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +25,9 @@ log = logging.getLogger("flkit.server")
 GLOBAL_MODEL_FILE = "FL_global_model.safetensors"
 BEST_MODEL_FILE = "best_FL_global_model.safetensors"
 STATE_FILE = "round_state.json"
+# The tensor part of the strategy's state (server momentum, Adam's moments, SCAFFOLD's control
+# variate), written with the global model it belongs to, as one round.
+STRATEGY_FILE = "strategy_state.safetensors"
 # The run's history for people and tools (flkit report): per round, metrics, participation, weights, timings.
 METRICS_FILE = "metrics.json"
 # How much lower the writer thread's CPU priority is than the round loop's (nice increment).
@@ -117,12 +120,14 @@ class _Pending:
 
     global_params: Params | None = None
     global_round: int | None = None
+    strategy_tensors: Params | None = None  # written with global_params, under the same round
     best: tuple[Params, dict[str, Any]] | None = None
     state: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
 
     def empty(self) -> bool:
-        return self.global_params is None and self.best is None and self.state is None and self.metrics is None
+        return self.global_params is None and self.best is None and self.state is None and self.metrics is None \
+            and self.strategy_tensors is None
 
 
 class Persistor:
@@ -162,20 +167,26 @@ class Persistor:
         return self.directory / BEST_MODEL_FILE
 
     @property
+    def strategy_path(self) -> Path:
+        return self.directory / STRATEGY_FILE
+
+    @property
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
     # -- handing over ---------------------------------------------------------
 
     def save_global(self, params: Params, round_num: int, state: dict[str, Any] | None = None,
-                    metrics: dict[str, Any] | None = None) -> None:
+                    metrics: dict[str, Any] | None = None, strategy_tensors: Params | None = None) -> None:
         """Queue the global model made in ``round_num`` (replacing one not written yet), with the
         round state that describes it: both are handed over at once, so the writer never takes a
         model without its state (a resume reads the two as one round). ``metrics``: the run's
-        history for ``metrics.json``, written after the state."""
+        history for ``metrics.json``, written after the state. ``strategy_tensors``: the tensor part
+        of the strategy's state after this round (not changed until ``flush`` returns)."""
         with self._cond:
             self._check_locked()
             self._pending.global_params, self._pending.global_round = params, round_num
+            self._pending.strategy_tensors = strategy_tensors or None
             if state is not None:
                 self._pending.state = dict(state)
             if metrics is not None:
@@ -273,6 +284,11 @@ class Persistor:
             save_params(staged_path(self.best_model_path), params, meta, self._direct)
             staged.append((staged_path(self.best_model_path), self.best_model_path))
             del params
+        if work.strategy_tensors is not None:
+            tensors, work.strategy_tensors = work.strategy_tensors, None
+            save_params(staged_path(self.strategy_path), tensors, {"round": work.global_round}, self._direct)
+            staged.append((staged_path(self.strategy_path), self.strategy_path))
+            del tensors
         if work.global_params is not None:
             params, work.global_params = work.global_params, None
             save_params(staged_path(self.global_model_path), params, {"round": work.global_round}, self._direct)
@@ -310,6 +326,7 @@ class SavedRun:
     state: dict[str, Any]
     global_params: Params
     round: int  # the round whose global model this is (the last one completed)
+    strategy_tensors: Params = field(default_factory=dict)  # the strategy's tensor state after that round
 
 
 def load_saved_run(directory: Path) -> SavedRun | None:
@@ -336,7 +353,13 @@ def load_saved_run(directory: Path) -> SavedRun | None:
     if meta.get("round") != str(saved_round):
         raise ValidationError(f"cannot resume: {model_path} is the model of round {meta.get('round')!r}, but "
                               f"{state_path} describes round {saved_round}")
-    return SavedRun(state=state, global_params=params, round=saved_round)
+    strategy_tensors: Params = {}
+    if (directory / STRATEGY_FILE).exists():
+        strategy_meta, strategy_tensors = _read_model(directory / STRATEGY_FILE)
+        if strategy_meta.get("round") != str(saved_round):
+            raise ValidationError(f"cannot resume: {directory / STRATEGY_FILE} is the strategy state of round "
+                                  f"{strategy_meta.get('round')!r}, but {state_path} describes round {saved_round}")
+    return SavedRun(state=state, global_params=params, round=saved_round, strategy_tensors=strategy_tensors)
 
 
 def _read_model(path: Path) -> tuple[dict[str, str], Params]:
@@ -361,7 +384,7 @@ def _finish_staged(directory: Path, saved_round: int) -> None:
                 described = (fh.metadata() or {}).get("round") == str(saved_round)
         except (OSError, safetensors.SafetensorError):
             described = False  # torn: the state cannot have been written after it
-    for name in (BEST_MODEL_FILE, GLOBAL_MODEL_FILE):
+    for name in (BEST_MODEL_FILE, STRATEGY_FILE, GLOBAL_MODEL_FILE):
         staged = staged_path(directory / name)
         if not staged.exists():
             continue

@@ -96,6 +96,21 @@ def check_params(site: str, params: Params, expected: Params) -> None:
         raise ValidationError(f"site {site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
 
 
+def check_meta_tensors(site: str, groups: Mapping[str, Mapping[str, torch.Tensor]], limit_bytes: int) -> None:
+    """A site's tensors in meta (flkit.wire.meta_tensors): finite values, and at most ``limit_bytes``
+    in all (the global model's size: what a site sends beside its model is bounded by what it got)."""
+    total = 0
+    for key, tensors in groups.items():
+        for name, tensor in tensors.items():
+            total += tensor.numel() * tensor.element_size()
+            if total > limit_bytes:
+                raise ValidationError(f"site {site}: the tensors in its meta hold more than the global model's "
+                                      f"{limit_bytes} bytes")
+            if (tensor.is_floating_point() or tensor.is_complex()) and not all_finite(tensor):
+                raise ValidationError(f"site {site}: meta[{quote(key)}][{quote(name)}] has non-finite values "
+                                      "(NaN or Inf)")
+
+
 def weight_of(site: str, meta: dict[str, Any]) -> float:
     """The aggregation weight: NUM_STEPS_CURRENT_ROUND, default 1. Zero is a site that had no data
     this round (e.g. an empty part of a skewed split): its result is taken but not folded in."""

@@ -43,6 +43,9 @@ class SiteResult:
     params_type: ParamsType
     weight: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Tensors the site sent in its meta, by meta key (e.g. SCAFFOLD's ``scaffold_c_diff``): checked
+    # finite, not checked against the model (the aggregator that uses them does that).
+    meta_tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Contribution(ABC):
@@ -153,6 +156,19 @@ class Strategy(ABC):
         offered site, no config."""
         return {site: {} for site in sites}
 
+    def population(self, sites: Sequence[str]) -> None:
+        """Called before each training round's ``configure_train`` with every site in the job now
+        (joined and not failed), sampled or not. For a strategy whose maths needs the number of
+        sites (SCAFFOLD averages its control variates over all of them). Default: nothing."""
+        return None
+
+    def train_tensors(self, round_num: int, global_params: Params) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """Tensors every site of training round ``round_num`` finds in ``FLModel.meta``, by meta key
+        (SCAFFOLD's global control variate under ``scaffold_c_global``). They travel beside the
+        global model as tensors (flkit.wire.meta_tensors) and must not change until the round ends.
+        Default: none."""
+        return {}
+
     def configure_evaluate(self, round_num: int, sites: Sequence[str], rng: random.Random) -> dict[str, SiteConfig]:
         """The sites that score the global model in an evaluation round (the job's final
         validation), each with its config. Default: every offered site, no config."""
@@ -172,6 +188,19 @@ class Strategy(ABC):
         """Take back what ``state_dict`` returned. Default: a strategy without state accepts only none."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
+
+    def state_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The tensor part of the strategy's state (server momentum, Adam's moments, SCAFFOLD's
+        control variate), saved with every round's global model as one round (a resume reads both or
+        neither). The Controller hands these very tensors to its writer thread: the strategy may
+        change them in place only in its aggregator's ``finish``, before which the Controller waits
+        until the last round's were written. Default: none."""
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take back what ``state_tensors`` returned (a resume). Default: accepts only none."""
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no tensor state, but was given {len(tensors)} tensor(s)")
 
 
 def mean_metrics(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

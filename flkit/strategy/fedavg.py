@@ -254,6 +254,14 @@ class _BySize(Aggregator):
         return self._chosen.contribution(round_num, site, weight, params_type, cancel)
 
 
+def mean_aggregator(streamed: bool | None = None) -> Aggregator:
+    """FedAvg's weighted mean, summed as ``streamed`` says (see ``FedAvg``): for strategies that
+    start from FedAvg's mean (server optimisers, FedProx, SCAFFOLD)."""
+    if streamed is not None and not isinstance(streamed, bool):
+        raise TypeError(f"streamed must be true, false or null, got {streamed!r}")
+    return _BySize() if streamed is None else StreamedMean() if streamed else WeightedMean()
+
+
 @register("fedavg")
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al., 2017): each offered site trains from the global model,
@@ -268,14 +276,11 @@ class FedAvg(Strategy):
     for models of 256 MiB and more."""
 
     def __init__(self, streamed: bool | None = None) -> None:
-        if streamed is not None and not isinstance(streamed, bool):
-            raise TypeError(f"FedAvg: streamed must be true, false or null, got {streamed!r}")
         # One aggregator for the job: its buffers are reused round after round.
-        self._aggregate: Aggregator = (_BySize() if streamed is None
-                                       else StreamedMean() if streamed else WeightedMean())
+        self._aggregate = mean_aggregator(streamed)
 
     def aggregator(self, round_num: int) -> Aggregator:
         return self._aggregate
 
 
-__all__ = ["FOLD_CHUNK", "STREAMED_FROM_BYTES", "FedAvg", "StreamedMean", "WeightedMean"]
+__all__ = ["FOLD_CHUNK", "STREAMED_FROM_BYTES", "FedAvg", "StreamedMean", "WeightedMean", "mean_aggregator"]

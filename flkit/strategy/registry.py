@@ -26,7 +26,10 @@ from flkit.strategy.base import Strategy
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # flkit's own strategies: name -> module that registers it (imported on first use).
 BUILTIN = {"fedavg": "flkit.strategy.fedavg", "median": "flkit.strategy.robust",
-           "trimmed-mean": "flkit.strategy.robust", "krum": "flkit.strategy.robust"}
+           "trimmed-mean": "flkit.strategy.robust", "krum": "flkit.strategy.robust",
+           "fedavgm": "flkit.strategy.fedopt", "fedadam": "flkit.strategy.fedopt", "fedyogi": "flkit.strategy.fedopt",
+           "fedadagrad": "flkit.strategy.fedopt", "fedprox": "flkit.strategy.fedprox",
+           "scaffold": "flkit.strategy.scaffold"}
 
 S = TypeVar("S", bound=type)
 

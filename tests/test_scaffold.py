@@ -1,0 +1,97 @@
+"""SCAFFOLD end to end: NVFlare-shaped site scripts (PTScaffoldHelper) on a Dirichlet split of
+scikit-learn's digits, with more sites than workers, so a site's script runs in another process
+from round to round; the sites' control variates live in their folders and stay consistent with
+the server's (c = the mean of every site's c_i), and a server that resumes goes on from them."""
+
+from __future__ import annotations
+
+import json
+import sys  # noqa: E402,I001
+
+import pytest
+import safetensors.torch
+import torch
+
+from flkit.errors import FLKitError
+from flkit.job import FedJob, ScriptRunner
+from flkit.pt import PTScaffoldHelper
+from flkit.pt.scaffold import STATE_DIR
+
+from conftest import SCRIPTS
+
+sys.path.insert(0, str(SCRIPTS))
+from digits_task import SmallNet  # noqa: E402
+
+
+def _job(rounds: int = 3) -> FedJob:
+    from flkit.job import FedAvg, IntimeModelSelector
+
+    job = FedJob(name="scaffold", min_clients=4, strategy="scaffold")
+    job.to_server(FedAvg(num_clients=4, num_rounds=rounds, model=SmallNet()))
+    job.to_server(IntimeModelSelector(key_metric="accuracy"))
+    job.to_clients(ScriptRunner(script=str(SCRIPTS / "scaffold_digits.py")))
+    return job
+
+
+@pytest.mark.slow
+def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tmp_path):
+    ws = tmp_path / "ws"
+    result = _job(3).simulator_run(ws, n_clients=4, threads=2, quiet=True, backend="processes")
+    state = json.loads((ws / "server" / "round_state.json").read_text())
+    assert state["status"] == "completed", state["reason"]
+    assert state["strategy"]["state"]["aggregated"] == {f"site-{i}": 2 for i in range(1, 5)}
+    assert max(r["score"] for r in state["history"] if r["score"] is not None) > 0.75  # it learns
+    server_c = safetensors.torch.load_file(str(ws / "server" / "strategy_state.safetensors"))
+    sites_c = [safetensors.torch.load_file(str(ws / f"site-{i}" / STATE_DIR / "c_local.round-2.safetensors"))
+               for i in range(1, 5)]
+    assert not (ws / "site-1" / STATE_DIR / "c_local.round-0.safetensors").exists()  # old rounds are dropped
+    for name, c in server_c.items():
+        mean = sum(site[name[2:]] for site in sites_c) / 4
+        assert mean.abs().max() > 0  # not trivially zero
+        torch.testing.assert_close(c, mean.reshape(-1), rtol=1e-4, atol=1e-5)
+    del result
+
+
+def test_helper_takes_the_control_variate_of_the_round_the_server_names(tmp_path):
+    """A server that resumed from round 0 names round 0's c_local, though the site wrote round 1's."""
+    net = torch.nn.Linear(2, 1)
+    folder = tmp_path / STATE_DIR
+    PTScaffoldHelper._save_local(folder, 0, {"weight": torch.full((1, 2), 1.0), "bias": torch.full((1,), 1.0)})
+    PTScaffoldHelper._save_local(folder, 1, {"weight": torch.full((1, 2), 2.0), "bias": torch.full((1,), 2.0)})
+    helper = PTScaffoldHelper()
+    helper.init(net)
+    _, c_local = helper.get_params()
+    helper._load_local(folder, 0, c_local)
+    assert torch.equal(c_local["weight"], torch.full((1, 2), 1.0))
+    assert (folder / "c_local.round-1.safetensors").exists()  # a newer one is kept (it is rewritten when round 1 runs again)
+    helper._load_local(folder, None, c_local)  # never aggregated: zeros
+    assert torch.equal(c_local["bias"], torch.zeros(1))
+    with pytest.raises(FLKitError, match="control variate of round 5 is missing"):
+        helper._load_local(folder, 5, c_local)
+
+
+def test_a_result_without_control_variates_fails_the_site_not_the_model(tmp_path):
+    from flkit.errors import ValidationError
+    from flkit.strategy import SiteResult, create
+
+    strategy = create("scaffold", {})
+    base = {"w": torch.zeros(2)}
+    strategy.population(["a", "b"])
+    assert strategy.train_tensors(0, base)["scaffold_c_global"]["w"].tolist() == [0.0, 0.0]
+    out = {"w": torch.empty(2)}
+    aggregator = strategy.aggregator(0)
+    aggregator.start(0, base, lambda: out)
+    with pytest.raises(ValidationError, match="must carry meta\\['scaffold_c_diff'\\]"):
+        aggregator.add(SiteResult("a", {"w": torch.ones(2)}, "FULL", 1.0))
+    with pytest.raises(ValidationError, match="does not match the model's floating tensors"):
+        aggregator.add(SiteResult("a", {"w": torch.ones(2)}, "FULL", 1.0, meta_tensors={
+            "scaffold_c_diff": {"v": torch.ones(2)}}))
+    aggregator.add(SiteResult("a", {"w": torch.tensor([2.0, 4.0])}, "FULL", 1.0,
+                              meta_tensors={"scaffold_c_diff": {"w": torch.tensor([1.0, 3.0])}}))
+    aggregator.finish()
+    # the model: a's alone; c: a's change over the job's 2 sites
+    assert out["w"].tolist() == [2.0, 4.0]
+    assert strategy.state_tensors()["c/w"].tolist() == [0.5, 1.5]
+    assert strategy.state_dict() == {"aggregated": {"a": 0}}
+    assert strategy.configure_train(1, ["a", "b"], None) == {"a": {"scaffold_c_local_round": 0},
+                                                            "b": {"scaffold_c_local_round": None}}
