@@ -11,6 +11,7 @@ server and shares each task with the other ranks, whose ``send()`` sends nothing
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,7 +23,7 @@ from flkit import api
 from flkit.client.task_state import Phase, TaskState
 from flkit.errors import FLKitError
 from flkit.messages import Task
-from flkit.model import FLModel, MetaKey
+from flkit.model import AlgorithmConstants, FLModel, MetaKey
 from flkit_lightning import training_state
 from flkit_lightning.params import load_global_params
 
@@ -50,6 +51,7 @@ class FLCallback(Callback):
         self.round_start_step = 0
         self.saved_state: training_state.TrainingState | None = None
         self._warned_no_metrics = False
+        self.proximal: FedProxTerm | None = None  # this round's FedProx term, when the task asks for one
 
     # -- the round ----------------------------------------------------------
 
@@ -114,6 +116,7 @@ class FLCallback(Callback):
         if model.params:
             where = f"site {api.get_site_name()}, round {model.current_round}"
             load_global_params(pl_module, model.params, self.load_state_dict_strict, where)
+        self.proximal = FedProxTerm.for_round(model, pl_module) if task is not None and task.name == TRAIN else None
 
     def _set_budget(self, trainer: pl.Trainer) -> None:
         """Let this fit() train one more round's worth (Lightning would stop at once: 'max_epochs reached')."""
@@ -153,10 +156,18 @@ class FLCallback(Callback):
         if self._training() and self.restore_state and self.saved_state is not None:
             training_state.restore(trainer, self.saved_state)
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """FedProx (``meta["fedprox_mu"]`` in the task, as NVFlare main's patched trainer reads it):
+        the proximal term's exact gradient, added to every trainable parameter's gradient."""
+        if self.proximal is not None and self._training():
+            self.proximal.add_gradient(pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Send the trained weights with the round's metrics and its number of steps."""
         if not self._training():
             return
+        self.proximal = None
         meta = fl_meta(pl_module)
         meta.setdefault(MetaKey.NUM_STEPS_CURRENT_ROUND, trainer.global_step - self.round_start_step)
         if self.metrics is None and not self._warned_no_metrics and trainer.is_global_zero:
@@ -174,6 +185,36 @@ class FLCallback(Callback):
     @staticmethod
     def _answer(model: FLModel) -> None:
         api.send(model)
+
+
+class FedProxTerm:
+    """``mu / 2 * ||w - w_global||**2`` for one round: its gradient ``mu * (w - w_global)``, added
+    before each optimiser step (after AMP's unscaling), so no loss needs changing."""
+
+    def __init__(self, mu: float, reference: dict[str, torch.Tensor]) -> None:
+        self.mu = mu
+        self.reference = reference
+
+    @classmethod
+    def for_round(cls, model: FLModel, pl_module: pl.LightningModule) -> FedProxTerm | None:
+        """The round's term when its task carries a FedProx coefficient > 0; else None."""
+        mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
+        if mu is None or mu == 0:
+            return None
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+            raise ValueError(f"meta['{AlgorithmConstants.FEDPROX_MU}'] must be a finite number >= 0, got {mu!r}")
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("FedProx in a patched trainer needs Lightning's automatic optimization; with "
+                               "manual optimization add flkit.pt.PTFedProxLoss to the loss yourself")
+        return cls(float(mu), {name: p.detach().clone() for name, p in pl_module.named_parameters()
+                               if p.requires_grad})
+
+    @torch.no_grad()
+    def add_gradient(self, pl_module: pl.LightningModule) -> None:
+        for name, param in pl_module.named_parameters():
+            reference = self.reference.get(name)
+            if reference is not None and param.grad is not None:
+                param.grad.add_(param.detach() - reference, alpha=self.mu)
 
 
 def fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:

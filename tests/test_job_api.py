@@ -249,6 +249,21 @@ def test_fedavgrecipe_is_keyword_only_with_every_nvflare_argument():
     assert {name: default(FedAvgRecipe, name) for name in expected} == expected
 
 
+def test_algorithm_recipes_have_nvflares_arguments():
+    # FedProxRecipe: FedAvgRecipe's arguments and fedprox_mu (NVFlare main)
+    assert set(RECIPE_ARGS) | {"fedprox_mu"} <= set(keyword_only(FedProxRecipe))
+    assert (default(FedProxRecipe, "name"), default(FedProxRecipe, "fedprox_mu")) == ("fedprox", 0.01)
+    assert keyword_only(ScaffoldRecipe) == [
+        "name", "model", "initial_ckpt", "min_clients", "num_rounds", "train_script", "train_args",
+        "launch_external_process", "command", "server_expected_format", "params_transfer_type",
+        "server_memory_gc_rounds", "client_memory_gc_rounds", "torch_cuda_empty_cache"]
+    assert keyword_only(FedOptRecipe) == [
+        "name", "initial_model", "min_clients", "num_rounds", "train_script", "train_args", "aggregator",
+        "launch_external_process", "command", "server_expected_format", "device", "source_model",
+        "optimizer_args", "lr_scheduler_args"]
+    assert (default(ScaffoldRecipe, "name"), default(FedOptRecipe, "name")) == ("scaffold", "fedopt")
+
+
 def test_envs_are_keyword_only_with_nvflares_names():
     assert positional(SimEnv) == []
     assert set(keyword_only(SimEnv)) >= {"num_clients", "clients", "num_threads", "gpu_config", "log_config",
@@ -715,7 +730,7 @@ def test_a_loop_building_one_runner_per_site_warns_once(tmp_path):
     (lambda: ScriptRunner(TRAIN, framework=FrameworkType.TENSORFLOW), "framework 'tensorflow' is not supported"),
     (lambda: ScriptRunner(TRAIN, launch_once=False), "launch_once=False .* needs launch_external_process=True"),
     (lambda: ScriptRunner(TRAIN, params_transfer_type="HALF"), "params_transfer_type must be FULL or DIFF"),
-    (lambda: FedAvg(fedprox_mu=0.1), r"FedAvg\(fedprox_mu=...\): FedProx is not available"),
+    (lambda: FedAvg(fedprox_mu=-0.1), "FedAvg: fedprox_mu must be a finite number > 0"),
     (lambda: FedAvg(aggregator=object()), r"FedAvg\(aggregator=...\): custom aggregators"),
     (lambda: quiet_recipe(aggregator=object()), r"FedAvgRecipe\(aggregator=...\): custom aggregators"),
     (lambda: ProdEnv("no-such-kits"), "kit folder no-such-kits does not exist; create the kits with `flkit provision"),
@@ -739,8 +754,7 @@ def test_errors_name_their_cause(build, message):
         build()
 
 
-@pytest.mark.parametrize("recipe, algorithm", [(FedProxRecipe, "FedProx"), (ScaffoldRecipe, "SCAFFOLD"),
-                                               (FedOptRecipe, "FedOpt"), (CyclicRecipe, "cyclic weight transfer"),
+@pytest.mark.parametrize("recipe, algorithm", [(CyclicRecipe, "cyclic weight transfer"),
                                                (FedEvalRecipe, "evaluate-only")])
 def test_recipes_flkit_lacks_name_their_algorithm(recipe, algorithm):
     with pytest.raises(ConfigError, match=f"{recipe.__name__}: .*{algorithm}.* is not available"):

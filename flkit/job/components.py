@@ -51,7 +51,11 @@ BEST_FILE = "the best model is saved as best_FL_global_model.safetensors"
 
 class FedAvg:
     """NVFlare's FedAvg controller: ``num_clients`` sites per round (a seeded sample when the job
-    has more), each of which must answer, for ``num_rounds`` rounds from ``start_round``."""
+    has more), each of which must answer, for ``num_rounds`` rounds from ``start_round``.
+    ``fedprox_mu`` (> 0; None or 0: plain FedAvg) makes it FedProx, as on NVFlare main: every
+    training task carries ``meta["fedprox_mu"]`` (the job's strategy becomes ``fedprox``)."""
+
+    strategy_name = "fedavg"  # the flkit strategy this controller runs
 
     def __init__(
         self,
@@ -75,8 +79,20 @@ class FedAvg:
         fedprox_mu: float | None = None,
         memory_gc_rounds: int = 0,
     ) -> None:
-        if fedprox_mu is not None:
-            raise ConfigError(f"FedAvg(fedprox_mu=...): {later('FedProx')}")
+        self.strategy: dict[str, Any] | None = None  # the job's strategy when not plain FedAvg
+        if fedprox_mu is not None and fedprox_mu != 0:
+            from flkit.strategy.fedprox import check_mu
+
+            try:
+                mu = check_mu(fedprox_mu, f"{type(self).__name__}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.strategy_name != "fedavg":
+                raise ConfigError(f"{type(self).__name__}(fedprox_mu=...): FedProx goes with FedAvg, not "
+                                  f"{self.strategy_name}")
+            self.strategy = {"name": "fedprox", "args": {"fedprox_mu": mu}}
+        elif self.strategy_name != "fedavg":
+            self.strategy = {"name": self.strategy_name, "args": {}}
         if aggregator is not None:
             raise ConfigError(f"FedAvg(aggregator=...): {later('custom aggregators')}; FedAvg's weighted mean is "
                               "built in")
@@ -117,6 +133,13 @@ class FedAvg:
             "stop_cond": self.stop_cond,
             "patience": self.patience,
         }
+
+
+class Scaffold(FedAvg):
+    """NVFlare's Scaffold controller (``nvflare.app_common.workflows.scaffold``): FedAvg's rounds
+    with SCAFFOLD's control variates (flkit.strategy.scaffold; sites use ``flkit.pt.PTScaffoldHelper``)."""
+
+    strategy_name = "scaffold"
 
 
 class IntimeModelSelector:

@@ -162,6 +162,11 @@ class FedJob:
                                                                                "or files; only sites get custom/")
             return None
         if isinstance(obj, FedAvg):
+            if obj.strategy is not None:  # FedAvg(fedprox_mu=...), Scaffold(...)
+                if self.strategy is not None and self.strategy != obj.strategy:
+                    raise ConfigError(f"job '{self.name}' has strategy {self.strategy['name']!r}, but its "
+                                      f"{type(obj).__name__} controller runs {obj.strategy['name']!r}: give one")
+                self.strategy, self._strategy_source = dict(obj.strategy), None
             self.controller = obj
             if obj.initial_params is not None:
                 self.initial_params = obj.initial_params

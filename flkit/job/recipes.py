@@ -11,6 +11,7 @@ sample when the env has more sites), all of which must answer.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from flkit.job.components import (
     FedAvg,
     IntimeModelSelector,
     PTModel,
+    Scaffold,
     later,
 )
 from flkit.job.fed_job import FedJob, key_metric_direction
@@ -224,8 +226,9 @@ class FedAvgRecipe(Recipe):
             raise ConfigError(f"{owner}: min_clients must be >= 1, got {min_clients!r}")
         job = FedJob(name=name, min_clients=min_clients)
         job.to_server(PTModel(model, initial_ckpt=initial_ckpt))
-        job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, aggregation_weights=aggregation_weights,
-                             memory_gc_rounds=server_memory_gc_rounds, stop_cond=stop_cond, patience=patience))
+        job.to_server(self._controller(num_clients=min_clients, num_rounds=num_rounds,
+                                       aggregation_weights=aggregation_weights, memory_gc_rounds=server_memory_gc_rounds,
+                                       stop_cond=stop_cond, patience=patience))
         if key_metric:
             job.to_server(IntimeModelSelector(key_metric=key_metric,
                                               negate_key_metric=key_metric_direction(mode, None)))
@@ -239,6 +242,10 @@ class FedAvgRecipe(Recipe):
         if per_site_config:
             self.set_per_site_config(per_site_config)
 
+    def _controller(self, **kwargs: Any) -> FedAvg:
+        """The server's controller (a recipe for another algorithm on FedAvg's rounds changes it)."""
+        return FedAvg(**kwargs)
+
 
 class _Later(Recipe):
     """A recipe NVFlare has whose algorithm flkit does not have yet: the name imports, and
@@ -250,16 +257,170 @@ class _Later(Recipe):
         raise ConfigError(f"{type(self).__name__}: {later(self.algorithm)}; FedAvgRecipe is available")
 
 
-class FedProxRecipe(_Later):
-    algorithm = "FedProx"
+class FedProxRecipe(FedAvgRecipe):
+    """FedProx with NVFlare's FedProxRecipe arguments: FedAvgRecipe's, and ``fedprox_mu`` (> 0,
+    default 0.01), sent in every training task's ``meta["fedprox_mu"]``. A script adds
+    ``flkit.pt.PTFedProxLoss(mu)(model, global_model)`` to its loss; a Lightning trainer patched with
+    ``flare.patch`` applies it by itself."""
+
+    def __init__(self, *, name: str = "fedprox", fedprox_mu: float = 0.01, **kwargs: Any) -> None:
+        from flkit.strategy.fedprox import check_mu
+
+        try:
+            self.fedprox_mu = check_mu(fedprox_mu, type(self).__name__)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        super().__init__(name=name, **kwargs)
+
+    def _controller(self, **kwargs: Any) -> FedAvg:
+        return FedAvg(fedprox_mu=self.fedprox_mu, **kwargs)
 
 
-class ScaffoldRecipe(_Later):
-    algorithm = "SCAFFOLD"
+def _with_fedavg_arguments(cls: type, name: str, extra: list[inspect.Parameter]) -> None:
+    """Give ``cls`` (which passes ``**kwargs`` on to FedAvgRecipe) the signature NVFlare's has:
+    FedAvgRecipe's keyword-only arguments, its own ``name`` default, and ``extra``."""
+    params = [p.replace(default=name) if p.name == "name" else p
+              for p in inspect.signature(FedAvgRecipe).parameters.values()]
+    cls.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
 
 
-class FedOptRecipe(_Later):
-    algorithm = "FedOpt (FedAdam, FedYogi, FedAdagrad)"
+_with_fedavg_arguments(FedProxRecipe, "fedprox",
+                       [inspect.Parameter("fedprox_mu", inspect.Parameter.KEYWORD_ONLY, default=0.01,
+                                          annotation=float)])
+
+
+class ScaffoldRecipe(FedAvgRecipe):
+    """SCAFFOLD with NVFlare's ScaffoldRecipe arguments (flkit.strategy.scaffold): sites use
+    ``flkit.pt.PTScaffoldHelper`` as NVFlare's do. NVFlare's recipe keeps no best model; this one
+    keeps the best by ``accuracy`` when the sites send it, as FedAvgRecipe does."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "scaffold",
+        model: Any = None,
+        initial_ckpt: str | None = None,
+        min_clients: int,
+        num_rounds: int = 2,
+        train_script: str,
+        train_args: str = "",
+        launch_external_process: bool = False,
+        command: str = "python3 -u",
+        server_expected_format: str = ExchangeFormat.NUMPY,
+        params_transfer_type: str = TransferType.FULL,
+        server_memory_gc_rounds: int = 0,
+        client_memory_gc_rounds: int = 0,
+        torch_cuda_empty_cache: bool = False,
+    ) -> None:
+        super().__init__(name=name, model=model, initial_ckpt=initial_ckpt, min_clients=min_clients,
+                         num_rounds=num_rounds, train_script=train_script, train_args=train_args,
+                         launch_external_process=launch_external_process, command=command,
+                         server_expected_format=server_expected_format, params_transfer_type=params_transfer_type,
+                         server_memory_gc_rounds=server_memory_gc_rounds,
+                         client_memory_gc_rounds=client_memory_gc_rounds, cuda_empty_cache=torch_cuda_empty_cache)
+
+    def _controller(self, **kwargs: Any) -> FedAvg:
+        return Scaffold(**kwargs)
+
+
+# FedOptRecipe's server optimiser (NVFlare: a torch.optim class path): the torch.optim classes flkit
+# knows, and the flkit strategy with the arguments each of their arguments becomes. Nothing else is
+# accepted: no class path reaches job.json.
+_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # torch.optim.SGD(lr, momentum) on the gradient -(mean - global): FedAvgM
+    "SGD": ("fedavgm", {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}),
+    "Adam": ("fedadam", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}),
+    "Adagrad": ("fedadagrad", {"lr": 1e-2, "eps": 1e-10, "lr_decay": 0.0, "weight_decay": 0.0,
+                               "initial_accumulator_value": 0.0}),
+}
+# NVFlare's PTFedOptModelShareableGenerator's default optimiser.
+_DEFAULT_OPTIMIZER = {"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}}
+
+
+def fedopt_strategy(optimizer_args: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The flkit strategy (name, arguments) for NVFlare's FedOpt ``optimizer_args``: torch.optim.SGD
+    becomes fedavgm, Adam fedadam (bias-corrected: exactly torch's Adam), Adagrad fedadagrad; any other
+    path, or an argument those strategies cannot honour (nesterov, weight decay, amsgrad...), is refused."""
+    spec = dict(_DEFAULT_OPTIMIZER if optimizer_args is None else optimizer_args)
+    if not isinstance(optimizer_args, (dict, type(None))):
+        raise ConfigError(f"FedOptRecipe: optimizer_args must be a dict {{'path': ..., 'args': {{...}}}}, got "
+                          f"{optimizer_args!r:.100}")
+    unknown = set(spec) - {"path", "args", "config_type"}
+    if unknown:
+        raise ConfigError(f"FedOptRecipe: optimizer_args has unknown keys {sorted(unknown)} (path, args, config_type)")
+    if spec.get("config_type", "dict") != "dict":
+        raise ConfigError(f"FedOptRecipe: optimizer_args config_type must be 'dict', got {spec['config_type']!r}")
+    path = spec.get("path")
+    kind = path[len("torch.optim."):] if isinstance(path, str) and path.startswith("torch.optim.") else None
+    if kind not in _OPTIMIZERS:
+        raise ConfigError(f"FedOptRecipe: the server optimiser {path!r} is not available; flkit runs "
+                          f"{', '.join('torch.optim.' + k for k in _OPTIMIZERS)} as registered strategies "
+                          "(no class path is loaded from a job)")
+    name, defaults = _OPTIMIZERS[kind]
+    args = spec.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"FedOptRecipe: optimizer_args['args'] must be a dict, got {args!r:.100}")
+    bad = sorted(set(args) - set(defaults))
+    if bad:
+        raise ConfigError(f"FedOptRecipe: torch.optim.{kind} arguments {bad} are not known here "
+                          f"(known: {sorted(defaults)})")
+    merged = {**defaults, **args}
+    for key in ("dampening", "weight_decay", "nesterov", "amsgrad", "lr_decay", "initial_accumulator_value"):
+        if key in merged and merged[key] != defaults[key]:
+            raise ConfigError(f"FedOptRecipe: torch.optim.{kind}({key}={merged[key]!r}) is not available on the "
+                              f"server; only its default ({defaults[key]!r})")
+    if name == "fedavgm":
+        return name, {"server_learning_rate": merged["lr"], "server_momentum": merged["momentum"]}
+    if name == "fedadam":
+        betas = merged["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"FedOptRecipe: torch.optim.Adam betas must be two numbers, got {betas!r}")
+        return name, {"eta": merged["lr"], "beta_1": betas[0], "beta_2": betas[1], "tau": merged["eps"],
+                      "bias_correction": True}
+    return name, {"eta": merged["lr"], "tau": merged["eps"]}
+
+
+class FedOptRecipe(FedAvgRecipe):
+    """FedOpt with NVFlare's FedOptRecipe arguments: FedAvg's rounds, then a server optimiser step
+    on the pseudo-gradient (flkit.strategy.fedopt). ``optimizer_args={"path": "torch.optim.SGD",
+    "args": {"lr": 1.0, "momentum": 0.6}}`` (NVFlare's default) runs FedAvgM; ``torch.optim.Adam``
+    FedAdam; ``torch.optim.Adagrad`` FedAdagrad; other paths are refused (see ``fedopt_strategy``).
+    As NVFlare's, sites send their result as a DIFF. ``lr_scheduler_args`` is refused (server
+    learning-rate schedules are not available); ``device``: the server steps on its CPU."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "fedopt",
+        initial_model: Any = None,
+        min_clients: int,
+        num_rounds: int = 2,
+        train_script: str,
+        train_args: str = "",
+        aggregator: Any = None,
+        launch_external_process: bool = False,
+        command: str = "python3 -u",
+        server_expected_format: str = ExchangeFormat.NUMPY,
+        device: str | None = None,
+        source_model: str = "model",
+        optimizer_args: dict[str, Any] | None = None,
+        lr_scheduler_args: dict[str, Any] | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        if lr_scheduler_args is not None:
+            raise ConfigError(f"{owner}(lr_scheduler_args=...): {later('server learning-rate schedules')}")
+        self.strategy_spec = fedopt_strategy(optimizer_args)
+        warn_if_set(owner, {"device": device, "source_model": source_model}, {"device": None, "source_model": "model"},
+                    {"device": "the server's optimiser steps on its CPU, where the global model is",
+                     "source_model": "the recipe's initial_model is the job's model"})
+        super().__init__(name=name, model=initial_model, min_clients=min_clients, num_rounds=num_rounds,
+                         train_script=train_script, train_args=train_args, aggregator=aggregator,
+                         launch_external_process=launch_external_process, command=command,
+                         server_expected_format=server_expected_format, params_transfer_type=TransferType.DIFF)
+        from flkit.strategy import registry
+
+        registry.create(*self.strategy_spec)  # its arguments are checked now, not when the job runs
+        self.job.strategy = {"name": self.strategy_spec[0], "args": self.strategy_spec[1]}
 
 
 class CyclicRecipe(_Later):
