@@ -25,20 +25,28 @@ from flkit.job import (
 )
 from flkit.job.recipes import fedopt_strategy
 
-from conftest import SCRIPTS
+from conftest import SCRIPTS, with_flkit_import
 
 sys.path.insert(0, str(SCRIPTS))
 from digits_task import SmallNet  # noqa: E402
 
-FEDPROX = str(SCRIPTS / "fedprox_digits.py")
+FEDPROX = str(SCRIPTS / "fedprox_digits.py")  # NVFlare's imports: runs go through with_flkit_import
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> dict[str, str]:
+    """The NVFlare-shaped site scripts with only their import lines changed."""
+    folder = tmp_path_factory.mktemp("code")
+    return {name: str(with_flkit_import(SCRIPTS / f"{name}_digits.py", folder)) for name in ("fedprox", "scaffold")}
 
 
 def _metrics(run) -> dict:
     return json.loads((Path(run.get_result()) / "server" / "metrics.json").read_text())
 
 
-def test_fedprox_recipe_sends_mu_to_every_site_every_round(tmp_path):
-    recipe = FedProxRecipe(min_clients=2, num_rounds=2, model=SmallNet(), train_script=FEDPROX, fedprox_mu=0.05)
+def test_fedprox_recipe_sends_mu_to_every_site_every_round(tmp_path, code):
+    recipe = FedProxRecipe(min_clients=2, num_rounds=2, model=SmallNet(), train_script=code["fedprox"],
+                           fedprox_mu=0.05)
     folder = recipe.export(tmp_path / "out")
     assert json.loads((folder / "job.json").read_text())["strategy"] == {"name": "fedprox",
                                                                           "args": {"fedprox_mu": 0.05}}
@@ -49,11 +57,11 @@ def test_fedprox_recipe_sends_mu_to_every_site_every_round(tmp_path):
     assert {m["mu"] for r in rounds for m in r["metrics"].values()} == {0.05}
 
 
-def test_fedprox_keeps_sites_closer_to_the_global_model(tmp_path):
+def test_fedprox_keeps_sites_closer_to_the_global_model(tmp_path, code):
     def moved(**strategy) -> float:
         job = FedJob(name="prox", min_clients=2, **strategy)
         job.to_server(FedAvg(num_clients=2, num_rounds=1, model=SmallNet()))
-        job.to_clients(ScriptRunner(script=FEDPROX))
+        job.to_clients(ScriptRunner(script=code["fedprox"]))
         ws = tmp_path / str(len(strategy))
         assert job.simulator_run(ws, n_clients=2, quiet=True, backend="threads").ok
         record = json.loads((ws / "server" / "metrics.json").read_text())["rounds"][0]
@@ -87,9 +95,8 @@ def test_bad_algorithm_settings_are_refused(build, message):
 
 
 @pytest.mark.slow
-def test_scaffold_recipe_runs_nvflare_shaped_scaffold_sites(tmp_path):
-    recipe = ScaffoldRecipe(min_clients=2, num_rounds=2, model=SmallNet(),
-                            train_script=str(SCRIPTS / "scaffold_digits.py"))
+def test_scaffold_recipe_runs_nvflare_shaped_scaffold_sites(tmp_path, code):
+    recipe = ScaffoldRecipe(min_clients=2, num_rounds=2, model=SmallNet(), train_script=code["scaffold"])
     assert recipe.job.strategy == {"name": "scaffold", "args": {}}
     run = recipe.execute(SimEnv(num_clients=2, workspace_root=str(tmp_path / "sim")))
     assert run.get_status().endswith("COMPLETED")
@@ -123,11 +130,11 @@ def test_fedopt_refuses_what_it_cannot_run(optimizer_args, message):
         FedOptRecipe(min_clients=2, train_script=FEDPROX, initial_model=SmallNet(), optimizer_args=optimizer_args)
 
 
-def test_fedopt_recipe_runs_server_adam_on_diffs(tmp_path):
+def test_fedopt_recipe_runs_server_adam_on_diffs(tmp_path, code):
     with pytest.raises(ConfigError, match="server learning-rate schedules is not available"):
         FedOptRecipe(min_clients=2, train_script=FEDPROX, initial_model=SmallNet(),
                      lr_scheduler_args={"path": "torch.optim.lr_scheduler.CosineAnnealingLR", "args": {"T_max": 2}})
-    recipe = FedOptRecipe(min_clients=2, num_rounds=2, train_script=FEDPROX, initial_model=SmallNet(),
+    recipe = FedOptRecipe(min_clients=2, num_rounds=2, train_script=code["fedprox"], initial_model=SmallNet(),
                           optimizer_args={"path": "torch.optim.Adam", "args": {"lr": 0.01}})
     folder = recipe.export(tmp_path / "out")
     job = json.loads((folder / "job.json").read_text())

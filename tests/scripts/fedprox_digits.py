@@ -1,4 +1,5 @@
-"""A FedProx site written as NVFlare's FedProx example writes one: it reads ``fedprox_mu`` from each
+"""A FedProx site written as NVFlare's FedProx example writes one (NVFlare's imports: the tests run it
+with only those changed): it reads ``fedprox_mu`` from each
 round's meta, snapshots the received global model and adds PTFedProxLoss to its loss. Reports the
 coefficient it saw (metric ``mu``; 0 when the task carried none) and how far it moved (``moved``)."""
 
@@ -6,12 +7,11 @@ from __future__ import annotations
 
 import copy
 
+import nvflare.client as flare
 import torch
+from nvflare.app_common.app_constant import AlgorithmConstants
+from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 from torch import nn
-
-import flkit as flare
-from flkit import AlgorithmConstants
-from flkit.pt import PTFedProxLoss
 
 from digits_task import SmallNet, accuracy, load
 
