@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from flkit.client.supervision import note_parent as _note_parent
 from flkit.errors import (
+    CheckFailedError,
     CommunicationError,
     ConfigError,
     FLKitError,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         get_site_name,
         get_task_name,
         init,
+        is_dry_run,
         is_evaluate,
         is_running,
         is_submit_model,
@@ -54,6 +56,7 @@ _LAZY_API = frozenset({
     "get_site_name",
     "get_task_name",
     "init",
+    "is_dry_run",
     "is_evaluate",
     "is_running",
     "is_submit_model",
@@ -81,6 +84,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CheckFailedError",
     "CommunicationError",
     "ConfigError",
     "FLKitError",
@@ -97,6 +101,7 @@ __all__ = [
     "get_site_name",
     "get_task_name",
     "init",
+    "is_dry_run",
     "is_evaluate",
     "is_running",
     "is_submit_model",

@@ -133,22 +133,34 @@ def get_job_id() -> str:
     return require_session().settings.job_id
 
 
-def system_info() -> dict[str, Any]:
-    """Job id, site name and number of sites in the job."""
+def _joined() -> AnySession:
+    """The current session, joined: the job settings come from the server."""
     session = require_session()
     if not session.job_config:
-        session.connect()  # num_sites comes from the server
+        session.connect()
+    return session
+
+
+def system_info() -> dict[str, Any]:
+    """Job id, site name and number of sites in the job."""
+    session = _joined()
     return {"job_id": session.settings.job_id, "site_name": session.settings.site_name,
             "num_sites": session.job_config.get("num_sites")}
 
 
 def get_config() -> dict[str, Any]:
     """The site's settings and the job settings the server shared with it."""
-    session = require_session()
-    if not session.job_config:
-        session.connect()
+    session = _joined()
     cfg = {k: v for k, v in asdict(session.settings).items() if k != "token"}
     return {**cfg, **session.job_config}
+
+
+def is_dry_run() -> bool:
+    """True when this site runs under a pre-flight check (``flkit check``), which runs one train
+    task per site to find problems before a long run: the script may train on one batch
+    (``if flare.is_dry_run(): break``). A job setting the server shares with the site, so it answers
+    alike in threads, worker processes, Ray workers and external processes (every DDP rank too)."""
+    return bool(_joined().job_config.get("dry_run", False))
 
 
 def log(key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:

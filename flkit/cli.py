@@ -103,6 +103,57 @@ def simulate(job_dir: Path, n_clients: int | None, clients: str | None, threads:
     sys.exit(0 if result.ok else 1)
 
 
+@main.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-n", "--n-clients", "n_clients", type=int, default=None,
+              help="Number of sites (site-1..site-N) for jobs built with to_clients(); default: the job's.")
+@click.option("-c", "--clients", default=None,
+              help="Comma-separated site names instead of site-1..site-N.")
+@click.option("-w", "--workspace", type=click.Path(path_type=Path), default=None,
+              help="Where the check runs (default: a temporary folder, removed afterwards).")
+@click.option("-b", "--backend", type=click.Choice(["processes", "threads", "ray"]), default="processes",
+              show_default=True, help="Where the scripts run, as for `flkit simulate`.")
+@click.option("--workers", "-t", "--threads", "threads", type=click.IntRange(min=1), default=None,
+              help="Workers that run the sites' scripts (default: this machine's cores).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True,
+              help="Seconds each site may take to join and to answer its task (its script's start included).")
+@click.option("--gpu", default=None, help="CUDA devices given to sites round-robin, as for `flkit simulate`.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the findings to this file (JSON: per site its status, seconds, params type, "
+                   "steps, metrics, errors and warnings).")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def check(job_dir: Path, n_clients: int | None, clients: str | None, workspace: Path | None, backend: str,
+          threads: int | None, timeout_s: float, gpu: str | None, json_file: Path | None, verbose: int) -> None:
+    """Pre-flight check of the job in JOB_DIR before a long run: each site runs its real script on
+    the job's first round once (the script sees flare.is_dry_run() True, so it may train on one
+    batch), and every problem is listed per site instead of failing the job at the first one: key,
+    shape and dtype mismatches against the global model, NaN or Inf (the tensor named), the key
+    metric or all metrics missing, params sent as FULL or DIFF that hold the other, a script that
+    raised (its last lines) or did not answer within --timeout. A result without
+    NUM_STEPS_CURRENT_ROUND (the FedAvg weight then defaults to 1) is a warning. Nothing of the
+    run is kept: no model is aggregated or saved.
+
+    Exits 0 when no site has an error (warnings are shown), 1 otherwise.
+    """
+    from flkit.sim.check import check_workspace
+    from flkit.sim.simulator import simulate as run
+
+    _logging(verbose)
+    names = None if clients is None else [c.strip() for c in clients.split(",") if c.strip()]
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        with check_workspace(workspace) as folder:
+            result = run(job_dir, folder, n_clients=n_clients, threads=threads, gpu=gpu, quiet=True,
+                         console=console, clients=names, backend=backend, dry_run=True, check_timeout_s=timeout_s)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    assert result.check is not None
+    if json_file is not None:
+        json_file.write_text(json.dumps(result.check.to_json(), indent=2) + "\n")
+    sys.exit(0 if result.ok else 1)
+
+
 def _refuse_to_overwrite_an_interrupted_run(workspace: Path) -> None:
     """A run that stopped half-way (a crash, a kill) is not overwritten by a new start by mistake."""
     from flkit.server.persistor import STATE_FILE

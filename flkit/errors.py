@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FLKitError(RuntimeError):
     """Base class of every error flkit raises on purpose."""
@@ -25,3 +27,12 @@ class ResultRejectedError(FLKitError):
 
 class JobFailedError(FLKitError):
     """The federated job ended in failure (a site crashed, too few sites answered...)."""
+
+
+class CheckFailedError(JobFailedError):
+    """A pre-flight check (``simulator_run(dry_run=True)``) found errors; ``report`` holds the
+    findings of every site (``flkit.sim.check.CheckReport``), and the message lists each error."""
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report

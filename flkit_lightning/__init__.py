@@ -49,6 +49,7 @@ is_submit_model = _after_patch(api.is_submit_model)
 get_task_name = _after_patch(api.get_task_name)
 system_info = _after_patch(api.system_info)
 get_config = _after_patch(api.get_config)
+is_dry_run = _after_patch(api.is_dry_run)
 log = _after_patch(api.log)
 # For NVFlare scripts that send by hand; after patch(), FLCallback answers each task itself.
 send = _after_patch(api.send)
@@ -86,6 +87,7 @@ __all__ = [
     "get_site_name",
     "get_task_name",
     "init",
+    "is_dry_run",
     "is_evaluate",
     "is_running",
     "is_submit_model",

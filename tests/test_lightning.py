@@ -243,9 +243,24 @@ def test_ddp_spawn_is_refused_before_any_process_starts():
 
 def test_client_api_before_patch_says_to_call_patch_first():
     for name in ("init", "receive", "is_running", "is_train", "is_evaluate", "is_submit_model", "get_site_name",
-                 "get_job_id", "system_info", "log", "shutdown", "patch", "FLModel"):
+                 "get_job_id", "system_info", "is_dry_run", "log", "shutdown", "patch", "FLModel"):
         assert callable(getattr(flkit_lightning, name)), name
     with pytest.raises(FLKitError, match="before patch\\(trainer\\)"):
         flkit_lightning.is_running()
     with pytest.raises(FLKitError, match="before patch\\(trainer\\)"):
         flkit_lightning.receive()
+    with pytest.raises(FLKitError, match="before patch\\(trainer\\)"):
+        flkit_lightning.is_dry_run()
+
+
+def test_a_pre_flight_check_trains_one_batch_when_the_script_asks(tmp_path):
+    """``if flare.is_dry_run(): trainer.limit_train_batches = trainer.limit_val_batches = 1`` after
+    ``patch()``: the check's one task trains one batch, and the callback sends it as one step."""
+    job = FedAvgJob(name="lit-check", initial_model=LitSmall(), n_clients=1, num_rounds=3, key_metric=KEY)
+    job.to_clients(ScriptRunner(script=str(SCRIPT),
+                                script_args=f"--record_dir {tmp_path / 'records'} --one_batch_when_checked"))
+    result = job.simulator_run(dry_run=True, backend="threads", quiet=True)
+    assert result.check.passed and result.check.sites["site-1"].num_steps == 1
+    assert KEY in result.check.sites["site-1"].metrics
+    (record,) = _records(tmp_path / "records", "site-1")
+    assert (record["steps"], record["batches"]) == (1, 1)

@@ -103,12 +103,18 @@ class SimEnv(ExecEnv):
     backend, worker processes;
     ``gpu_config``: CUDA devices for the sites ("0,1" or "[0,1],[2,3]"); ``log_config``: a level,
     an NVFlare log mode or a logging config file.
+    ``dry_run=True`` (flkit's own): ``execute()`` runs the pre-flight check instead of the job (one
+    train task per site, every problem listed: ``flkit check``); the Run's status is
+    FINISHED:COMPLETED when no site has an error, and ``env.results[job name].check`` holds the
+    findings.
     """
 
     def __init__(self, *, num_clients: int = 0, clients: list[str] | None = None, num_threads: int | None = None,
                  gpu_config: str | None = None, log_config: str | None = None,
-                 workspace_root: str = "/tmp/flkit/simulation", extra: dict[str, Any] | None = None) -> None:
+                 workspace_root: str = "/tmp/flkit/simulation", extra: dict[str, Any] | None = None,
+                 dry_run: bool = False) -> None:
         super().__init__(extra)
+        self.dry_run = dry_run
         self.clients = _sites("SimEnv", num_clients, clients)
         self.num_clients = len(self.clients) if self.clients else num_clients
         self.num_threads = num_threads
@@ -126,7 +132,8 @@ class SimEnv(ExecEnv):
         simulator's summary), as with PocEnv; a job that cannot start raises."""
         self.results[job.name] = job.simulate(self.workspace_root / job.name,
                                               None if self.clients else self.num_clients, self.num_threads,
-                                              self.gpu_config, self.log_config, clients=self.clients)
+                                              self.gpu_config, self.log_config, clients=self.clients,
+                                              dry_run=self.dry_run)
         return job.name
 
     def get_job_status(self, job_id: str) -> str | None:

@@ -278,9 +278,10 @@ class FedJob:
         (out / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
         return out
 
-    def simulator_run(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
-                      gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
-                      quiet: bool = False, backend: str = "processes"):
+    def simulator_run(self, workspace: str | Path | None = None, n_clients: int | None = None,
+                      threads: int | None = None, gpu: str | None = None, log_config: str | None = None, *,
+                      clients: list[str] | None = None, quiet: bool = False, backend: str = "processes",
+                      dry_run: bool = False, check_timeout_s: float | None = None):
         """Export to ``<workspace>/job`` and run it with the simulator (NVFlare 2.6's argument order).
 
         ``n_clients``: sites site-1..site-N of a to_clients() job; ``clients``: their names instead.
@@ -293,25 +294,42 @@ class FedJob:
         sites run on the CPU. ``log_config``: a level name, NVFlare's mode ("concise", "full",
         "verbose"...) or a logging config file (JSON). Returns a SimulationResult; raises
         JobFailedError (after printing the summary) if the job failed.
+
+        ``dry_run=True``: a pre-flight check instead (``flkit check``): one train task per site,
+        every problem of each result listed (``simulate``). Returns the SimulationResult, whose
+        ``check`` holds the findings, when no site has an error (warnings, such as a missing
+        NUM_STEPS_CURRENT_ROUND, are printed and kept there); else raises CheckFailedError, a
+        JobFailedError whose message lists each error and whose ``report`` holds the findings.
+        ``check_timeout_s`` (default 300): how long each site may take to join and to answer.
+        Without ``workspace``, a dry run works in a temporary folder, removed afterwards.
         """
-        from flkit.errors import JobFailedError
+        from flkit.errors import CheckFailedError, JobFailedError
 
         result = self.simulate(workspace, n_clients, threads, gpu, log_config, clients=clients, quiet=quiet,
-                               backend=backend)
+                               backend=backend, dry_run=dry_run, check_timeout_s=check_timeout_s)
+        if result.check is not None and not result.ok:
+            raise CheckFailedError(f"pre-flight check of job {self.name}: {result.reason}\n"
+                                   f"{result.check.problems()}", result.check)
         if not result.ok:
             raise JobFailedError(f"job {self.name} failed: {result.reason}")
         return result
 
-    def simulate(self, workspace: str | Path, n_clients: int | None = None, threads: int | None = None,
-                 gpu: str | None = None, log_config: str | None = None, *, clients: list[str] | None = None,
-                 quiet: bool = False, backend: str = "processes"):
+    def simulate(self, workspace: str | Path | None = None, n_clients: int | None = None,
+                 threads: int | None = None, gpu: str | None = None, log_config: str | None = None, *,
+                 clients: list[str] | None = None, quiet: bool = False, backend: str = "processes",
+                 dry_run: bool = False, check_timeout_s: float | None = None):
         """``simulator_run`` without the raise: the SimulationResult of a failed job too (SimEnv's Run)."""
+        from flkit.sim.check import check_workspace
         from flkit.sim.simulator import simulate
 
-        workspace = Path(workspace)
-        job_dir = self.export_job(workspace / "job", n_clients=n_clients or (len(clients) if clients else None))
-        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
-                        clients=clients, log_config=log_config, backend=backend)
+        if workspace is None and not dry_run:
+            raise ConfigError(f"job {self.name}: simulator_run needs a workspace (only a dry run makes a temporary "
+                              "one)")
+        with check_workspace(workspace) as folder:
+            job_dir = self.export_job(folder / "job", n_clients=n_clients or (len(clients) if clients else None))
+            return simulate(job_dir, folder, n_clients=n_clients, threads=threads, gpu=gpu, quiet=quiet,
+                            clients=clients, log_config=log_config, backend=backend, dry_run=dry_run,
+                            check_timeout_s=check_timeout_s)
 
 
 class BaseFedJob(FedJob):

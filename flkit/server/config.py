@@ -141,6 +141,11 @@ class WorkflowConfig:
     heartbeat_interval_s: float = 5.0
     # A site not heard from for this long is considered dead.
     heartbeat_timeout_s: float = 60.0
+    # A pre-flight check (``flkit check``; sites see it as ``flare.is_dry_run()``): every train
+    # result is examined and all its problems listed (``Controller.checks``, metrics.json's
+    # "checks") instead of refused at the first one; results are taken, never aggregated, and no
+    # model is kept.
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -196,6 +201,8 @@ class WorkflowConfig:
                 or not self.heartbeat_interval_s > 0:
             raise ConfigError(f"heartbeat_interval_s must be a positive number of seconds, got "
                               f"{self.heartbeat_interval_s!r}")
+        if not isinstance(self.dry_run, bool):
+            raise ConfigError(f"dry_run must be true or false, got {self.dry_run!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("heartbeat_timeout_s must be larger than heartbeat_interval_s")
 

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from flkit.server.config import WorkflowConfig, parse_stop_cond
 from flkit.server.cross_site import CrossSiteEvaluation
 from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, SavedRun, load_params
+from flkit.server.preflight import ResultCheck, examine
 from flkit.server.selector import BestModelSelector, Score
 from flkit.server.sites import ACCEPTING, SiteRegistry, SiteStatus
 from flkit.server.validation import (
@@ -40,6 +41,7 @@ from flkit.server.validation import (
     check_metrics,
     check_params,
     first_non_finite,
+    params_type_of,
     short_reason,
     weight_of,
 )
@@ -173,6 +175,8 @@ class Controller:
         # Tasks handed out per (round, task name): the third part of a task's id (see ``_task_id``).
         self._dispatched: dict[tuple[int, str, str], int] = {}
         self.model_bytes = sum(t.numel() * t.element_size() for t in initial_params.values())
+        # A dry run's findings: what ``examine`` saw in each site's train result.
+        self.checks: dict[str, ResultCheck] = {}
 
     # -- events -------------------------------------------------------------
 
@@ -452,20 +456,23 @@ class Controller:
                 if extra:  # e.g. SCAFFOLD's control variate: beside the model, as tensors
                     task_params = meta_tensors.pack(self.global_params, {k: dict(v) for k, v in extra.items()}) \
                         or {}
-                # The next global model's buffers, taken when the aggregator first asks (it may sum in them).
-                new_global = {}
-                self._aggregator = self.strategy.aggregator(round_num)
-                self._aggregator.start(round_num, self.global_params, self._output_buffers(new_global))
+                if not cfg.dry_run:  # (a dry run examines each result in ``submit`` and aggregates none)
+                    # The next global model's buffers, taken when the aggregator first asks (it may sum in them).
+                    new_global = {}
+                    self._aggregator = self.strategy.aggregator(round_num)
+                    self._aggregator.start(round_num, self.global_params, self._output_buffers(new_global))
             except Exception as exc:
                 return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
                                     f"{type(exc).__name__}: {exc}")
-            params, prepare = "required", self._fold_in
+            params, prepare = "required", None if cfg.dry_run else self._fold_in
         else:
             params = "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
                    "total_rounds": cfg.num_rounds, "first_round": cfg.start_round})
         end = self._dispatch(task_name, round_num, sites, task_params, {}, record, params,
-                             lambda answer: None, min_answers=min(cfg.min_clients, len(sites)),
+                             lambda answer: None,
+                             # A dry run waits for every site, whatever fails: each one is checked.
+                             min_answers=0 if cfg.dry_run else min(cfg.min_clients, len(sites)),
                              timeout_s=cfg.round_timeout_s, timeout_label="round_timeout_s", started=started,
                              prepare=prepare, site_meta=plan)
         if end is not None:
@@ -496,7 +503,7 @@ class Controller:
                                     f"{type(exc).__name__}: {exc}")
         score = self.selector.round_score(round_num, record.metrics)
         record.score = None if score is None else score.value
-        record.best = self.selector.offer(score)
+        record.best = not cfg.dry_run and self.selector.offer(score)  # a dry run promotes no model
         if record.best:
             self.persistor.save_best(self.global_params, round_num, cfg.key_metric, score.value)
         if new_global is not None:
@@ -750,11 +757,7 @@ class Controller:
         what is wrong)."""
         answer = Answer(site, check_metrics(site, result.metrics), result.meta)
         if open_task.params != "ignored" and with_params:
-            try:
-                answer.params_type = ParamsType(result.params_type or ParamsType.FULL.value)
-            except ValueError:
-                raise ValidationError(f"site {site}: params_type {result.params_type[:50]!r} is neither "
-                                      "FULL nor DIFF") from None
+            answer.params_type = params_type_of(site, result.params_type)
             if task.name == SUBMIT_MODEL and answer.params_type != ParamsType.FULL:
                 raise ValidationError(f"site {site}: submit_model must be answered with FULL params")
         return answer
@@ -799,20 +802,28 @@ class Controller:
             expected = self.global_params
             state.task_outcome = ACCEPTING  # (not a settling: the round still waits for this site)
         site = state.name
+        found = None
         try:
-            answer = self._answer(site, open_task, task, result, result.params is not None)
-            if open_task.params == "required" and result.params is None:
-                raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
-            if open_task.params != "ignored" and result.params is not None:
-                params, groups = meta_tensors.unpack(result.params)
-                assert params is not None
-                check_params(site, params, expected)
-                if groups:
-                    check_meta_tensors(site, groups, sum(t.numel() * t.element_size() for t in expected.values()))
-                answer.params, answer.meta_tensors = params, groups
-            if open_task.prepare is not None:
-                open_task.prepare(answer)
-            answer.params, answer.meta_tensors = None, {}  # the site's tensors are not kept past this call
+            if self.config.dry_run and task.name == TRAIN:
+                # Every problem of the result is listed, none refused: it is taken, never folded in.
+                model_params, _ = meta_tensors.unpack(result.params)
+                found = examine(site, replace(result, params=model_params), expected, self.config.key_metric)
+                answer = Answer(site, found.metrics, result.meta)
+            else:
+                answer = self._answer(site, open_task, task, result, result.params is not None)
+                if open_task.params == "required" and result.params is None:
+                    raise ValidationError(f"site {site}: a {task.name} task must be answered with params")
+                if open_task.params != "ignored" and result.params is not None:
+                    params, groups = meta_tensors.unpack(result.params)
+                    assert params is not None
+                    check_params(site, params, expected)
+                    if groups:
+                        check_meta_tensors(site, groups,
+                                           sum(t.numel() * t.element_size() for t in expected.values()))
+                    answer.params, answer.meta_tensors = params, groups
+                if open_task.prepare is not None:
+                    open_task.prepare(answer)
+                answer.params, answer.meta_tensors = None, {}  # the site's tensors are not kept past this call
         except BaseException as exc:
             self._refuse(state, exc, accepting=True)
             raise
@@ -820,6 +831,8 @@ class Controller:
             ended = reg.end or self._ending
             if ended is not None:
                 raise JobEndedError(f"job {reg.job_id} has ended: {ended.reason}")
+            if found is not None:
+                self.checks[site] = found
             self._accept_locked(state, open_task, task, answer)
         self._emit_result(site, task, answer)
 
@@ -924,7 +937,7 @@ class Controller:
                 "aggregated": r.aggregated, "score": r.score, "best": r.best, "seconds": round(r.seconds, 4),
             })
         best = self.selector.best
-        return {
+        metrics: dict[str, Any] = {
             "job_id": self.registry.job_id,
             "key_metric": cfg.key_metric,
             "key_metric_mode": "min" if cfg.negate_key_metric else "max",
@@ -935,6 +948,9 @@ class Controller:
             "best": None if best is None else {"round": best.round, "score": best.value},
             "rounds": rounds,
         }
+        if cfg.dry_run:  # the findings per site (``flkit.server.preflight``)
+            metrics["checks"] = {site: asdict(found) for site, found in self.checks.items()}
+        return metrics
 
     def _state(self, outcome: JobEnd | None) -> dict[str, Any]:
         """The round state: what ``round_state.json`` says and a resumed server takes back."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from flkit.server.validation import missing_key_metric
+
 log = logging.getLogger("flkit.server")
 
 
@@ -40,12 +42,7 @@ class BestModelSelector:
                 values.append(float(metrics[self.key_metric]))
             elif site not in self._warned:
                 self._warned.add(site)
-                log.warning(
-                    "site %s reported no '%s' metric (it sent %s); best-model selection ignores it",
-                    site,
-                    self.key_metric,
-                    sorted(metrics) or "no metrics",
-                )
+                log.warning("%s", missing_key_metric(site, self.key_metric, metrics))
         if not values:
             return None
         return Score(round=round_num, value=sum(values) / len(values), sites=len(values))

@@ -134,6 +134,7 @@ class FLServer:
                 "params_transfer_type": workflow.params_transfer_type,
                 "key_metric": workflow.key_metric,
                 "tracking": bool(workflow.tracking),
+                "dry_run": workflow.dry_run,  # flare.is_dry_run()
             },
         )
         saved = load_saved_run(output_dir) if resume else None

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from flkit.errors import ValidationError
-from flkit.model import MetaKey
+from flkit.model import MetaKey, ParamsType
 from flkit.wire.codec import Params, quote
 
 
@@ -66,8 +66,11 @@ def _names(names: list[str]) -> str:
     return f"[{shown}{f' and {len(names) - 5} more' if len(names) > 5 else ''}]"
 
 
-def check_layout(site: str, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], expected: Params) -> None:
-    """``layout`` (name -> (shape, dtype)) has the keys, shapes and dtypes of ``expected``."""
+def layout_problems(site: str, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                    expected: Params) -> Iterator[str]:
+    """Each way ``layout`` (name -> (shape, dtype)) differs from ``expected``, lazily: the keys
+    first (missing and unexpected ones in one message), then each tensor's shape and dtype in the
+    global model's order. ``check_layout`` raises the first; the pre-flight check lists them all."""
     missing = sorted(set(expected) - set(layout))
     extra = sorted(set(layout) - set(expected))
     if missing or extra:
@@ -76,24 +79,62 @@ def check_layout(site: str, layout: Mapping[str, tuple[tuple[int, ...], torch.dt
             parts.append(f"missing {_names(missing)}")
         if extra:
             parts.append(f"unexpected {_names(extra)}")
-        raise ValidationError(f"site {site}: result keys do not match the global model: {'; '.join(parts)}")
+        yield f"site {site}: result keys do not match the global model: {'; '.join(parts)}"
     for name, ref in expected.items():
+        if name not in layout:
+            continue
         shape, dtype = layout[name]
         if tuple(shape) != tuple(ref.shape):
-            raise ValidationError(f"site {site}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+            yield f"site {site}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(ref.shape)}"
         if dtype != ref.dtype:
-            raise ValidationError(f"site {site}: tensor '{name}' has dtype {dtype}, expected {ref.dtype}")
+            yield f"site {site}: tensor '{name}' has dtype {dtype}, expected {ref.dtype}"
+
+
+def check_layout(site: str, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], expected: Params) -> None:
+    """``layout`` (name -> (shape, dtype)) has the keys, shapes and dtypes of ``expected``."""
+    _raise_first(layout_problems(site, layout, expected))
+
+
+def params_problems(site: str, params: Params, expected: Params) -> Iterator[str]:
+    """Each problem of ``params`` against ``expected``, lazily: the layout's (``layout_problems``),
+    then each tensor with a NaN or an Inf, named, in the global model's order."""
+    yield from layout_problems(site, {name: (tuple(t.shape), t.dtype) for name, t in params.items()}, expected)
+    names = [name for name in expected if name in params]
+    while names:
+        bad_index = first_non_finite([params[name] for name in names])
+        if bad_index is None:
+            return
+        name = names[bad_index]
+        bad = int((~torch.isfinite(params[name])).sum())
+        yield f"site {site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)"
+        names = names[bad_index + 1:]
 
 
 def check_params(site: str, params: Params, expected: Params) -> None:
     """Same keys, shapes and dtypes as ``expected``, and only finite values."""
-    check_layout(site, {name: (tuple(t.shape), t.dtype) for name, t in params.items()}, expected)
-    names = list(expected)
-    bad_index = first_non_finite([params[name] for name in names])
-    if bad_index is not None:
-        name = names[bad_index]
-        bad = int((~torch.isfinite(params[name])).sum())
-        raise ValidationError(f"site {site}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
+    _raise_first(params_problems(site, params, expected))
+
+
+def _raise_first(problems: Iterator[str]) -> None:
+    problem = next(problems, None)
+    if problem is not None:
+        raise ValidationError(problem)
+
+
+def params_type_of(site: str, params_type: str) -> ParamsType:
+    """A result's params type (empty: FULL); ValidationError when it is neither FULL nor DIFF."""
+    try:
+        return ParamsType(params_type or ParamsType.FULL.value)
+    except ValueError:
+        raise ValidationError(f"site {site}: params_type {params_type[:50]!r} is neither FULL nor DIFF") from None
+
+
+def missing_key_metric(site: str, key_metric: str | None, metrics: Mapping[str, Any]) -> str | None:
+    """Why best-model selection cannot use this site's metrics (it lacks ``key_metric``), or None."""
+    if key_metric is None or key_metric in metrics:
+        return None
+    return (f"site {site} reported no '{key_metric}' metric (it sent {sorted(metrics) or 'no metrics'}); "
+            "best-model selection ignores it")
 
 
 def check_meta_tensors(site: str, groups: Mapping[str, Mapping[str, torch.Tensor]], limit_bytes: int) -> None:
@@ -120,6 +161,15 @@ def weight_of(site: str, meta: dict[str, Any]) -> float:
             f"site {site}: meta {MetaKey.NUM_STEPS_CURRENT_ROUND} must be a number >= 0, got {quote(raw)}"
         )
     return float(raw)
+
+
+def default_weight(site: str, meta: Mapping[str, Any]) -> str | None:
+    """Why ``weight_of`` falls back to its default of 1 (the meta has no NUM_STEPS_CURRENT_ROUND),
+    or None. A run takes it silently, as NVFlare does; the pre-flight check says so."""
+    if MetaKey.NUM_STEPS_CURRENT_ROUND in meta:
+        return None
+    return (f"site {site}: meta has no {MetaKey.NUM_STEPS_CURRENT_ROUND}: its aggregation weight defaults to 1, "
+            f"whatever it trained (send meta={{'{MetaKey.NUM_STEPS_CURRENT_ROUND}': steps}})")
 
 
 def _finite(value: float) -> bool:

@@ -32,6 +32,7 @@ from flkit.server.controller import RoundRecord
 from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
 from flkit.sim.backend import DEFAULT_BACKEND, TASKS_PER_WORKER, check_backend, default_workers, make_backend
+from flkit.sim.check import CheckReport, build_report, check_workflow, print_report
 from flkit.sim.pool import SitePool, SiteSpec
 from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
 
@@ -58,6 +59,8 @@ class SimulationResult:
     # {evaluator_site: {model_name: {metric: value}}} when the job ran cross-site evaluation.
     cross_site_results: dict[str, Any] | None = None
     cross_site_path: Path | None = None
+    # A dry run's findings (``simulate(dry_run=True)``); ``ok`` and ``reason`` are then its verdict.
+    check: CheckReport | None = None
 
 
 def parse_gpus(gpu: str | None) -> list[str]:
@@ -114,7 +117,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
              console: Console | None = None, clients: list[str] | None = None,
              log_config: str | None = None, strategy: str | None = None,
              strategy_args: dict[str, Any] | None = None, backend: str = DEFAULT_BACKEND,
-             address: str = "127.0.0.1:0", tls: bool = False) -> SimulationResult:
+             address: str = "127.0.0.1:0", tls: bool = False, dry_run: bool = False,
+             check_timeout_s: float | None = None) -> SimulationResult:
     """Run the job in ``job_dir``; outputs go under ``workspace`` (``server/`` and one folder per site).
 
     ``backend`` runs the in-process sites' scripts: "processes" (the default: a pool of worker
@@ -132,6 +136,13 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     a thread of its own) gets its own certificate; the pool's workers share a worker certificate,
     which acts only for the sessions the pool opened. For Ray workers on other nodes, whose links
     cross the network; the kits folder must be readable there at the same path.
+
+    ``dry_run``: a pre-flight check instead of the job (``flkit check``): the job's first round
+    only, a train task for every site (its script sees ``flare.is_dry_run()`` True), each result
+    examined and every problem listed instead of refused, nothing aggregated and no model kept;
+    ``check_timeout_s`` bounds each site's join and answer (default 300 s). The result's ``check`` holds the
+    findings (``flkit.sim.check.CheckReport``), and ``ok``/``reason`` are its verdict: ok when no
+    site has an error (a missing NUM_STEPS_CURRENT_ROUND is a warning).
     """
     console = console or Console(highlight=False, soft_wrap=True)
     apply_log_config(log_config)
@@ -139,6 +150,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     job = load_job(Path(job_dir))
     sites = job.resolve_sites(n_clients, clients)
     workflow = job.workflow_config(len(sites))
+    if dry_run:
+        workflow = check_workflow(workflow, check_timeout_s)
     chosen = job.make_strategy(strategy, strategy_args)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads (the number of workers) must be a whole number >= 1, got {threads!r}")
@@ -180,8 +193,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         how = (f"{backend} backend, {min(workers, len(pooled))} worker(s)" if pooled
                else "a thread per site" if any(not r.launch_external_process for r in sites.values())
                else "a process per site")
+        what = f"pre-flight check of round {workflow.start_round}" if dry_run else f"{workflow.num_rounds} round(s)"
         console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s) on {how}, "
-                      f"{workflow.num_rounds} round(s), server on {address}")
+                      f"{what}, server on {address}")
     # In-process sites use the memory transport (FLKIT_TRANSPORT=grpc forces the network path).
     transport = os.environ.get("FLKIT_TRANSPORT", "auto")
     runs = []
@@ -243,6 +257,11 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         cross_site_results=None if cross_site is None else cross_site.results,
         cross_site_path=None if cross_site is None else cross_site.path,
     )
+    if dry_run:
+        result.check = build_report(job.name, workflow, list(sites), server.controller, errors, outcome.reason)
+        result.ok, result.reason = result.check.passed, result.check.verdict
+        print_report(console, result.check)
+        return result
     _print_summary(console, result)
     return result
 

@@ -45,6 +45,7 @@ def main():
     parser.add_argument("--restore_state", type=int, default=1)
     parser.add_argument("--skip_validate", action="store_true")
     parser.add_argument("--strict", type=int, default=1)
+    parser.add_argument("--one_batch_when_checked", action="store_true")
     args = parser.parse_args()
 
     seed_everything(0)
@@ -53,6 +54,8 @@ def main():
                       strategy="ddp" if args.devices > 1 else "auto", callbacks=[state_at_start],
                       enable_progress_bar=False, enable_model_summary=False)
     flare.patch(trainer, restore_state=bool(args.restore_state), load_state_dict_strict=bool(args.strict))
+    if args.one_batch_when_checked and flare.is_dry_run():  # a pre-flight check (flkit check): one batch
+        trainer.limit_train_batches = trainer.limit_val_batches = 1
     site = flare.get_site_name()
     shard = int(site.split("-")[-1]) - 1
     datamodule = DigitsDataModule(shard, flare.system_info()["num_sites"], batch_size=[32, 64][shard % 2])
