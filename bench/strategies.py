@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples" / "cifar10" / "src"))
+EXAMPLE = HERE.parent / "examples" / "cifar10" / "src"
+sys.path.insert(0, str(EXAMPLE))
 
 # name -> (strategy, its arguments): the arguments were chosen once on the 32-site split and kept.
 STRATEGIES: dict[str, tuple[str, dict]] = {
@@ -61,6 +62,8 @@ def run_fl(strategy: str, args: dict, sites: int, scheme: str, alpha: float | No
     job.to_server(IntimeModelSelector(key_metric="accuracy"))
     script_args = f"--scheme {scheme}" + ("" if alpha is None else f" --alpha {alpha}")
     job.to_clients(ScriptRunner(script=str(HERE / "strategy_site.py"), script_args=script_args))
+    for module in ("data.py", "net.py"):  # the example's, beside the site script in the job's custom/
+        job.to(str(EXAMPLE / module), "@ALL")
     with tempfile.TemporaryDirectory() as workspace:
         result = job.simulator_run(workspace, n_clients=sites, threads=workers, quiet=True, backend="processes")
         state = json.loads((Path(workspace) / "server" / "round_state.json").read_text())
@@ -79,6 +82,7 @@ def centralized(epochs: int = 40) -> float:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # one small CNN: more threads only wait on each other
     trainset, testset = data.load_datasets("digits")
     loader = DataLoader(trainset, batch_size=4, shuffle=True)
     test_x, test_y = testset.tensors

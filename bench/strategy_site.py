@@ -1,7 +1,7 @@
 """The site of bench/strategies.py: the CIFAR-10 example's training on its offline digits, written as
 a user would turn it into an FL client, with FedProx and SCAFFOLD as NVFlare's examples add them.
 
-The example's own modules give the data and the model (examples/cifar10/src: ``data.load_datasets
+The example's own modules give the data and the model (examples/cifar10/src, shipped with the job: ``data.load_datasets
 ("digits")``, ``data.shard`` by site name through flkit.data, the tutorial CNN ``Net``); training is
 the example's: SGD with momentum 0.9, lr 0.003, batches of 4, ``--epochs`` (2) epochs a round. The
 metric sent back is the received global model's accuracy on the held-out digits (NVFlare's
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
+import data  # the example's (bench/strategies.py ships it with the job)
 import torch
+from net import Net
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -23,16 +23,13 @@ import flkit as flare
 from flkit import AlgorithmConstants
 from flkit.pt import PTFedProxLoss, PTScaffoldHelper, get_lr_values
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar10" / "src"))
-import data  # noqa: E402 (the example's)
-from net import Net  # noqa: E402
-
 parser = argparse.ArgumentParser()
 parser.add_argument("--scheme", default="iid")
 parser.add_argument("--alpha", type=float, default=None)
 parser.add_argument("--epochs", type=int, default=2)
 args = parser.parse_args()
 
+torch.set_num_threads(1)  # a small CNN on batches of 4: more threads only wait on each other
 flare.init()
 trainset, testset = data.load_datasets("digits")
 trainset = data.shard(trainset, flare.get_site_name(), flare.system_info()["num_sites"], args.scheme, args.alpha)

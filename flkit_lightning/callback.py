@@ -211,10 +211,19 @@ class FedProxTerm:
 
     @torch.no_grad()
     def add_gradient(self, pl_module: pl.LightningModule) -> None:
+        matched = 0
         for name, param in pl_module.named_parameters():
             reference = self.reference.get(name)
-            if reference is not None and param.grad is not None:
-                param.grad.add_(param.detach() - reference, alpha=self.mu)
+            if reference is None or param.grad is None:
+                continue
+            if reference.device != param.device:  # taken before Lightning moved the module to its device
+                reference = self.reference[name] = reference.to(param.device)
+            param.grad.add_(param.detach() - reference, alpha=self.mu)
+            matched += 1
+        if not matched:
+            raise RuntimeError("FedProx: no trainable parameter of the module has a gradient under its own name "
+                               "(a sharded strategy such as FSDP or DeepSpeed?); add flkit.pt.PTFedProxLoss to "
+                               "the loss instead")
 
 
 def fl_meta(pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -106,7 +106,10 @@ def test_scaffold_recipe_runs_nvflare_shaped_scaffold_sites(tmp_path, code):
 
 
 @pytest.mark.parametrize("optimizer_args, expected", [
-    (None, ("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.6})),  # NVFlare's default
+    (None, ("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.0})),  # NVFlare's default: FedAvg's step
+    ({}, ("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.0})),
+    ({"name": "SGD", "args": {"lr": 1.0, "momentum": 0.6}},
+     ("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.6})),
     ({"path": "torch.optim.SGD", "args": {"lr": 0.5, "momentum": 0.9}, "config_type": "dict"},
      ("fedavgm", {"server_learning_rate": 0.5, "server_momentum": 0.9})),
     ({"path": "torch.optim.Adam", "args": {"lr": 0.01, "betas": [0.8, 0.99]}},

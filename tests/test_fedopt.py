@@ -136,6 +136,7 @@ def test_state_is_saved_with_the_round_and_a_resume_goes_on_identically(tmp_path
 
 @pytest.mark.parametrize("name, args, match", [
     ("fedavgm", {"server_momentum": 1.5}, "server_momentum must be >= 0 and <= 1"),
+    ("fedadam", {"beta_2": 1.0}, "beta_2 must be >= 0 and < 1"),
     ("fedavgm", {"server_learning_rate": 0}, "server_learning_rate must be > 0"),
     ("fedadam", {"tau": 0}, "tau must be > 0"),
     ("fedadam", {"beta_1": "0.9"}, "beta_1 must be a finite number"),

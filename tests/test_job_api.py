@@ -258,9 +258,9 @@ def test_algorithm_recipes_have_nvflares_arguments():
         "launch_external_process", "command", "server_expected_format", "params_transfer_type",
         "server_memory_gc_rounds", "client_memory_gc_rounds", "torch_cuda_empty_cache"]
     assert keyword_only(FedOptRecipe) == [
-        "name", "initial_model", "min_clients", "num_rounds", "train_script", "train_args", "aggregator",
+        "name", "model", "initial_ckpt", "min_clients", "num_rounds", "train_script", "train_args", "aggregator",
         "launch_external_process", "command", "server_expected_format", "device", "source_model",
-        "optimizer_args", "lr_scheduler_args"]
+        "optimizer_args", "lr_scheduler_args", "server_memory_gc_rounds", "initial_model"]
     assert (default(ScaffoldRecipe, "name"), default(FedOptRecipe, "name")) == ("scaffold", "fedopt")
 
 

@@ -46,7 +46,8 @@ def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tm
     server_c = safetensors.torch.load_file(str(ws / "server" / "strategy_state.safetensors"))
     sites_c = [safetensors.torch.load_file(str(ws / f"site-{i}" / STATE_DIR / "c_local.round-2.safetensors"))
                for i in range(1, 5)]
-    assert not (ws / "site-1" / STATE_DIR / "c_local.round-0.safetensors").exists()  # old rounds are dropped
+    assert not (ws / "site-1" / STATE_DIR / "c_local.round-0.safetensors").exists()  # old rounds are dropped,
+    assert (ws / "site-1" / STATE_DIR / "c_local.round-1.safetensors").exists()  # but for the one before the last
     for name, c in server_c.items():
         mean = sum(site[name[2:]] for site in sites_c) / 4
         assert mean.abs().max() > 0  # not trivially zero
@@ -55,21 +56,24 @@ def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tm
 
 
 def test_helper_takes_the_control_variate_of_the_round_the_server_names(tmp_path):
-    """A server that resumed from round 0 names round 0's c_local, though the site wrote round 1's."""
+    """The site wrote rounds 0, 1 and 2; the server names round 2 (live) or, resumed from its saved state,
+    which may lag a round, round 1: both are there; older ones are dropped."""
     net = torch.nn.Linear(2, 1)
     folder = tmp_path / STATE_DIR
-    PTScaffoldHelper._save_local(folder, 0, {"weight": torch.full((1, 2), 1.0), "bias": torch.full((1,), 1.0)})
-    PTScaffoldHelper._save_local(folder, 1, {"weight": torch.full((1, 2), 2.0), "bias": torch.full((1,), 2.0)})
+    for r in range(3):
+        PTScaffoldHelper._save_local(folder, r, {"weight": torch.full((1, 2), float(r)), "bias": torch.full((1,), 1.0)})
     helper = PTScaffoldHelper()
     helper.init(net)
     _, c_local = helper.get_params()
-    helper._load_local(folder, 0, c_local)
+    helper._load_local(folder, 2, c_local)
+    assert torch.equal(c_local["weight"], torch.full((1, 2), 2.0))
+    assert sorted(p.name for p in folder.iterdir()) == ["c_local.round-1.safetensors", "c_local.round-2.safetensors"]
+    helper._load_local(folder, 1, c_local)  # a server resumed from the round before
     assert torch.equal(c_local["weight"], torch.full((1, 2), 1.0))
-    assert (folder / "c_local.round-1.safetensors").exists()  # a newer one is kept (it is rewritten when round 1 runs again)
     helper._load_local(folder, None, c_local)  # never aggregated: zeros
     assert torch.equal(c_local["bias"], torch.zeros(1))
-    with pytest.raises(FLKitError, match="control variate of round 5 is missing"):
-        helper._load_local(folder, 5, c_local)
+    with pytest.raises(FLKitError, match="control variate of round 0 is missing"):
+        helper._load_local(folder, 0, c_local)
 
 
 def test_a_result_without_control_variates_fails_the_site_not_the_model(tmp_path):

@@ -333,24 +333,27 @@ _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Adagrad": ("fedadagrad", {"lr": 1e-2, "eps": 1e-10, "lr_decay": 0.0, "weight_decay": 0.0,
                                "initial_accumulator_value": 0.0}),
 }
-# NVFlare's PTFedOptModelShareableGenerator's default optimiser.
-_DEFAULT_OPTIMIZER = {"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}}
+# NVFlare's PTFedOptModelShareableGenerator's default optimiser (with no momentum: FedAvg's step).
+_DEFAULT_OPTIMIZER = {"path": "torch.optim.SGD", "args": {"lr": 1.0}}
 
 
 def fedopt_strategy(optimizer_args: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     """The flkit strategy (name, arguments) for NVFlare's FedOpt ``optimizer_args``: torch.optim.SGD
     becomes fedavgm, Adam fedadam (bias-corrected: exactly torch's Adam), Adagrad fedadagrad; any other
     path, or an argument those strategies cannot honour (nesterov, weight decay, amsgrad...), is refused."""
-    spec = dict(_DEFAULT_OPTIMIZER if optimizer_args is None else optimizer_args)
     if not isinstance(optimizer_args, (dict, type(None))):
         raise ConfigError(f"FedOptRecipe: optimizer_args must be a dict {{'path': ..., 'args': {{...}}}}, got "
                           f"{optimizer_args!r:.100}")
-    unknown = set(spec) - {"path", "args", "config_type"}
+    spec = dict(optimizer_args or _DEFAULT_OPTIMIZER)  # (NVFlare: an empty one is its default too)
+    unknown = set(spec) - {"path", "name", "args", "config_type"}
     if unknown:
-        raise ConfigError(f"FedOptRecipe: optimizer_args has unknown keys {sorted(unknown)} (path, args, config_type)")
+        raise ConfigError(f"FedOptRecipe: optimizer_args has unknown keys {sorted(unknown)} "
+                          "(path or name, args, config_type)")
     if spec.get("config_type", "dict") != "dict":
         raise ConfigError(f"FedOptRecipe: optimizer_args config_type must be 'dict', got {spec['config_type']!r}")
-    path = spec.get("path")
+    path = spec.get("path", spec.get("name"))
+    if isinstance(path, str) and path in _OPTIMIZERS:  # NVFlare's {"name": "SGD"} form
+        path = f"torch.optim.{path}"
     kind = path[len("torch.optim."):] if isinstance(path, str) and path.startswith("torch.optim.") else None
     if kind not in _OPTIMIZERS:
         raise ConfigError(f"FedOptRecipe: the server optimiser {path!r} is not available; flkit runs "
@@ -383,16 +386,18 @@ def fedopt_strategy(optimizer_args: dict[str, Any] | None) -> tuple[str, dict[st
 class FedOptRecipe(FedAvgRecipe):
     """FedOpt with NVFlare's FedOptRecipe arguments: FedAvg's rounds, then a server optimiser step
     on the pseudo-gradient (flkit.strategy.fedopt). ``optimizer_args={"path": "torch.optim.SGD",
-    "args": {"lr": 1.0, "momentum": 0.6}}`` (NVFlare's default) runs FedAvgM; ``torch.optim.Adam``
-    FedAdam; ``torch.optim.Adagrad`` FedAdagrad; other paths are refused (see ``fedopt_strategy``).
+    "args": {"lr": 1.0, "momentum": 0.6}}`` runs FedAvgM (NVFlare's default, ``{"lr": 1.0}`` without
+    momentum, is FedAvg's step); ``torch.optim.Adam`` FedAdam; ``torch.optim.Adagrad`` FedAdagrad; other paths are refused (see ``fedopt_strategy``).
     As NVFlare's, sites send their result as a DIFF. ``lr_scheduler_args`` is refused (server
-    learning-rate schedules are not available); ``device``: the server steps on its CPU."""
+    learning-rate schedules are not available); ``device``: the server steps on its CPU. ``model`` (or
+    2.7.0's ``initial_model``) and ``initial_ckpt`` as for FedAvgRecipe."""
 
     def __init__(
         self,
         *,
         name: str = "fedopt",
-        initial_model: Any = None,
+        model: Any = None,
+        initial_ckpt: str | None = None,
         min_clients: int,
         num_rounds: int = 2,
         train_script: str,
@@ -405,6 +410,8 @@ class FedOptRecipe(FedAvgRecipe):
         source_model: str = "model",
         optimizer_args: dict[str, Any] | None = None,
         lr_scheduler_args: dict[str, Any] | None = None,
+        server_memory_gc_rounds: int = 0,
+        initial_model: Any = None,
     ) -> None:
         owner = type(self).__name__
         if lr_scheduler_args is not None:
@@ -413,7 +420,8 @@ class FedOptRecipe(FedAvgRecipe):
         warn_if_set(owner, {"device": device, "source_model": source_model}, {"device": None, "source_model": "model"},
                     {"device": "the server's optimiser steps on its CPU, where the global model is",
                      "source_model": "the recipe's initial_model is the job's model"})
-        super().__init__(name=name, model=initial_model, min_clients=min_clients, num_rounds=num_rounds,
+        super().__init__(name=name, model=model, initial_model=initial_model, initial_ckpt=initial_ckpt,
+                         server_memory_gc_rounds=server_memory_gc_rounds, min_clients=min_clients, num_rounds=num_rounds,
                          train_script=train_script, train_args=train_args, aggregator=aggregator,
                          launch_external_process=launch_external_process, command=command,
                          server_expected_format=server_expected_format, params_transfer_type=TransferType.DIFF)

@@ -11,8 +11,8 @@ class PTFedProxLoss(_Loss):
 
     ``loss = criterion(out, y) + PTFedProxLoss(mu)(model, global_model)``, where ``global_model`` is
     a frozen copy of the model as received this round and ``mu`` is ``FLModel.meta["fedprox_mu"]``.
-    Parameters are paired by name, so a model whose parameters are listed in another order, or a
-    copy that lacks one, is an error rather than a silent mismatch."""
+    Parameters are paired by name (NVFlare pairs them by position), less the prefixes DDP and
+    torch.compile add, so a copy that lacks one is an error rather than a silent mismatch."""
 
     def __init__(self, mu: float = 0.01) -> None:
         super().__init__()
@@ -21,9 +21,10 @@ class PTFedProxLoss(_Loss):
         self.mu = float(mu)
 
     def forward(self, input: torch.nn.Module, target: torch.nn.Module) -> torch.Tensor:  # noqa: A002 - NVFlare's names
-        reference = dict(target.named_parameters())
+        reference = {_unwrapped(name): p for name, p in target.named_parameters()}
         total: torch.Tensor | None = None
         for name, param in input.named_parameters():
+            name = _unwrapped(name)
             if not param.requires_grad:
                 continue
             if name not in reference:
@@ -33,6 +34,17 @@ class PTFedProxLoss(_Loss):
         if total is None:
             return torch.zeros(())
         return total * (self.mu / 2)
+
+
+# What DDP (``module.``) and torch.compile (``_orig_mod.``) put before a wrapped model's parameter names:
+# one of the two models may be wrapped and the other not.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped(name: str) -> str:
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
 
 
 __all__ = ["PTFedProxLoss"]

@@ -61,7 +61,7 @@ class PTScaffoldHelper:
         self.cnt = 0
         self.c_global: dict[str, torch.Tensor] | None = None
         self.c_local: dict[str, torch.Tensor] | None = None
-        self.c_delta_para: dict[str, np.ndarray] | None = None
+        self.c_delta_para: dict[str, np.ndarray | torch.Tensor] | None = None
         self._round: int | None = None  # the task whose c_local terms_update writes
 
     def init(self, model: torch.nn.Module) -> None:
@@ -109,10 +109,13 @@ class PTScaffoldHelper:
                 if name not in saved or saved[name].shape != tensor.shape:
                     raise FLKitError(f"PTScaffoldHelper: {path} does not fit the model (tensor '{name}')")
                 tensor.copy_(saved[name])
-        for old in folder.iterdir():  # rounds before it are never needed again
-            match = _FILE.match(old.name)
-            if match and int(match.group(1)) < int(local_round):
-                old.unlink(missing_ok=True)
+        # Older rounds' files go, but for the newest one before it: the server's saved state may lag its
+        # live one by a round (it is written while the next round trains), and a server that resumes
+        # from that saved state names that round.
+        older = sorted((int(m.group(1)), path) for path in folder.iterdir()
+                       if (m := _FILE.match(path.name)) and int(m.group(1)) < int(local_round))
+        for _, path in older[:-1]:
+            path.unlink(missing_ok=True)
 
     def get_params(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(c_global, c_local) for this round's ``model_update`` calls; resets the step count."""
@@ -137,16 +140,18 @@ class PTScaffoldHelper:
             raise FLKitError("PTScaffoldHelper.terms_update: no model_update steps were taken this round "
                              "(or the learning rate is 0)")
         state, global_state = model.state_dict(), model_global.state_dict()
-        delta: dict[str, np.ndarray] = {}
+        delta: dict[str, np.ndarray | torch.Tensor] = {}
         with torch.no_grad():
             for name, old in c_local_para.items():
                 new = old - c_global_para[name] + (global_state[name] - state[name]) / (self.cnt * curr_lr)
-                delta[name] = (new - old).cpu().numpy()
+                change = (new - old).cpu()
+                # numpy arrays, as NVFlare's helper gives; bfloat16 has no numpy type: it stays a tensor
+                delta[name] = change if change.dtype == torch.bfloat16 else change.numpy()
                 c_local[name].copy_(new)
         self.c_delta_para = delta
         site = _site_task()
-        if site is not None and site[3] and self._round is not None:
-            self._save_local(site[0] / STATE_DIR, self._round, c_local)
+        if site is not None and site[3]:  # under the task's own round (the task in hand now)
+            self._save_local(site[0] / STATE_DIR, site[1], c_local)
 
     @staticmethod
     def _save_local(folder: Path, round_num: int, c_local: dict[str, torch.Tensor]) -> None:
@@ -161,7 +166,7 @@ class PTScaffoldHelper:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def get_delta_controls(self) -> dict[str, np.ndarray]:
+    def get_delta_controls(self) -> dict[str, np.ndarray | torch.Tensor]:
         """This round's change of c_local (numpy arrays, as NVFlare's helper gives): send it in
         ``meta["scaffold_c_diff"]``."""
         if self.c_delta_para is None:

@@ -483,18 +483,27 @@ class Controller:
 
         if new_global is not None:
             assert self._aggregator is not None
+            # The strategy's JSON state as the last saved round left it: a round that fails from here on
+            # is written with it (its tensors on disk are that round's too), so a resume is consistent.
+            saved_state = self.strategy.state_dict()
             try:
                 if self.strategy.state_tensors():  # the last round's are being written: finish changes them
                     self.persistor.flush()
                 self._aggregator.finish()
             except Exception as exc:
+                self.strategy.load_state_dict(saved_state)
                 return JobEnd(True, f"round {round_num}: {self._strategy_name}.aggregator failed: "
                                     f"{type(exc).__name__}: {exc}; the global model of round {round_num - 1} is kept")
             names = list(new_global)
             bad_index = first_non_finite([new_global[name] for name in names])
-            if bad_index is not None:
-                return JobEnd(True, f"round {round_num}: the aggregate of tensor '{names[bad_index]}' is not finite "
-                                    f"(an overflow); the global model of round {round_num - 1} is kept")
+            state = dict(self.strategy.state_tensors())
+            bad_state = first_non_finite(list(state.values())) if bad_index is None else None
+            if bad_index is not None or bad_state is not None:
+                self.strategy.load_state_dict(saved_state)
+                what = (f"the aggregate of tensor '{names[bad_index]}'" if bad_index is not None
+                        else f"the strategy's state '{list(state)[bad_state or 0]}'")
+                return JobEnd(True, f"round {round_num}: {what} is not finite (an overflow); the global model "
+                                    f"and strategy state of round {round_num - 1} are kept")
         if task_name == VALIDATE:
             try:
                 record.aggregated = self.strategy.aggregate_evaluate(round_num, record.metrics)
@@ -554,6 +563,8 @@ class Controller:
         try:
             self._aggregator.add(SiteResult(answer.site, answer.params, answer.params_type, weight, answer.metrics,
                                             answer.meta_tensors))
+        except ValidationError:  # refused before any of it was folded in (Aggregator.add's contract): the site's fault
+            raise
         except BaseException as exc:  # part of the result may be in the sums: the round cannot finish
             self._poisoned = (f"folding the result of site {answer.site} failed half-way "
                               f"({type(exc).__name__}: {exc})")

@@ -137,12 +137,19 @@ def missing_key_metric(site: str, key_metric: str | None, metrics: Mapping[str, 
             "best-model selection ignores it")
 
 
+META_TENSOR_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+                                torch.int16, torch.int32, torch.int64, torch.bool})
+
+
 def check_meta_tensors(site: str, groups: Mapping[str, Mapping[str, torch.Tensor]], limit_bytes: int) -> None:
     """A site's tensors in meta (flkit.wire.meta_tensors): finite values, and at most ``limit_bytes``
     in all (the global model's size: what a site sends beside its model is bounded by what it got)."""
     total = 0
     for key, tensors in groups.items():
         for name, tensor in tensors.items():
+            if tensor.dtype not in META_TENSOR_DTYPES:
+                raise ValidationError(f"site {site}: meta[{quote(key)}][{quote(name)}] is {tensor.dtype}; tensors in "
+                                      "meta are floating (16, 32 or 64 bits), integer or bool")
             total += tensor.numel() * tensor.element_size()
             if total > limit_bytes:
                 raise ValidationError(f"site {site}: the tensors in its meta hold more than the global model's "

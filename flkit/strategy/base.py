@@ -105,7 +105,9 @@ class Aggregator(ABC):
 
     @abstractmethod
     def add(self, result: SiteResult) -> None:
-        """Fold one accepted, checked result into the running aggregate."""
+        """Fold one accepted, checked result into the running aggregate. A ValidationError means the
+        result was refused before any of it was folded in (the site fails, the round goes on); any
+        other exception means the aggregate may hold part of it (the round fails)."""
 
     @abstractmethod
     def finish(self) -> None:

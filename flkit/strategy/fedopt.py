@@ -17,8 +17,9 @@ With ``FedAvgM(server_learning_rate=1, server_momentum=0)`` that is FedAvg again
   ``m = delta``), ``step = eta * m / (sqrt(v) + tau``); with ``b1 = 0`` this is
   ``torch.optim.Adagrad(lr=eta, eps=tau)`` on ``-delta``.
 
-Only floating-point tensors are stepped; integer and bool buffers (BatchNorm's
-``num_batches_tracked``) take FedAvg's mean. The optimiser state is kept in the model's floating
+Only floating-point parameters are stepped; integer and bool buffers (BatchNorm's
+``num_batches_tracked``) and BatchNorm's running statistics (``running_mean``, ``running_var``) take
+FedAvg's mean, as NVFlare's FedOpt steps only the model's parameters. The optimiser state is kept in the model's floating
 dtype (float32 for 16-bit models) and saved with every round's global model, so a resumed server
 goes on with the same momentum (``Strategy.state_tensors``).
 
@@ -50,13 +51,24 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _number(owner: str, name: str, value: object, low: float, high: float = math.inf,
-            low_open: bool = False) -> float:
+            low_open: bool = False, high_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        bound = f"{'>' if low_open else '>='} {low:g}" + (
+            "" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}")
         raise ValueError(f"{owner}: {name} must be {bound}, got {value!r}")
     return float(value)
+
+
+# Floating tensors that are statistics, not parameters: they take FedAvg's mean, as NVFlare's FedOpt
+# steps only the model's parameters (an adaptive step of a variance could make it negative).
+BUFFER_SUFFIXES = ("running_mean", "running_var")
+
+
+def stepped(name: str, tensor: torch.Tensor) -> bool:
+    """Whether the server optimiser steps this tensor (floating, and not a BatchNorm statistic)."""
+    return tensor.is_floating_point() and not name.endswith(BUFFER_SUFFIXES)
 
 
 class ServerOptimizer(Strategy):
@@ -109,7 +121,7 @@ class ServerOptimizer(Strategy):
         """Per floating tensor, its flat state of each slot (made at the first step: zeros)."""
         views: dict[str, dict[str, torch.Tensor]] = {}
         for name, base in global_params.items():
-            if not base.is_floating_point():
+            if not stepped(name, base):
                 continue
             views[name] = {}
             for slot in self.slots:
@@ -198,8 +210,8 @@ class _Adaptive(ServerOptimizer):
     def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float, streamed: bool | None) -> None:
         super().__init__(streamed)
         self.eta = _number(self.name, "eta", eta, 0.0, low_open=True)
-        self.beta_1 = _number(self.name, "beta_1", beta_1, 0.0, 1.0)
-        self.beta_2 = _number(self.name, "beta_2", beta_2, 0.0, 1.0)
+        self.beta_1 = _number(self.name, "beta_1", beta_1, 0.0, 1.0, high_open=True)
+        self.beta_2 = _number(self.name, "beta_2", beta_2, 0.0, 1.0, high_open=True)
         self.tau = _number(self.name, "tau", tau, 0.0, low_open=True)
 
     def _momentum(self, delta: torch.Tensor, m: torch.Tensor) -> None:
