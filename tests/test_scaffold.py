@@ -101,3 +101,45 @@ def test_a_result_without_control_variates_fails_the_site_not_the_model(tmp_path
     assert strategy.state_dict() == {"aggregated": {"a": 0}}
     assert strategy.configure_train(1, ["a", "b"], None) == {"a": {"scaffold_c_local_round": 0},
                                                             "b": {"scaffold_c_local_round": None}}
+
+
+@pytest.mark.parametrize("transport", ["memory", "shm", "grpc"])
+def test_control_variates_cross_every_transport_and_a_site_without_them_fails_alone(tmp_path, transport):
+    """The server's c reaches each site in meta as tensors, each site's c_diff comes back beside its
+    params; a site that sends none fails (its own task), the round goes on with the others."""
+    from flkit.model import FLModel
+    from flkit.server.persistor import load_params
+    from flkit.strategy import create
+
+    from conftest import ServerHarness, in_threads
+
+    harness = ServerHarness(tmp_path, transport=transport)
+    try:
+        server = harness.start({"w": torch.zeros(3), "n": torch.tensor(1)}, ["site-1", "site-2", "site-3"],
+                               num_rounds=1, key_metric=None, min_clients=2, strategy=create("scaffold"))
+        seen: dict[str, object] = {}
+
+        def site(name: str) -> None:
+            session = harness.session(server, name)
+            model = session.receive(timeout=30)
+            seen[name] = (model.meta["scaffold_c_global"], model.meta["scaffold_c_local_round"], sorted(model.params))
+            k = float(name[-1])
+            meta = {"NUM_STEPS_CURRENT_ROUND": 1}
+            if name != "site-3":
+                meta["scaffold_c_diff"] = {"w": torch.full((3,), k)}
+            session.send(FLModel(params={"w": torch.full((3,), k), "n": torch.tensor(1)}, meta=meta))
+
+        errors = in_threads(site, ["site-1", "site-2", "site-3"])
+        assert set(errors) <= {"site-3"}
+        outcome = server.wait(30)
+        assert outcome is not None and not outcome.failed, outcome
+        c_global, local_round, keys = seen["site-1"]
+        assert torch.equal(torch.as_tensor(c_global["w"]), torch.zeros(3)) and local_round is None
+        assert keys == ["n", "w"]  # the control variate is in meta, not among the params
+        assert torch.equal(load_params(server.persistor.global_model_path)["w"], torch.full((3,), 1.5))
+        state = load_params(server.persistor.strategy_path)
+        assert torch.equal(state["c/w"], torch.full((3,), 1.0))  # (1 + 2) / 3 sites
+        record = json.loads(server.persistor.state_path.read_text())
+        assert "scaffold_c_diff" in record["history"][0]["failed"]["site-3"]
+    finally:
+        harness.close()
