@@ -28,12 +28,13 @@ from flkit.errors import ConfigError
 from flkit.job.config import load_job
 from flkit.runner import site_for
 from flkit.runner.processes import sigterm_as_exit
+from flkit.server.config import EVALUATE
 from flkit.server.controller import RoundRecord
 from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
 from flkit.sim.backend import DEFAULT_BACKEND, TASKS_PER_WORKER, check_backend, default_workers, make_backend
 from flkit.sim.pool import SitePool, SiteSpec
-from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
+from flkit.sim.progress import ProgressPrinter, cross_site_table, evaluation_table, summary_table
 
 log = logging.getLogger("flkit.sim")
 
@@ -58,6 +59,9 @@ class SimulationResult:
     # {evaluator_site: {model_name: {metric: value}}} when the job ran cross-site evaluation.
     cross_site_results: dict[str, Any] | None = None
     cross_site_path: Path | None = None
+    # An evaluate-only job's report (what server/evaluation.json holds) and that file.
+    evaluation: dict[str, Any] | None = None
+    evaluation_path: Path | None = None
 
 
 def parse_gpus(gpu: str | None) -> list[str]:
@@ -150,6 +154,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
             raise ConfigError(f"the job folder {job_dir} lies in <workspace>/{name}, which the simulator writes "
                               f"(and clears); put the job elsewhere{' or rename the site' if name in sites else ''}")
     _clear_previous_run(workspace, list(sites), console, quiet)
+    initial_params, model_source = job.server_model()
     job_id = f"{job.name}-{secrets.token_hex(4)}"
     pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
     if backend == "threads" and len(pooled) <= workers:
@@ -163,7 +168,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     server = FLServer(
         workflow,
         list(sites),
-        job.initial_params(),
+        initial_params,
         workspace / "server",
         job_id=job_id,
         on_event=ProgressPrinter(console, quiet),
@@ -174,14 +179,18 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         concurrent_sites=min(len(sites), len(sites) - len(pooled) + workers * TASKS_PER_WORKER),
         kit=server_kit,
         vouched_sites=frozenset(pooled),
+        model_source=model_source,
     )
+    del initial_params  # the server holds the model now
     address = server.start()
     if not quiet:
         how = (f"{backend} backend, {min(workers, len(pooled))} worker(s)" if pooled
                else "a thread per site" if any(not r.launch_external_process for r in sites.values())
                else "a process per site")
+        work = (f"evaluate-only ({model_source['path'] if model_source else 'the initial model'})"
+                if workflow.mode == EVALUATE else f"{workflow.num_rounds} round(s)")
         console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s) on {how}, "
-                      f"{workflow.num_rounds} round(s), server on {address}")
+                      f"{escape(work)}, server on {address}")
     # In-process sites use the memory transport (FLKIT_TRANSPORT=grpc forces the network path).
     transport = os.environ.get("FLKIT_TRANSPORT", "auto")
     runs = []
@@ -242,6 +251,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         site_errors=errors,
         cross_site_results=None if cross_site is None else cross_site.results,
         cross_site_path=None if cross_site is None else cross_site.path,
+        evaluation=server.controller.evaluation,
+        evaluation_path=server.controller.evaluation_path,
     )
     _print_summary(console, result)
     return result
@@ -262,7 +273,10 @@ def _clear_previous_run(workspace: Path, sites: list[str], console: Console, qui
 
 
 def _print_summary(console: Console, result: SimulationResult) -> None:
-    if result.rounds:
+    if result.evaluation is not None:
+        console.print(evaluation_table(result.evaluation))
+        console.print(f"evaluation -> {result.evaluation_path}")
+    elif result.rounds:
         console.print(summary_table(result.rounds, result.key_metric))
     if result.cross_site_results:
         console.print(cross_site_table(result.cross_site_results))
@@ -274,11 +288,12 @@ def _print_summary(console: Console, result: SimulationResult) -> None:
         console.print(f"[bold red]... and {len(errors) - MAX_ERRORS_SHOWN} more site(s) with errors[/] "
                       f"(SimulationResult.site_errors; each round's failures are in server/{STATE_FILE})")
     if result.ok:
-        console.print(f"[bold green]job completed[/]: {result.reason}")
+        console.print(f"[bold green]job completed[/]: {escape(result.reason)}", highlight=False)
         if result.best_round is not None:
             console.print(f"best model: round {result.best_round}, {result.key_metric}={result.best_score:.4f} "
                           f"-> {result.best_model_path}")
-        console.print(f"final global model -> {result.global_model_path}")
+        if result.evaluation is None:
+            console.print(f"final global model -> {result.global_model_path}")
     else:
         console.print(f"[bold red]job failed[/]: {escape(result.reason)}", highlight=False)
 
