@@ -3,9 +3,9 @@
 A job is the server's workflow (rounds, model selection, tracking, cross-site evaluation; or
 an evaluate-only run), an initial model and the runner of each site. ``to(obj, target)`` takes
 NVFlare's objects: runners for sites; a FedAvg or an EvalController controller, a model, a
-selector, receivers or a cross-site evaluation for the server. ``export_job`` writes plain JSON, safetensors and the scripts
-(with the local modules they import) into a folder that ``flkit simulate`` and
-``flkit server``/``flkit client`` run.
+selector, receivers or a cross-site evaluation for the server. ``export_job`` writes plain
+JSON, safetensors and the scripts (with the local modules they import) into a folder that
+``flkit simulate`` and ``flkit server``/``flkit client`` run.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ class FedJob:
     def _set_controller(self, controller: FedAvg | EvalController) -> None:
         """One workflow per job: training (FedAvg) or an evaluate-only run (EvalController)."""
         training = self.rounds is not None or isinstance(self.controller, FedAvg)
-        if isinstance(controller, EvalController) and training or \
-                isinstance(controller, FedAvg) and isinstance(self.controller, EvalController):
+        if (isinstance(controller, EvalController) and training) or \
+                (isinstance(controller, FedAvg) and isinstance(self.controller, EvalController)):
             raise ConfigError(f"job '{self.name}' has one workflow on the server: FedAvg (training) or "
                               "EvalController (evaluate-only), not both")
         self.controller = controller

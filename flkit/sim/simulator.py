@@ -144,6 +144,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     sites = job.resolve_sites(n_clients, clients)
     workflow = job.workflow_config(len(sites))
     chosen = job.make_strategy(strategy, strategy_args)
+    initial_params, model_source = job.server_model()  # (a checkpoint that does not fit: before anything is cleared)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads (the number of workers) must be a whole number >= 1, got {threads!r}")
     workers = threads if threads is not None else default_workers()
@@ -154,7 +155,6 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
             raise ConfigError(f"the job folder {job_dir} lies in <workspace>/{name}, which the simulator writes "
                               f"(and clears); put the job elsewhere{' or rename the site' if name in sites else ''}")
     _clear_previous_run(workspace, list(sites), console, quiet)
-    initial_params, model_source = job.server_model()
     job_id = f"{job.name}-{secrets.token_hex(4)}"
     pooled = {name: runner for name, runner in sites.items() if not runner.launch_external_process}
     if backend == "threads" and len(pooled) <= workers:
