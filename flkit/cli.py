@@ -235,7 +235,7 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
     """
     from flkit.job.config import load_job
     from flkit.server.server import FLServer
-    from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
+    from flkit.sim.progress import ProgressPrinter, cross_site_table, evaluation_table, summary_table
 
     _logging(max(verbose, 1))
     console = Console(highlight=False, soft_wrap=True)
@@ -251,12 +251,16 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
             names = [s for s in provisioned if s not in revoked]
             accept_new = True
         sites = job.resolve_sites(n_clients, names)
+        workflow = job.workflow_config(len(sites))
         if not resume:
             _refuse_to_overwrite_an_interrupted_run(workspace)
-        srv = FLServer(job.workflow_config(len(sites)), list(sites), job.initial_params(), workspace,
+        initial_params, model_source = job.server_model()
+        srv = FLServer(workflow, list(sites), initial_params, workspace,
                        job_id=job_id or job.name, address=f"{host}:{port}", token=token,
                        on_event=ProgressPrinter(console), job_name=job.name, strategy=job.make_strategy(),
-                       kit=server_kit, accept_new_sites=accept_new, resume=resume, upload_stall_s=upload_stall_s)
+                       kit=server_kit, accept_new_sites=accept_new, resume=resume, upload_stall_s=upload_stall_s,
+                       model_source=model_source)
+        del initial_params  # the server holds the model now
         address = srv.start()
     except FLKitError as exc:
         raise click.ClickException(str(exc)) from None
@@ -278,7 +282,11 @@ def server(job_dir: Path, host: str, port: int, n_clients: int | None, clients: 
         outcome = None
     finally:
         srv.stop()
-    console.print(summary_table(srv.controller.history, job.workflow.get("key_metric")))
+    if srv.controller.evaluation is not None:
+        console.print(evaluation_table(srv.controller.evaluation))
+        console.print(f"evaluation -> {srv.controller.evaluation_path}")
+    else:
+        console.print(summary_table(srv.controller.history, job.workflow.get("key_metric")))
     if srv.controller.cross_site is not None:
         console.print(cross_site_table(srv.controller.cross_site.results))
         console.print(f"cross-site results -> {srv.controller.cross_site.path}")

@@ -42,6 +42,7 @@ NVFLARE_IMPORTS = {
     "from nvflare.app_common.workflows.fedavg import": "from flkit.job import",
     "from nvflare.app_common.widgets.intime_model_selector import": "from flkit.job import",
     "from nvflare.app_opt.pt.recipes.fedavg import": "from flkit.job import",
+    "from nvflare.app_opt.pt.recipes.fedeval import": "from flkit.job import",
     "from nvflare.app_opt.pt.recipes import": "from flkit.job import",
     "from nvflare.recipe.sim_env import": "from flkit.job import",
     "from nvflare.recipe.poc_env import": "from flkit.job import",

@@ -30,6 +30,7 @@ from flkit.job import (
     BaseScriptRunner,
     CrossSiteModelEval,
     CyclicRecipe,
+    EvalController,
     ExchangeFormat,
     FedAvg,
     FedAvgJob,
@@ -262,6 +263,29 @@ def test_algorithm_recipes_have_nvflares_arguments():
         "launch_external_process", "command", "server_expected_format", "device", "source_model",
         "optimizer_args", "lr_scheduler_args", "server_memory_gc_rounds", "initial_model"]
     assert (default(ScaffoldRecipe, "name"), default(FedOptRecipe, "name")) == ("scaffold", "fedopt")
+
+
+# NVFlare main's FedEvalRecipe (nvflare/app_opt/pt/recipes/fedeval.py), in its order.
+EVAL_RECIPE_ARGS = ["name", "model", "eval_ckpt", "min_clients", "eval_script", "eval_args",
+                    "launch_external_process", "command", "server_expected_format", "validation_timeout",
+                    "per_site_config", "client_memory_gc_rounds", "cuda_empty_cache"]
+
+
+def test_fedevalrecipe_is_keyword_only_with_every_nvflare_argument():
+    params = inspect.signature(FedEvalRecipe).parameters
+    assert positional(FedEvalRecipe) == []
+    assert keyword_only(FedEvalRecipe) == [*EVAL_RECIPE_ARGS, "initial_model"]  # and 2.7.0's initial_model
+    for required in ("min_clients", "eval_script"):
+        assert params[required].default is inspect.Parameter.empty
+    # NVFlare requires model and eval_ckpt; flkit evaluates the model's own weights without eval_ckpt.
+    expected = {"name": "eval", "model": None, "eval_ckpt": None, "eval_args": "", "launch_external_process": False,
+                "command": "python3 -u", "server_expected_format": "numpy", "validation_timeout": 6000,
+                "per_site_config": None, "client_memory_gc_rounds": 0, "cuda_empty_cache": False,
+                "initial_model": None}
+    assert {name: default(FedEvalRecipe, name) for name in expected} == expected
+    # NVFlare's EvalController(persistor_id, timeout), with defaults here.
+    assert positional(EvalController) == ["persistor_id", "timeout"]
+    assert (default(EvalController, "persistor_id"), default(EvalController, "timeout")) == ("persistor", 6000)
 
 
 def test_envs_are_keyword_only_with_nvflares_names():
@@ -617,6 +641,47 @@ def test_fedavgrecipe_every_argument(tmp_path):
     assert torch.equal(saved["weight"], torch.full((1, 2), 0.5))
 
 
+def test_fedevalrecipe_every_argument(tmp_path):
+    ckpt = tmp_path / "saved.pt"
+    torch.save({"weight": torch.full((1, 2), 0.5), "bias": torch.full((1,), 0.25)}, ckpt)
+    with pytest.warns(IgnoredArgumentWarning) as record:
+        recipe = FedEvalRecipe(
+            name="every_eval", model=zero_model(), eval_ckpt=str(ckpt), min_clients=2, eval_script=TRAIN,
+            eval_args="--delta 2", launch_external_process=True, command="python3 -u -X utf8",
+            server_expected_format=ExchangeFormat.PYTORCH, validation_timeout=90,
+            per_site_config={"site-1": {}, "site-2": {"eval_args": "--delta 4", "launch_external_process": False}},
+            client_memory_gc_rounds=3, cuda_empty_cache=True,
+        )
+    assert ignored_args(record) == ["server_expected_format"]
+    folder = recipe.export(tmp_path / "out")
+    data = job_json(folder)
+    assert data["workflow"]["mode"] == "evaluate"
+    assert (data["workflow"]["num_rounds"], data["workflow"]["min_clients"], data["workflow"]["round_timeout_s"]) \
+        == (1, 2, 90.0)
+    assert data["eval_ckpt"] == "eval_ckpt/saved.pt" and data["eval_ckpt_source"] == str(ckpt.resolve())
+    assert (folder / "eval_ckpt" / "saved.pt").read_bytes() == ckpt.read_bytes()  # the very file
+    one, two = data["sites"]["site-1"], data["sites"]["site-2"]
+    assert (one["script_args"], one["launch_external_process"], one["command"]) == ("--delta 2", True,
+                                                                                  "python3 -u -X utf8")
+    assert (two["script_args"], two["launch_external_process"]) == ("--delta 4", False)
+    assert all((s["memory_gc_rounds"], s["cuda_empty_cache"]) == (3, True) for s in (one, two))
+    params, source = load_job(folder).server_model()
+    assert torch.equal(params["weight"], torch.full((1, 2), 0.5)) and source["copied_from"] == str(ckpt.resolve())
+
+
+def test_fedevalrecipe_27s_initial_model_with_a_checkpoint_attribute(tmp_path):
+    ckpt = tmp_path / "pretrained.safetensors"
+    save_file({"weight": torch.full((1, 2), 7.0), "bias": torch.zeros(1)}, ckpt)
+    model = zero_model()
+    model.checkpoint = str(ckpt)  # NVFlare 2.7.0: FedEvalRecipe(initial_model=LitNet(checkpoint=...))
+    with no_ignored_warning():
+        recipe = FedEvalRecipe(initial_model=model, min_clients=1, eval_script=TRAIN)
+    data = job_json(recipe.export(tmp_path / "out"))
+    assert data["eval_ckpt"] == "eval_ckpt/pretrained.safetensors" and data["name"] == "eval"
+    with pytest.raises(ConfigError, match="model= or initial_model="):
+        FedEvalRecipe(model=zero_model(), initial_model=zero_model(), min_clients=1, eval_script=TRAIN)
+
+
 def test_stop_cond_on_the_key_metric_sets_its_direction():
     with no_ignored_warning():
         lower = quiet_recipe(key_metric="loss", stop_cond="loss < 0.2")
@@ -754,8 +819,7 @@ def test_errors_name_their_cause(build, message):
         build()
 
 
-@pytest.mark.parametrize("recipe, algorithm", [(CyclicRecipe, "cyclic weight transfer"),
-                                               (FedEvalRecipe, "evaluate-only")])
+@pytest.mark.parametrize("recipe, algorithm", [(CyclicRecipe, "cyclic weight transfer")])
 def test_recipes_flkit_lacks_name_their_algorithm(recipe, algorithm):
     with pytest.raises(ConfigError, match=f"{recipe.__name__}: .*{algorithm}.* is not available"):
         recipe(min_clients=2, train_script=TRAIN, model=zero_model())

@@ -1,12 +1,14 @@
 """NVFlare job scripts run on flkit with only their import lines changed, as users run them.
 
 The scripts (tests/nvflare_jobs) are our own, in the shapes of NVFlare 2.6's job API examples
-(hello-world/ml-to-fl/pt) and main's recipe example (hello-world/hello-pt); each test copies one,
+(hello-world/ml-to-fl/pt) and main's recipe examples (hello-world/hello-pt, and
+hello-lightning-eval's FedEvalRecipe job); each test copies one,
 changes its nvflare imports to flkit ones, and runs `python <job script>` in a subprocess.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -193,3 +195,36 @@ def test_recipe_in_pocenv_runs_server_and_sites_as_processes(tmp_path):
         assert (result / "logs" / f"{name}.log").is_file()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(result) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, [p.info["cmdline"] for p in leftovers]
+
+
+@pytest.mark.slow
+def test_fedeval_recipe_job_in_pocenv_scores_a_saved_model_at_every_site(tmp_path):
+    """main's FedEvalRecipe, run as its hello-lightning-eval job.py runs it (here with hello-pt's
+    client.py, whose validate answer is the metrics alone), in a PocEnv: `flkit server` and
+    `flkit client` are processes of their own (tests/test_evaluate_only.py runs it in SimEnv)."""
+    job = nvflare_to_flkit(HELLO_PT, tmp_path / "job")
+    torch.manual_seed(0)
+    model = _module(job / "model.py").SimpleNetwork()
+    trainset, _ = _module(job / "data.py").load()
+    x, y = trainset.tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for i in range(0, 1280, 32):  # 40 steps: a model that scores well above chance
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+        optimizer.step()
+    ckpt = tmp_path / "pretrained_model.pt"
+    torch.save(model.state_dict(), ckpt)
+    saved = ckpt.read_bytes()
+    proc = _run(job, "eval_job.py", "--checkpoint", str(ckpt), "--poc",
+                env={"FLKIT_POC_WORKSPACE": str(tmp_path / "poc")})
+    assert re.findall(r"Job Status is: (\S+)", proc.stdout)[-1] == "FINISHED:COMPLETED", proc.stdout
+    result = Path(re.search(r"Result can be found in : (\S+)", proc.stdout).group(1))
+    report = json.loads((result / "server" / "evaluation.json").read_text())
+    expected = _accuracy(model.state_dict(), job)
+    assert expected > 0.5
+    assert report["metrics"] == {"site-1": {"accuracy": pytest.approx(expected, abs=1e-9)},
+                                 "site-2": {"accuracy": pytest.approx(expected, abs=1e-9)}}
+    assert (report["failed"], report["status"]) == ({}, "completed")
+    assert report["model"]["sha256"] == hashlib.sha256(saved).hexdigest() and ckpt.read_bytes() == saved
+    printed = (result / "logs" / "server.log").read_text()  # what `flkit server` printed
+    assert f"{expected:.4f}" in printed and "mean (2 site(s))" in printed

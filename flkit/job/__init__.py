@@ -9,6 +9,7 @@ from flkit.compat import IgnoredArgumentWarning
 from flkit.job.components import (
     CrossSiteModelEval,
     DataKind,
+    EvalController,
     FedAvg,
     IntimeModelSelector,
     MLflowReceiver,
@@ -55,6 +56,7 @@ __all__ = [
     "CrossSiteModelEval",
     "CyclicRecipe",
     "DataKind",
+    "EvalController",
     "ExchangeFormat",
     "ExecEnv",
     "FedAvg",

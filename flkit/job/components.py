@@ -2,8 +2,9 @@
 
 NVFlare job scripts put a controller, a model, a model selector and receivers on the server
 with ``job.to(obj, "server")``. flkit has one server workflow (rounds of FedAvg, best-model
-selection, optional cross-site evaluation, tracking); each class here is the NVFlare-named way
-to set part of it, taking NVFlare's arguments. Arguments with no meaning here are named in
+selection, optional cross-site evaluation, tracking; or, with an EvalController, one evaluation
+of a saved model); each class here is the NVFlare-named way to set part of it, taking NVFlare's
+arguments. Arguments with no meaning here are named in
 an ``IgnoredArgumentWarning``; behaviour flkit does not have yet is an error naming it.
 """
 
@@ -18,7 +19,8 @@ import torch
 
 from flkit.compat import warn_if_set
 from flkit.errors import ConfigError
-from flkit.server.config import check_site_name, parse_stop_cond
+from flkit.job.checkpoint import load_checkpoint
+from flkit.server.config import EVALUATE, check_site_name, parse_stop_cond
 from flkit.wire.codec import Params, to_cpu_params
 
 
@@ -175,7 +177,31 @@ class PTModel:
         })
         if model is None and initial_ckpt is None:
             raise ConfigError("PTModel needs a model or an initial_ckpt")
-        self.params = model_params(model, initial_ckpt)
+        own = None if model is None else model_params(model)
+        self.params = model_params(own, initial_ckpt)
+        # The model's own keys and shapes (meta tensors: no memory), which an evaluated checkpoint must have.
+        self.structure = None if own is None else {k: torch.empty_like(v, device="meta") for k, v in own.items()}
+        # Training starts from the checkpoint's tensors; an EvalController's job also ships the
+        # file itself and evaluates exactly it (``FedJob.export_job``).
+        self.initial_ckpt = None if initial_ckpt is None else Path(initial_ckpt)
+
+
+class EvalController:
+    """NVFlare's EvalController (``nvflare.app_opt.pt.recipes.fedeval``, the controller FedEvalRecipe
+    puts on the server): an evaluate-only job. The job's model (PTModel's; with ``initial_ckpt``, the
+    checkpoint file itself) goes to every site once as a ``validate`` task (``flare.is_evaluate()``)
+    and each site's metrics are collected: no training, no aggregation, the model is not changed.
+    ``timeout``: seconds the sites have to answer; a site that fails or has not answered by then is
+    reported (``server/evaluation.json``), and the job fails only when no site answered."""
+
+    def __init__(self, persistor_id: str = "persistor", timeout: int = 6000) -> None:
+        warn_if_set("EvalController", locals(), {"persistor_id": "persistor"}, {"persistor_id": KEEPS_MODELS})
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"EvalController timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = timeout
+
+    def workflow(self) -> dict[str, Any]:
+        return {"mode": EVALUATE, "num_rounds": 1, "round_timeout_s": float(self.timeout)}
 
 
 class TBAnalyticsReceiver:
@@ -322,21 +348,4 @@ def _build(spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _load_checkpoint(path: Path) -> Params:
-    if not path.is_file():
-        raise ConfigError(f"initial_ckpt {path} does not exist")
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path))
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"initial_ckpt {path} is not a tensors-only torch checkpoint: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):  # NVFlare's {"model": state_dict, ...}
-        data = data["model"]
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # Lightning checkpoints
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ConfigError(f"initial_ckpt {path} does not hold a state_dict of tensors")
-    return data
-
+    return load_checkpoint(path, "initial_ckpt")

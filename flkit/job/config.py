@@ -1,4 +1,5 @@
-"""The job folder format: ``job.json`` + ``initial_model.safetensors`` + ``custom/`` (the code).
+"""The job folder format: ``job.json`` + ``initial_model.safetensors`` + ``custom/`` (the code),
+and for an evaluate-only job, optionally the checkpoint it evaluates (``eval_ckpt``).
 
 No pickled objects: the config is JSON, the model is safetensors, the scripts are files.
 Every path the folder holds or ``job.json`` names (the sites' scripts, the initial model, the
@@ -20,7 +21,7 @@ from typing import Any
 from flkit.errors import ConfigError
 from flkit.runner.external import CODE_DIR
 from flkit.runner.script_runner import BaseScriptRunner, ScriptRunner
-from flkit.server.config import WorkflowConfig, check_site_name
+from flkit.server.config import EVALUATE, WorkflowConfig, check_site_name
 from flkit.wire.codec import Params
 
 JOB_FILE = "job.json"
@@ -87,6 +88,13 @@ class JobConfig:
     strategy: dict[str, Any] | None = None
     # The initial model's file, relative to ``root`` (job.json's "initial_model").
     initial_model: str = MODEL_FILE
+    # An evaluate-only job's saved model, relative to ``root`` (job.json's "eval_ckpt"): a
+    # .safetensors file or a tensors-only torch checkpoint with the initial model's keys and
+    # shapes. None: the initial model is the one evaluated.
+    eval_ckpt: str | None = None
+    # Where eval_ckpt was copied from when the job was built (job.json's "eval_ckpt_source"):
+    # reported in evaluation.json, never opened.
+    eval_ckpt_source: str | None = None
 
     def __post_init__(self) -> None:
         for name in self.sites:  # folders <workspace>/<site> are named after them
@@ -147,13 +155,42 @@ class JobConfig:
         """The runner's script (symbolic links resolved), which must lie inside the job folder."""
         return inside(self.root, runner.script, f"job '{self.name}': {what}")
 
-    def initial_params(self) -> Params:
-        from flkit.server.persistor import load_params
+    @property
+    def mode(self) -> str:
+        return str(self.workflow.get("mode") or "train")
 
+    def _initial_model_path(self) -> Path:
         path = inside(self.root, self.initial_model, f"job '{self.name}': initial_model")
         if not path.is_file():
             raise ConfigError(f"job folder {self.root} has no {self.initial_model}")
-        return load_params(path)
+        return path
+
+    def initial_params(self) -> Params:
+        from flkit.server.persistor import load_params
+
+        return load_params(self._initial_model_path())
+
+    def server_model(self) -> tuple[Params, dict[str, str] | None]:
+        """The model the server starts from, and for an evaluate-only job where it came from
+        (``{"path", "sha256"}`` of the file read: ``eval_ckpt``, else the initial model), the
+        digest being of the very bytes the tensors were read from. ``eval_ckpt`` must have the
+        initial model's keys and shapes (a ConfigError names those that differ)."""
+        if self.mode != EVALUATE:
+            return self.initial_params(), None
+        from flkit.job.checkpoint import check_fits, read_model_file
+
+        initial_path = self._initial_model_path()
+        what = f"job '{self.name}': initial_model"
+        if self.eval_ckpt is None:
+            params, digest = read_model_file(initial_path, what)
+            return params, {"path": str(initial_path), "sha256": digest}
+        path = inside(self.root, self.eval_ckpt, f"job '{self.name}': eval_ckpt")
+        params, digest = read_model_file(path, f"job '{self.name}': eval_ckpt")
+        check_fits(f"job '{self.name}': eval_ckpt {self.eval_ckpt}", params, self.initial_params())
+        source = {"path": str(path), "sha256": digest}
+        if self.eval_ckpt_source is not None:
+            source["copied_from"] = self.eval_ckpt_source
+        return params, source
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -164,6 +201,8 @@ class JobConfig:
             "clients": None if self.clients is None else self.clients.to_dict(),
             "sites": {k: v.to_dict() for k, v in self.sites.items()},
             "initial_model": self.initial_model,
+            **({"eval_ckpt": self.eval_ckpt} if self.eval_ckpt is not None else {}),
+            **({"eval_ckpt_source": self.eval_ckpt_source} if self.eval_ckpt_source is not None else {}),
             **({"strategy": self.strategy} if self.strategy is not None else {}),
         }
 
@@ -197,7 +236,12 @@ def load_job(job_dir: Path) -> JobConfig:
             sites={check_site_name(k): ScriptRunner.from_dict(v) for k, v in data.get("sites", {}).items()},
             clients=None if data.get("clients") is None else ScriptRunner.from_dict(data["clients"]),
             initial_model=data.get("initial_model", MODEL_FILE),
+            eval_ckpt=data.get("eval_ckpt"),
+            eval_ckpt_source=data.get("eval_ckpt_source"),
         )
+        if job.eval_ckpt_source is not None and (not isinstance(job.eval_ckpt_source, str)
+                                                 or len(job.eval_ckpt_source) > 4096):
+            raise ConfigError(f"{path}: eval_ckpt_source must be a path (text), got {job.eval_ckpt_source!r:.100}")
         if data.get("strategy") is not None:
             from flkit.strategy.registry import check_spec
 
@@ -212,6 +256,12 @@ def load_job(job_dir: Path) -> JobConfig:
         if not job.script_path(runner, what).is_file():
             raise ConfigError(f"{path}: {what} {runner.script!r} is missing from the job folder")
     inside(job.root, job.initial_model, f"{path}: initial_model")
+    if job.eval_ckpt is not None:
+        if job.mode != EVALUATE:
+            raise ConfigError(f"{path}: eval_ckpt names the model an evaluate-only job scores; it needs "
+                              f"\"workflow\": {{\"mode\": \"{EVALUATE}\"}} (this job's mode is {job.mode!r:.40})")
+        if not inside(job.root, job.eval_ckpt, f"{path}: eval_ckpt").is_file():
+            raise ConfigError(f"{path}: eval_ckpt {job.eval_ckpt!r:.100} is missing from the job folder")
     _check_code(job.root)
     job.workflow_config(len(job.resolve_sites()))  # validates the workflow settings
     return job

@@ -1,11 +1,11 @@
 """Job builder with NVFlare's names: FedJob, BaseFedJob, FedAvgJob; to(), export_job, simulator_run.
 
-A job is the server's workflow (rounds, model selection, tracking, cross-site evaluation),
-an initial model and the runner of each site. ``to(obj, target)`` takes NVFlare's objects:
-runners for sites; a FedAvg controller, a model, a selector, receivers or a cross-site
-evaluation for the server. ``export_job`` writes plain JSON, safetensors and the scripts
-(with the local modules they import) into a folder that ``flkit simulate`` and
-``flkit server``/``flkit client`` run.
+A job is the server's workflow (rounds, model selection, tracking, cross-site evaluation; or
+an evaluate-only run), an initial model and the runner of each site. ``to(obj, target)`` takes
+NVFlare's objects: runners for sites; a FedAvg or an EvalController controller, a model, a
+selector, receivers or a cross-site evaluation for the server. ``export_job`` writes plain
+JSON, safetensors and the scripts (with the local modules they import) into a folder that
+``flkit simulate`` and ``flkit server``/``flkit client`` run.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 
 from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
+from flkit.job.checkpoint import check_fits
 from flkit.job.code import CODE_DIR, copy_script, script_destination
 from flkit.job.components import (
     KEEPS_MODELS,
     RECEIVERS,
     CrossSiteModelEval,
+    EvalController,
     FedAvg,
     IntimeModelSelector,
     PTModel,
@@ -40,8 +42,11 @@ from flkit.wire.codec import Params
 
 ALL_SITES = "@ALL"
 SERVER = "server"
-# Settings of flkit's workflow a job may set directly (the rest come from components).
-_OPTIONS = {f.name for f in fields(WorkflowConfig)} - {"num_rounds", "min_clients", "key_metric",
+# Where an evaluate-only job's checkpoint goes in the job folder (not custom/: sites get custom/).
+EVAL_CKPT_DIR = "eval_ckpt"
+# Settings of flkit's workflow a job may set directly (the rest come from components; the mode
+# from the controller: FedAvg trains, EvalController evaluates).
+_OPTIONS = {f.name for f in fields(WorkflowConfig)} - {"num_rounds", "min_clients", "key_metric", "mode",
                                                        "negate_key_metric", "tracking", "cross_site_eval"}
 
 
@@ -96,7 +101,11 @@ class FedJob:
         self.options: dict[str, Any] = dict(workflow_options)
         self.options["mandatory_clients"] = [check_site_name(s) for s in mandatory_clients or []]
         self.initial_params: Params | None = None
-        self.controller: FedAvg | None = None
+        # PTModel's initial_ckpt and the model's own tensors (keys, shapes): an EvalController's job
+        # ships the checkpoint and evaluates exactly it.
+        self.initial_ckpt: Path | None = None
+        self._structure: Params | None = None
+        self.controller: FedAvg | EvalController | None = None
         self.rounds: dict[str, Any] | None = None  # num_rounds/min_clients set by FedAvgJob or a controller
         self.selector: IntimeModelSelector | None = None
         self.tracking: dict[str, dict[str, Any]] = {}  # type -> receiver config
@@ -161,21 +170,21 @@ class FedJob:
             warn_ignored("FedJob.to", f"the file {str(obj)!r} for the server", "flkit's server runs no job code "
                                                                                "or files; only sites get custom/")
             return None
-        if isinstance(obj, FedAvg):
-            if obj.strategy is not None:  # FedAvg(fedprox_mu=...), Scaffold(...)
+        if isinstance(obj, (FedAvg, EvalController)):
+            if isinstance(obj, FedAvg) and obj.strategy is not None:  # FedAvg(fedprox_mu=...), Scaffold(...)
                 if self.strategy is not None and self.strategy != obj.strategy:
                     raise ConfigError(f"job '{self.name}' has strategy {self.strategy['name']!r}, but its "
                                       f"{type(obj).__name__} controller runs {obj.strategy['name']!r}: give one")
                 self.strategy, self._strategy_source = dict(obj.strategy), None
-            self.controller = obj
-            if obj.initial_params is not None:
-                self.initial_params = obj.initial_params
+            self._set_controller(obj)
+            if isinstance(obj, FedAvg) and obj.initial_params is not None:
+                self._set_model(obj.initial_params)
             kind = "controller"
         elif isinstance(obj, (torch.nn.Module, dict)):
-            self.initial_params = model_params(obj)
+            self._set_model(model_params(obj))
             kind = "persistor"
         elif isinstance(obj, PTModel):
-            self.initial_params = obj.params
+            self._set_model(obj.params, obj.initial_ckpt, obj.structure)
             return {"persistor_id": "persistor", "locator_id": "locator"}
         elif isinstance(obj, IntimeModelSelector):
             self.selector = obj
@@ -198,6 +207,18 @@ class FedJob:
             )
         return id or kind
 
+    def _set_controller(self, controller: FedAvg | EvalController) -> None:
+        """One workflow per job: training (FedAvg) or an evaluate-only run (EvalController)."""
+        training = self.rounds is not None or isinstance(self.controller, FedAvg)
+        if (isinstance(controller, EvalController) and training) or \
+                (isinstance(controller, FedAvg) and isinstance(self.controller, EvalController)):
+            raise ConfigError(f"job '{self.name}' has one workflow on the server: FedAvg (training) or "
+                              "EvalController (evaluate-only), not both")
+        self.controller = controller
+
+    def _set_model(self, params: Params, ckpt: Path | None = None, structure: Params | None = None) -> None:
+        self.initial_params, self.initial_ckpt, self._structure = params, ckpt, structure
+
     # -- what the job is --------------------------------------------------------
 
     def workflow(self, num_sites: int | None = None) -> dict[str, Any]:
@@ -208,7 +229,10 @@ class FedJob:
             data = self.controller.workflow()
         else:
             raise ConfigError(f"job '{self.name}' has no workflow on the server: job.to(FedAvg(num_clients=..., "
-                              "num_rounds=...), 'server'), or use FedAvgJob")
+                              "num_rounds=...), 'server'), or use FedAvgJob; or EvalController() for an "
+                              "evaluate-only job")
+        if isinstance(self.controller, EvalController):
+            data["min_clients"] = self.min_clients  # the sites needed to start (NVFlare's FedEvalRecipe)
         if self.fail_fast:
             data["min_clients"] = None  # every site must answer
         data["key_metric"] = None if self.selector is None else self.selector.key_metric
@@ -230,11 +254,12 @@ class FedJob:
         sites, clients = self._sites, self._clients
         if not sites and clients is None:
             raise ConfigError(f"job '{self.name}' has no sites: use job.to(runner, 'site-1') or to_clients()")
-        needed = [self.min_clients, self.controller.num_clients if self.controller else 1]
+        needed = [self.min_clients, self.controller.num_clients if isinstance(self.controller, FedAvg) else 1]
         count = n_clients or (len(sites) if clients is None else max(len(sites), *needed))
         if self.min_clients > count:
             raise ConfigError(f"job '{self.name}' needs min_clients={self.min_clients} sites but has {count}")
         workflow = self.workflow(count)
+        eval_ckpt = self._eval_ckpt()
         out = Path(job_root) / self.name
         if out.exists():
             if not (out / JOB_FILE).is_file() and any(out.iterdir()):
@@ -273,10 +298,29 @@ class FedJob:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+        if eval_ckpt is not None:  # the very file: evaluation.json names its sha256
+            job.eval_ckpt = (Path(EVAL_CKPT_DIR) / eval_ckpt.name).as_posix()
+            job.eval_ckpt_source = str(eval_ckpt.resolve())
+            (out / EVAL_CKPT_DIR).mkdir()
+            shutil.copyfile(eval_ckpt, out / job.eval_ckpt)
         # No fsync: an export is made again from the script that defines the job (0.1-0.3 s per 100 MB).
         save_params(out / MODEL_FILE, self.initial_params, {"job": self.name}, durable=False)
         (out / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
         return out
+
+    def _eval_ckpt(self) -> Path | None:
+        """The checkpoint an evaluate-only job ships (PTModel's initial_ckpt), checked to have exactly
+        the model's keys and shapes; None when the job trains or evaluates the model it was given."""
+        if not isinstance(self.controller, EvalController) or self.initial_ckpt is None:
+            return None
+        if not self.initial_ckpt.is_file():
+            raise ConfigError(f"eval_ckpt {self.initial_ckpt} does not exist (any more)")
+        if self._structure is not None:
+            from flkit.job.checkpoint import load_checkpoint
+
+            check_fits(f"eval_ckpt {self.initial_ckpt}", load_checkpoint(self.initial_ckpt, "eval_ckpt"),
+                       self._structure)
+        return self.initial_ckpt
 
     def simulator_run(self, workspace: str | Path | None = None, n_clients: int | None = None,
                       threads: int | None = None, gpu: str | None = None, log_config: str | None = None, *,

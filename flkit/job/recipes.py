@@ -3,7 +3,8 @@
 ``FedAvgRecipe(...)`` builds a ``FedJob`` (a FedAvg controller, the initial model, a model
 selector, one ScriptRunner for every site) and ``recipe.execute(env)`` deploys it in a
 ``SimEnv`` or ``PocEnv``. Recipes are a thin layer over the job builder: everything they
-set is a job component, and ``recipe.job`` is the job.
+set is a job component, and ``recipe.job`` is the job. ``FedEvalRecipe`` builds an evaluate-only
+job (PTModel + EvalController, as NVFlare's does).
 
 The recipe's ``min_clients`` is NVFlare's: the number of sites each round uses (a seeded
 sample when the env has more sites), all of which must answer.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flkit.compat import warn_if_set, warn_ignored
 from flkit.errors import ConfigError
+from flkit.job.checkpoint import check_fits, load_checkpoint
 from flkit.job.components import (
     ALL_AGGREGATED,
     BEST_FILE,
@@ -24,11 +26,13 @@ from flkit.job.components import (
     KEEPS_MODELS,
     STREAMED,
     DataKind,
+    EvalController,
     FedAvg,
     IntimeModelSelector,
     PTModel,
     Scaffold,
     later,
+    model_params,
 )
 from flkit.job.fed_job import FedJob, key_metric_direction
 from flkit.runner.script_runner import ExchangeFormat, FrameworkType, ScriptRunner, TransferType
@@ -45,6 +49,9 @@ _PER_SITE_KEYS = {"train_script": "script", "train_args": "script_args", "launch
 
 class Recipe:
     """A job plus the NVFlare recipe methods: ``execute(env)``, ``export(job_dir)``."""
+
+    # The runner settings set_per_site_config takes, with their ScriptRunner names (None: the same).
+    per_site_keys: dict[str, str | None] = _PER_SITE_KEYS
 
     def __init__(self, job: FedJob) -> None:
         self.job = job
@@ -97,6 +104,7 @@ class Recipe:
 def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
     """Replace the job's sites by the named ones, each running ``recipe.runner`` with its overrides."""
     base = recipe.runner
+    keys = recipe.per_site_keys
     if base is None:
         raise ConfigError(f"{type(recipe).__name__} has no runner to vary per site")
     if not isinstance(config, dict) or not config:
@@ -109,11 +117,11 @@ def set_per_site(recipe: Recipe, config: dict[str, dict[str, Any]]) -> None:
         check_site_name(site)
         if site in ("server", "@ALL"):
             raise ConfigError(f"per-site config is for sites, not {site!r}")
-        unknown = sorted(set(overrides) - set(_PER_SITE_KEYS))
+        unknown = sorted(set(overrides) - set(keys))
         if unknown:
             raise ConfigError(f"per-site config of {site}: unknown setting(s) {unknown} "
-                              f"(known: {sorted(_PER_SITE_KEYS)})")
-        kwargs = {(_PER_SITE_KEYS[k] or k): v for k, v in overrides.items()}
+                              f"(known: {sorted(keys)})")
+        kwargs = {(keys[k] or k): v for k, v in overrides.items()}
         server_format = kwargs.pop("server_expected_format", None)
         if server_format is not None:
             warn_if_set(site, {"server_expected_format": server_format},
@@ -245,6 +253,84 @@ class FedAvgRecipe(Recipe):
     def _controller(self, **kwargs: Any) -> FedAvg:
         """The server's controller (a recipe for another algorithm on FedAvg's rounds changes it)."""
         return FedAvg(**kwargs)
+
+
+class FedEvalRecipe(Recipe):
+    """NVFlare's FedEvalRecipe (keyword-only, NVFlare's arguments): an evaluate-only job. The model
+    goes to every site once as a ``validate`` task (``flare.is_evaluate()`` is True in the script);
+    each site's metrics are collected, printed as a table and written to
+    ``<workspace>/server/evaluation.json`` with the model's file and its sha256. Nothing is
+    trained, aggregated or changed.
+
+    ``model``: an nn.Module, a state_dict or ``{"class_path": ..., "args": {...}}`` (2.7.0's
+    ``initial_model=``, whose ``checkpoint`` attribute names the checkpoint when ``eval_ckpt`` is
+    not given); ``eval_ckpt``: the saved model to evaluate, a ``.safetensors`` file or a
+    tensors-only torch checkpoint (``torch.load(weights_only=True)``) with exactly the model's keys
+    and shapes (a mismatch is an error naming the keys). flkit reads it when the recipe is built and
+    ships the file in the job folder, so it must exist here (NVFlare also takes an absolute path
+    that only the server has). Without ``eval_ckpt`` the model's own weights are evaluated (NVFlare
+    requires one). ``min_clients``: the sites needed to start; sites that fail or do not answer
+    within ``validation_timeout`` seconds are reported, and the job fails only when none answered.
+    ``eval_script``/``eval_args`` and the runner's ``launch_external_process``, ``command``,
+    ``client_memory_gc_rounds``, ``cuda_empty_cache``: what every site runs (``per_site_config``:
+    ``{site: {"eval_script", "eval_args", "launch_external_process", "command"}}``).
+    """
+
+    per_site_keys = {"eval_script": "script", "eval_args": "script_args", "launch_external_process": None,
+                     "command": None, "server_expected_format": None}
+
+    def __init__(
+        self,
+        *,
+        name: str = "eval",
+        model: Any = None,
+        eval_ckpt: str | None = None,
+        min_clients: int,
+        eval_script: str,
+        eval_args: str = "",
+        launch_external_process: bool = False,
+        command: str = "python3 -u",
+        server_expected_format: str = ExchangeFormat.NUMPY,
+        validation_timeout: int = 6000,
+        per_site_config: dict[str, dict[str, Any]] | None = None,
+        client_memory_gc_rounds: int = 0,
+        cuda_empty_cache: bool = False,
+        initial_model: Any = None,
+    ) -> None:
+        owner = type(self).__name__
+        if initial_model is not None:
+            if model is not None:
+                raise ConfigError(f"{owner}: give model= or initial_model= (2.7.0's name), not both")
+            model = initial_model
+            if eval_ckpt is None:
+                eval_ckpt = getattr(initial_model, "checkpoint", None)
+        if model is None and eval_ckpt is None:
+            raise ConfigError(f"{owner} needs model=... (its weights are evaluated) or eval_ckpt=... (the saved "
+                              "model to evaluate), or both")
+        warn_if_set(owner, locals(), {"server_expected_format": ExchangeFormat.NUMPY},
+                    {"server_expected_format": HOLDS_TENSORS})
+        if not isinstance(min_clients, int) or isinstance(min_clients, bool) or min_clients < 1:
+            raise ConfigError(f"{owner}: min_clients must be >= 1, got {min_clients!r}")
+        structure = None if model is None else model_params(model)
+        if eval_ckpt is not None:
+            if not isinstance(eval_ckpt, (str, Path)) or not Path(eval_ckpt).is_file():
+                raise ConfigError(f"{owner}: eval_ckpt {eval_ckpt!r} does not exist here; flkit reads the "
+                                  "checkpoint when the recipe is built and ships it in the job folder (a path that "
+                                  "only the server has cannot be used)")
+            if structure is not None:
+                check_fits(f"{owner}: eval_ckpt {eval_ckpt}", load_checkpoint(Path(eval_ckpt), "eval_ckpt"),
+                           structure)
+        job = FedJob(name=name, min_clients=min_clients)
+        comp_ids = job.to_server(PTModel(structure, initial_ckpt=eval_ckpt))
+        job.to_server(EvalController(persistor_id=comp_ids["persistor_id"], timeout=validation_timeout))
+        job.to_clients(ScriptRunner(
+            script=eval_script, script_args=eval_args, launch_external_process=launch_external_process,
+            command=command, memory_gc_rounds=client_memory_gc_rounds, cuda_empty_cache=cuda_empty_cache,
+        ))
+        super().__init__(job)
+        self.eval_ckpt = eval_ckpt
+        if per_site_config:
+            self.set_per_site_config(per_site_config)
 
 
 class _Later(Recipe):
@@ -433,10 +519,6 @@ class FedOptRecipe(FedAvgRecipe):
 
 class CyclicRecipe(_Later):
     algorithm = "cyclic weight transfer"
-
-
-class FedEvalRecipe(_Later):
-    algorithm = "an evaluate-only run of a saved model"
 
 
 class FedAvgRecipeWithHE(_Later):

@@ -18,6 +18,19 @@ RESERVED_NAMES = ("server",)
 
 TRACKING_TYPES = ("tensorboard", "mlflow", "wandb")
 
+# The server's workflows: rounds of training (the default), or one evaluation of the job's model.
+TRAIN_MODE = "train"
+EVALUATE = "evaluate"
+MODES = (TRAIN_MODE, EVALUATE)
+DEFAULT_NUM_ROUNDS = 2
+# Settings that only mean something when the job trains, with their defaults: an evaluate-only
+# job that sets one otherwise is refused, never run as if it had not.
+TRAINING_ONLY = {
+    "final_validation": False, "clients_per_round": None, "fraction": None, "aggregation_weights": {},
+    "stop_cond": None, "patience": None, "cross_site_eval": None, "params_transfer_type": "FULL",
+    "server_memory_gc_rounds": 0,
+}
+
 
 def check_site_name(name: object) -> str:
     """``name`` if it is a usable site name (it never reaches outside its folder), else ConfigError.
@@ -96,7 +109,13 @@ class WorkflowConfig:
     Timeouts are in seconds; ``None`` means no limit (a lapsed heartbeat still ends a dead site).
     """
 
-    num_rounds: int = 2
+    # "train": rounds of training (FedAvg or the job's strategy). "evaluate": an evaluate-only run
+    # (NVFlare's FedEvalRecipe): the job's model goes to every site once as a validate task, each
+    # site's metrics are collected, and nothing is trained, aggregated or changed; sites that fail
+    # or time out (round_timeout_s) are reported in server/evaluation.json, and the job fails only
+    # when none answered. min_clients is then the number of sites needed to start.
+    mode: str = TRAIN_MODE
+    num_rounds: int = DEFAULT_NUM_ROUNDS
     # The fewest answers a round needs (FedAvgJob's min_clients); failures below it fail the job.
     min_clients: int = 1
     # Metric the sites report for the model they received; None: no best-model selection.
@@ -148,6 +167,10 @@ class WorkflowConfig:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"workflow mode must be one of {list(MODES)}, got {self.mode!r:.100}")
+        if self.mode == EVALUATE:
+            self._check_evaluate_only()
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
             raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds!r}")
         if not isinstance(self.min_clients, int) or self.min_clients < 1:
@@ -206,6 +229,24 @@ class WorkflowConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("heartbeat_timeout_s must be larger than heartbeat_interval_s")
 
+    def _check_evaluate_only(self) -> None:
+        """An evaluate-only job has one task and no training: settings of training are refused."""
+        # num_rounds: 1, or the default (taken as not given; job.json's explicit values are checked
+        # in from_dict).
+        if self.num_rounds not in (1, DEFAULT_NUM_ROUNDS):
+            raise ConfigError(f"workflow mode 'evaluate' runs one evaluation, no rounds of training: num_rounds="
+                              f"{self.num_rounds!r} does not apply (leave it out, or 1)")
+        self.num_rounds = 1
+        given = []
+        for name, default in TRAINING_ONLY.items():
+            value = getattr(self, name)
+            if getattr(value, "value", value) != default:
+                given.append(name)
+        if given:
+            raise ConfigError(f"workflow mode 'evaluate' trains nothing: {', '.join(given)} "
+                              f"{'does' if len(given) == 1 else 'do'} not apply (leave "
+                              f"{'it' if len(given) == 1 else 'them'} out)")
+
     @property
     def last_round(self) -> int:
         return self.start_round + self.num_rounds - 1
@@ -224,6 +265,9 @@ class WorkflowConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown workflow settings: {sorted(unknown)} (known: {sorted(known)})")
+        if data.get("mode") == EVALUATE and data.get("num_rounds", 1) != 1:
+            raise ConfigError(f"workflow mode 'evaluate' runs one evaluation, no rounds of training: num_rounds="
+                              f"{data['num_rounds']!r} does not apply (leave it out, or 1)")
         return cls(**data)
 
 

@@ -6,8 +6,9 @@ condition variable.
 
 Every task goes through one path (``_dispatch``): assign it to some sites, collect their
 answers with a deadline, and hand each accepted answer to the task's own handler. Training
-rounds, the optional final validation and cross-site evaluation differ only in the task,
-the sites, the handler and how many answers they need.
+rounds, the optional final validation, cross-site evaluation and an evaluate-only job's one
+evaluation (workflow mode "evaluate") differ only in the task, the sites, the handler and how
+many answers they need.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from flkit import shared_model
 from flkit.errors import ValidationError
 from flkit.messages import SUBMIT_MODEL, TRAIN, VALIDATE, JobEnd, Result, Task
 from flkit.model import MetaKey, ParamsType
-from flkit.server.config import WorkflowConfig, parse_stop_cond
+from flkit.server.config import EVALUATE, WorkflowConfig, parse_stop_cond
 from flkit.server.cross_site import CrossSiteEvaluation
+from flkit.server.evaluation import absent_reason, evaluation_report, write_evaluation
 from flkit.server.listing import failure_list, first_line, site_list
 from flkit.server.persistor import Persistor, SavedRun, load_params
 from flkit.server.preflight import ResultCheck, examine
@@ -145,6 +147,7 @@ class Controller:
         persistor: Persistor,
         initial_params: Params,
         on_event: Callable[[Event], None] | None = None,
+        model_source: dict[str, str] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -159,6 +162,12 @@ class Controller:
         self.global_params = initial_params
         self.history: list[RoundRecord] = []
         self.cross_site: CrossSiteEvaluation | None = None
+        # An evaluate-only job: where the model came from ({"path", "sha256"}), the record of its
+        # evaluation task, and the report written as evaluation.json (``evaluation_path``).
+        self.model_source = model_source
+        self._evaluated: RoundRecord | None = None
+        self.evaluation: dict[str, Any] | None = None
+        self.evaluation_path: Path | None = None
         self._on_event = on_event
         self._open: _OpenTask | None = None
         # Set (under the registry lock) as soon as the job's end is decided, before the sites are
@@ -253,6 +262,8 @@ class Controller:
         try:  # the final and best models are on disk before anyone hears the job ended
             self._save_state(outcome)
             self.persistor.flush()
+            if self.config.mode == EVALUATE:
+                self._write_evaluation(outcome)
         except OSError as exc:
             log.error("%s", exc)
             if not outcome.failed:
@@ -266,6 +277,8 @@ class Controller:
         end = self._wait_for_sites()
         if end is not None:
             return end
+        if cfg.mode == EVALUATE:
+            return self._run_evaluation()
         last, stopped = cfg.last_round, self._early_stop()
         for round_num in range(self.first_round, cfg.last_round + 1):
             if stopped is not None:  # (a resumed job that had already met its condition)
@@ -292,6 +305,49 @@ class Controller:
         best_txt = f"; best {cfg.key_metric}={best.value:.4g} in round {best.round}" if best else ""
         early = f" (stopped early: {stopped})" if stopped is not None else ""
         return JobEnd(failed=False, reason=f"completed {last - cfg.start_round + 1} round(s){early}{best_txt}")
+
+    def _run_evaluation(self) -> JobEnd:
+        """The evaluate-only job: the model goes to every site once as a validate task (the path of
+        every other round); nothing is trained or saved as a model. Failed sites are reported."""
+        end = self._run_round(self.config.start_round, VALIDATE)
+        if end is not None:
+            return end
+        report = self._evaluation_report(None)
+        answered, failed = report["answered"], report["failed"]
+        text = f"evaluated the model at {len(answered)} of {len(report['sites'])} site(s)"
+        if failed:
+            text += f"; {len(failed)} failed ({failure_list(failed)})"
+        key = self.config.key_metric
+        if key is not None and key in report["mean"]:
+            text += f"; mean {key}={report['mean'][key]:.4g}"
+        return JobEnd(failed=False, reason=text)
+
+    def _evaluation_report(self, outcome: JobEnd | None) -> dict[str, Any]:
+        record = self._evaluated
+        metrics = {} if record is None else record.metrics
+        failed: dict[str, str] = {}
+        with self.registry.cond:
+            sites = list(self.registry.sites)
+            for site in sites:
+                if site in metrics:
+                    continue
+                state = self.registry.sites[site]
+                if record is not None and site in record.failed:
+                    failed[site] = record.failed[site]
+                elif record is not None and site in record.sites and state.status == SiteStatus.JOINED:
+                    failed[site] = "had not answered when the job ended"
+                else:
+                    failed[site] = absent_reason(state)
+        status = "running" if outcome is None else ("failed" if outcome.failed else "completed")
+        return evaluation_report(job_id=self.registry.job_id, model=self.model_source,
+                                 round_num=self.config.start_round, sites=sites, metrics=metrics, failed=failed,
+                                 key_metric=self.config.key_metric, status=status,
+                                 reason=None if outcome is None else outcome.reason)
+
+    def _write_evaluation(self, outcome: JobEnd) -> None:
+        self.evaluation = self._evaluation_report(outcome)
+        self.evaluation_path = write_evaluation(self.persistor.directory, self.evaluation)
+        self.emit({"type": "evaluation_finished", "report": self.evaluation, "path": self.evaluation_path})
 
     def _early_stop(self) -> str | None:
         """Why the job stops after its last training round (``stop_cond`` met, or ``patience``
@@ -424,6 +480,9 @@ class Controller:
 
     def _run_round(self, round_num: int, task_name: str) -> JobEnd | None:
         cfg, reg = self.config, self.registry
+        # An evaluate-only job's one task: every site, failures reported rather than fatal (one
+        # answer is enough), and no best model (the model is not changed, so there is nothing to pick).
+        evaluate_only = cfg.mode == EVALUATE
         started = time.monotonic()
         with reg.cond:
             reg.reap_dead_locked()
@@ -446,6 +505,8 @@ class Controller:
             return plan
         sites = list(plan)
         record = RoundRecord(round=round_num, task=task_name, sites=list(sites))
+        if evaluate_only:
+            self._evaluated = record
         prepare = None
         self._poisoned = None
         new_global: Params | None = None
@@ -468,11 +529,11 @@ class Controller:
         else:
             params = "ignored"
         self.emit({"type": "round_started", "round": round_num, "task": task_name, "sites": sites,
-                   "total_rounds": cfg.num_rounds, "first_round": cfg.start_round})
+                   "total_rounds": cfg.num_rounds, "first_round": cfg.start_round, "mode": cfg.mode})
+        # A dry run waits for every site, whatever fails: each one is checked; an evaluation needs one answer.
+        min_answers = 0 if cfg.dry_run else 1 if evaluate_only else min(cfg.min_clients, len(sites))
         end = self._dispatch(task_name, round_num, sites, task_params, {}, record, params,
-                             lambda answer: None,
-                             # A dry run waits for every site, whatever fails: each one is checked.
-                             min_answers=0 if cfg.dry_run else min(cfg.min_clients, len(sites)),
+                             lambda answer: None, min_answers=min_answers,
                              timeout_s=cfg.round_timeout_s, timeout_label="round_timeout_s", started=started,
                              prepare=prepare, site_meta=plan)
         if end is not None:
@@ -512,7 +573,7 @@ class Controller:
                                     f"{type(exc).__name__}: {exc}")
         score = self.selector.round_score(round_num, record.metrics)
         record.score = None if score is None else score.value
-        record.best = not cfg.dry_run and self.selector.offer(score)  # a dry run promotes no model
+        record.best = not (cfg.dry_run or evaluate_only) and self.selector.offer(score)  # neither promotes a model
         if record.best:
             self.persistor.save_best(self.global_params, round_num, cfg.key_metric, score.value)
         if new_global is not None:
@@ -700,6 +761,8 @@ class Controller:
                         return JobEnd(True, f"round {task.round}: {why}")
                 if len(done) + len(pending) < min_answers:
                     why = failure_list(record.failed)
+                    if self.config.mode == EVALUATE:
+                        return JobEnd(True, f"no site answered the evaluation ({why or 'no site was left'})")
                     return JobEnd(True, f"round {task.round}: fewer than min_clients={min_answers} sites "
                                         f"can answer ({why})")
                 if not pending:
@@ -950,6 +1013,7 @@ class Controller:
         best = self.selector.best
         metrics: dict[str, Any] = {
             "job_id": self.registry.job_id,
+            "mode": cfg.mode,
             "key_metric": cfg.key_metric,
             "key_metric_mode": "min" if cfg.negate_key_metric else "max",
             "strategy": self._strategy_name,

@@ -15,7 +15,7 @@ import grpc
 from flkit.errors import CommunicationError, ConfigError
 from flkit.messages import JobEnd
 from flkit.report.tracking import TrackingHub
-from flkit.server.config import WorkflowConfig, check_site_name
+from flkit.server.config import EVALUATE, WorkflowConfig, check_site_name
 from flkit.server.controller import Controller, Event
 from flkit.server.job_service import JobService
 from flkit.server.listing import site_list
@@ -58,6 +58,8 @@ class FLServer:
     ``concurrent_sites``: at most this many sites' results are in shared memory at once (the
     simulator's worker pool says how many it runs at once), which sizes the shared-memory folder
     the server needs (default: every site's).
+    ``model_source``: where ``initial_params`` came from (``{"path", "sha256"}``); an evaluate-only
+    job (workflow mode "evaluate") names it in ``evaluation.json``.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class FLServer:
         vouched_sites: frozenset[str] = frozenset(),
         resume: bool = False,
         upload_stall_s: float | None = None,
+        model_source: dict[str, str] | None = None,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site")
@@ -137,6 +140,9 @@ class FLServer:
                 "dry_run": workflow.dry_run,  # flare.is_dry_run()
             },
         )
+        if resume and workflow.mode == EVALUATE:
+            log.info("an evaluate-only job has no rounds to go on from: it runs its evaluation again")
+            resume = False
         saved = load_saved_run(output_dir) if resume else None
         if saved is not None and saved.state.get("status") == "completed":
             raise ConfigError(f"the job in {output_dir} already completed ({saved.state.get('reason')}); nothing to "
@@ -149,6 +155,7 @@ class FLServer:
             self.persistor,
             to_cpu_params(initial_params),
             on_event,
+            model_source,
         )
         self.resumed_after: int | None = None  # the round a resumed job went on after
         if saved is not None:

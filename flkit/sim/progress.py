@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flkit.server.controller import RoundRecord
+from flkit.server.listing import first_line
 
 
 def _fmt(value: float | None) -> str:
@@ -47,12 +48,13 @@ class ProgressPrinter:
             if self.quiet:
                 return
             if kind == "round_started":
-                label = (
-                    f"final validation (after {event['total_rounds']} rounds)"
-                    if event["task"] == "validate"
-                    else f"round {event['round']} "
-                    f"({event['round'] - event.get('first_round', 0) + 1}/{event['total_rounds']})"
-                )
+                if event.get("mode") == "evaluate":
+                    label = "evaluation of the job's model"
+                elif event["task"] == "validate":
+                    label = f"final validation (after {event['total_rounds']} rounds)"
+                else:
+                    label = (f"round {event['round']} "
+                             f"({event['round'] - event.get('first_round', 0) + 1}/{event['total_rounds']})")
                 self.console.print(f"[bold]{label}[/]: {event['task']} on {len(event['sites'])} site(s)")
                 self._round_sites, self._results, self._failures = len(event["sites"]), 0, 0
             elif kind == "result":
@@ -101,4 +103,52 @@ def cross_site_table(results: dict[str, dict[str, dict[str, float]]]) -> Table:
     for site, scores in results.items():
         cells = [", ".join(f"{k}={v:.4g}" for k, v in scores[m].items()) if m in scores else "-" for m in models]
         table.add_row(site, *cells)
+    return table
+
+
+# Longest failure reason shown in a table cell (the whole reason is in evaluation.json).
+REASON_CHARS = 120
+# Sites shown in the evaluation table (failed ones first, up to half of them); the rest are counted.
+MAX_TABLE_SITES = 50
+
+
+def evaluation_table(report: dict[str, Any]) -> Table:
+    """An evaluate-only job's result (evaluation.json's content): one row per site, one column per
+    metric, the mean row, and each failed site with its reason (beyond MAX_TABLE_SITES sites,
+    a count of the others)."""
+    metrics: dict[str, dict[str, float]] = report.get("metrics") or {}
+    failed: dict[str, str] = report.get("failed") or {}
+    names = sorted({m for scores in metrics.values() for m in scores})
+    model = report.get("model") or {}
+    title = "evaluation"
+    if model.get("path"):
+        title += f" of {model['path']}"
+    if model.get("sha256"):
+        title += f" (sha256 {model['sha256'][:12]})"
+    table = Table(title=escape(title))
+    table.add_column("site")
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    extra = [""] if failed else []
+    if failed:
+        table.add_column("failure")
+    sites = list(report.get("sites") or [*metrics, *failed])
+    shown = sites
+    if len(sites) > MAX_TABLE_SITES:
+        keep = set([s for s in sites if s in failed][: MAX_TABLE_SITES // 2])
+        keep.update([s for s in sites if s not in keep][: MAX_TABLE_SITES - len(keep)])
+        shown = [s for s in sites if s in keep]
+    for site in shown:
+        if site in metrics:
+            table.add_row(escape(site), *(_fmt(metrics[site].get(n)) for n in names), *extra)
+        elif site in failed:
+            reason = first_line(failed[site])  # (a traceback follows it in evaluation.json)
+            if len(reason) > REASON_CHARS:
+                reason = reason[: REASON_CHARS - 3] + "..."
+            table.add_row(escape(site), *("-" for _ in names), f"[red]{escape(reason)}[/red]")
+    if len(shown) < len(sites):
+        table.add_row(f"... {len(sites) - len(shown)} more", *("" for _ in names), *extra)
+    mean = report.get("mean") or {}
+    table.add_section()
+    table.add_row(f"[bold]mean ({len(metrics)} site(s))[/bold]", *(_fmt(mean.get(n)) for n in names), *extra)
     return table

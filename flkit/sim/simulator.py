@@ -28,13 +28,14 @@ from flkit.errors import ConfigError
 from flkit.job.config import load_job
 from flkit.runner import site_for
 from flkit.runner.processes import sigterm_as_exit
+from flkit.server.config import EVALUATE
 from flkit.server.controller import RoundRecord
 from flkit.server.persistor import STATE_FILE
 from flkit.server.server import FLServer
 from flkit.sim.backend import DEFAULT_BACKEND, TASKS_PER_WORKER, check_backend, default_workers, make_backend
 from flkit.sim.check import CheckReport, build_report, check_workflow, print_report
 from flkit.sim.pool import SitePool, SiteSpec
-from flkit.sim.progress import ProgressPrinter, cross_site_table, summary_table
+from flkit.sim.progress import ProgressPrinter, cross_site_table, evaluation_table, summary_table
 
 log = logging.getLogger("flkit.sim")
 
@@ -61,6 +62,9 @@ class SimulationResult:
     cross_site_path: Path | None = None
     # A dry run's findings (``simulate(dry_run=True)``); ``ok`` and ``reason`` are then its verdict.
     check: CheckReport | None = None
+    # An evaluate-only job's report (what server/evaluation.json holds) and that file.
+    evaluation: dict[str, Any] | None = None
+    evaluation_path: Path | None = None
 
 
 def parse_gpus(gpu: str | None) -> list[str]:
@@ -153,6 +157,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     if dry_run:
         workflow = check_workflow(workflow, check_timeout_s)
     chosen = job.make_strategy(strategy, strategy_args)
+    initial_params, model_source = job.server_model()  # (a checkpoint that does not fit: before anything is cleared)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads (the number of workers) must be a whole number >= 1, got {threads!r}")
     workers = threads if threads is not None else default_workers()
@@ -176,7 +181,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     server = FLServer(
         workflow,
         list(sites),
-        job.initial_params(),
+        initial_params,
         workspace / "server",
         job_id=job_id,
         on_event=ProgressPrinter(console, quiet),
@@ -187,15 +192,19 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         concurrent_sites=min(len(sites), len(sites) - len(pooled) + workers * TASKS_PER_WORKER),
         kit=server_kit,
         vouched_sites=frozenset(pooled),
+        model_source=model_source,
     )
+    del initial_params  # the server holds the model now
     address = server.start()
     if not quiet:
         how = (f"{backend} backend, {min(workers, len(pooled))} worker(s)" if pooled
                else "a thread per site" if any(not r.launch_external_process for r in sites.values())
                else "a process per site")
-        what = f"pre-flight check of round {workflow.start_round}" if dry_run else f"{workflow.num_rounds} round(s)"
+        work = (f"pre-flight check of round {workflow.start_round}" if dry_run
+                else f"evaluate-only ({model_source['path'] if model_source else 'the initial model'})"
+                if workflow.mode == EVALUATE else f"{workflow.num_rounds} round(s)")
         console.print(f"[bold]flkit simulator[/]: job {job_id}, {len(sites)} site(s) on {how}, "
-                      f"{what}, server on {address}")
+                      f"{escape(work)}, server on {address}")
     # In-process sites use the memory transport (FLKIT_TRANSPORT=grpc forces the network path).
     transport = os.environ.get("FLKIT_TRANSPORT", "auto")
     runs = []
@@ -256,6 +265,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
         site_errors=errors,
         cross_site_results=None if cross_site is None else cross_site.results,
         cross_site_path=None if cross_site is None else cross_site.path,
+        evaluation=server.controller.evaluation,
+        evaluation_path=server.controller.evaluation_path,
     )
     if dry_run:
         result.check = build_report(job.name, workflow, list(sites), server.controller, errors, outcome.reason)
@@ -281,7 +292,10 @@ def _clear_previous_run(workspace: Path, sites: list[str], console: Console, qui
 
 
 def _print_summary(console: Console, result: SimulationResult) -> None:
-    if result.rounds:
+    if result.evaluation is not None:
+        console.print(evaluation_table(result.evaluation))
+        console.print(f"evaluation -> {result.evaluation_path}")
+    elif result.rounds:
         console.print(summary_table(result.rounds, result.key_metric))
     if result.cross_site_results:
         console.print(cross_site_table(result.cross_site_results))
@@ -293,11 +307,12 @@ def _print_summary(console: Console, result: SimulationResult) -> None:
         console.print(f"[bold red]... and {len(errors) - MAX_ERRORS_SHOWN} more site(s) with errors[/] "
                       f"(SimulationResult.site_errors; each round's failures are in server/{STATE_FILE})")
     if result.ok:
-        console.print(f"[bold green]job completed[/]: {result.reason}")
+        console.print(f"[bold green]job completed[/]: {escape(result.reason)}", highlight=False)
         if result.best_round is not None:
             console.print(f"best model: round {result.best_round}, {result.key_metric}={result.best_score:.4f} "
                           f"-> {result.best_model_path}")
-        console.print(f"final global model -> {result.global_model_path}")
+        if result.evaluation is None:
+            console.print(f"final global model -> {result.global_model_path}")
     else:
         console.print(f"[bold red]job failed[/]: {escape(result.reason)}", highlight=False)
 

@@ -59,3 +59,10 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 1, see
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     net.eval()
     return (net(x).argmax(1) == y).float().mean().item()
+
+
+def eval_split(site: str, num_sites: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Site ``site-N``'s evaluation data: the test rows i with i % num_sites == N - 1."""
+    _, _, test_x, test_y = load()
+    keep = torch.arange(len(test_y)) % num_sites == int(site.rsplit("-", 1)[1]) - 1
+    return test_x[keep], test_y[keep]
