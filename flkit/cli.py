@@ -433,6 +433,31 @@ def provision(project_file: Path | None, out_dir: Path, add_site: str | None, re
 
 
 @main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write report.png and report.html into (made if missing; default: the folder "
+                   "that holds metrics.json, <workspace>/server/).")
+def report(workspace: Path, out_dir: Path | None) -> None:
+    """Draw a run's history from WORKSPACE/server/metrics.json (WORKSPACE may also be a server's
+    folder or the file itself): report.png and a self-contained report.html.
+
+    The picture: each metric's curve per round (one line per site and their mean; with more than
+    20 sites the mean and a min-max band), the best round marked, the sites offered, answered,
+    failed and skipped in each round, and each round's time. The page: the picture, the job's
+    status, reason and best round, a table of rounds and one of sites; it loads nothing from the
+    network. Needs matplotlib: pip install 'flkit[report]'.
+    """
+    from flkit.report.render import write_report
+
+    try:
+        files = write_report(workspace, out_dir)
+    except FLKitError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report.png -> {files.png}")
+    click.echo(f"report.html -> {files.html}")
+
+
+@main.command()
 @click.option("--kit", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="An admin's startup kit (e.g. kits/admin) to ask a running server; any other kit (or the "
                    "folder `flkit provision` wrote) shows its certificates' expiry only.")

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-COMMANDS = ("simulate", "server", "client")
+COMMANDS = ("simulate", "server", "client", "report")
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -108,11 +108,12 @@ try:
     status = main.main(args={args!r}, prog_name="flkit", standalone_mode=False)
 except SystemExit as exc:
     status = exc.code
-print(json.dumps({{"status": status or 0, "torch": "torch" in sys.modules, "grpc": "grpc" in sys.modules}}))
+print(json.dumps({{"status": status or 0, "torch": "torch" in sys.modules, "grpc": "grpc" in sys.modules,
+                  "matplotlib": "matplotlib" in sys.modules}}))
 """
     proc = _python(code)
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert report == {"status": 0, "torch": False, "grpc": False}
+    assert report == {"status": 0, "torch": False, "grpc": False, "matplotlib": False}
     assert "Usage: flkit" in proc.stdout
     if args == ["--help"]:
         for command in COMMANDS:

@@ -10,6 +10,7 @@ themselves if the simulator dies.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import IO, TextIO
 
 from flkit.client import supervision
 from flkit.runner import processes
@@ -40,16 +41,21 @@ class _Worker:
     sites: deque[str] = field(default_factory=deque)  # the sites whose tasks it holds, in order
     ready: bool = False
     reader: threading.Thread | None = field(default=None, repr=False)
+    pumps: list[threading.Thread] = field(default_factory=list, repr=False)  # its output's copiers (pipe_output)
 
 
 class ProcessBackend(Backend):
     name = "processes"
     isolated = True
 
-    def __init__(self, threads_per_worker: int | None = None) -> None:
+    def __init__(self, threads_per_worker: int | None = None, pipe_output: bool = False) -> None:
         """``threads_per_worker``: torch's intra-op threads in each worker (default: the cores
-        shared out between the workers, at least one)."""
+        shared out between the workers, at least one). ``pipe_output``: the workers' stdout and
+        stderr are pipes, copied as they come to this process's ``sys.stdout`` and ``sys.stderr``
+        (the simulator's progress bar prints them above itself), instead of being this process's
+        own stdout and stderr."""
         self.threads_per_worker = threads_per_worker
+        self.pipe_output = pipe_output
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._stopping = False
@@ -68,15 +74,23 @@ class ProcessBackend(Backend):
         tasks_r, tasks_w = os.pipe()
         done_r, done_w = os.pipe()
         env = dict(os.environ, **{supervision.ENV_LAUNCHER_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+        output = subprocess.PIPE if self.pipe_output else None
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flkit.sim.worker", str(tasks_r), str(done_w), str(self.threads_per_worker)],
                 pass_fds=(tasks_r, done_w), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                stdout=output, stderr=output,
             )
         finally:
             os.close(tasks_r)
             os.close(done_w)
         worker = _Worker(index, proc, os.fdopen(tasks_w, "w", encoding="utf-8"))
+        if proc.stdout is not None and proc.stderr is not None:
+            for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+                pump = threading.Thread(target=_copy_output, args=(pipe, name), name=f"flkit-worker-{index}-{name}",
+                                        daemon=True)
+                pump.start()
+                worker.pumps.append(pump)
         worker.reader = threading.Thread(target=self._read, args=(worker, os.fdopen(done_r, "r", encoding="utf-8")),
                                          name=f"flkit-worker-{index}-pid{proc.pid}", daemon=True)
         worker.reader.start()
@@ -170,3 +184,28 @@ class ProcessBackend(Backend):
             processes.reap_group(worker.proc.pid)
             if worker.reader is not None:
                 worker.reader.join(5)
+            for pump in worker.pumps:  # the worker's last lines are out before the job's summary
+                pump.join(5)
+
+
+def _copy_output(pipe: IO[bytes], name: str) -> None:
+    """Copy a worker's output to ``sys.<name>`` as it comes (not line by line: a site's progress
+    bar rewrites its line with carriage returns), until the worker closes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = pipe.fileno()
+    with pipe:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            text = decoder.decode(data, final=not data)
+            if text:
+                try:
+                    stream: TextIO = getattr(sys, name)
+                    stream.write(text)
+                    stream.flush()
+                except (OSError, ValueError):  # our stream was closed: keep draining the pipe
+                    pass
+            if not data:
+                return

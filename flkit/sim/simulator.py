@@ -35,7 +35,7 @@ from flkit.server.server import FLServer
 from flkit.sim.backend import DEFAULT_BACKEND, TASKS_PER_WORKER, check_backend, default_workers, make_backend
 from flkit.sim.check import CheckReport, build_report, check_workflow, print_report
 from flkit.sim.pool import SitePool, SiteSpec
-from flkit.sim.progress import ProgressPrinter, cross_site_table, evaluation_table, summary_table
+from flkit.sim.progress import RunDisplay, cross_site_table, evaluation_table, summary_table
 
 log = logging.getLogger("flkit.sim")
 
@@ -178,13 +178,16 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
 
         kits = _provision_kits(workspace / "kits", [s for s in sites if s not in pooled], address)
         server_kit = load_kit(kits / "server")
+    # A progress bar over the rounds on an interactive terminal, else (and once a site draws a live
+    # display of its own) a line per event.
+    display = RunDisplay(console, quiet)
     server = FLServer(
         workflow,
         list(sites),
         initial_params,
         workspace / "server",
         job_id=job_id,
-        on_event=ProgressPrinter(console, quiet),
+        on_event=display,
         job_name=job.name,
         strategy=chosen,
         address=address,
@@ -210,6 +213,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
     runs = []
     pool: SitePool | None = None
     specs = []
+    display.start()
     try:
         with sigterm_as_exit():  # SIGTERM still runs the `finally` below, which ends launched processes
             for i, (name, runner) in enumerate(sites.items()):
@@ -230,7 +234,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
                 run.start()
                 runs.append(run)
             if specs:
-                pool = SitePool(server.service, make_backend(backend), specs, workers, seed=workflow.seed,
+                # Under the bar, worker processes write through this process (above the bar), not to the terminal.
+                options = {"pipe_output": True} if backend == "processes" and display.drawing else {}
+                pool = SitePool(server.service, make_backend(backend, **options), specs, workers, seed=workflow.seed,
                                 shm=server.shm)
                 pool.start()
             outcome = server.wait()
@@ -242,11 +248,14 @@ def simulate(job_dir: str | Path, workspace: str | Path, n_clients: int | None =
                 if not run.join(max(0.0, deadline - time.monotonic())):
                     log.warning("site %s is still running %.0f s after the job ended; stopping it", run.site, grace)
     finally:
-        if pool is not None:
-            pool.stop(0.0)
-        for run in runs:
-            run.stop()
-        server.stop()
+        try:
+            if pool is not None:
+                pool.stop(0.0)
+            for run in runs:
+                run.stop()
+            server.stop()
+        finally:
+            display.stop()
     errors = {r.site: r.outcome.error for r in runs if r.outcome is not None and not r.outcome.ok}
     if pool is not None:
         errors.update(pool.errors)
