@@ -176,3 +176,51 @@ def test_a_patched_lightning_trainer_applies_fedprox_by_itself(tmp_path):
     plain = distance("plain")
     proximal = distance("prox", strategy="fedprox", strategy_args={"fedprox_mu": 10.0})
     assert proximal < 0.5 * plain
+
+
+def test_fedprox_loss_and_lightning_gradient_by_hand():
+    """PTFedProxLoss = mu/2 * sum (w - w_g)^2, over trainable parameters paired by name (DDP's prefix
+    stripped); the patched trainer's term adds its gradient mu * (w - w_g)."""
+    from flkit.pt import PTFedProxLoss
+    from flkit_lightning.callback import FedProxTerm
+
+    local, global_ = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        local.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        local.bias.fill_(3.0)
+        global_.weight.copy_(torch.tensor([[0.0, 0.0]]))
+        global_.bias.fill_(1.0)
+    # (1 + 4 + 4) * 0.5 / 2
+    assert PTFedProxLoss(mu=0.5)(local, global_).item() == pytest.approx(2.25)
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("module", local)  # named like DDP's wrapper: module.weight, module.bias
+    assert PTFedProxLoss(mu=0.5)(wrapped, global_).item() == pytest.approx(2.25)
+    with pytest.raises(ValueError, match="mu must be a finite number >= 0"):
+        PTFedProxLoss(mu=-1.0)
+    term = FedProxTerm(0.5, {name: p.detach().clone() for name, p in global_.named_parameters()})
+    local.weight.grad, local.bias.grad = torch.zeros(1, 2), torch.ones(1)
+    term.add_gradient(local)
+    assert local.weight.grad.tolist() == [[0.5, 1.0]] and local.bias.grad.tolist() == [2.0]  # 1 + 0.5 * 2
+
+
+def test_scaffold_helper_terms_by_hand():
+    """One SGD step of lr 0.5 from w = 1 to 0 with c_global = 0.2, c_local = 0: the step is corrected by
+    -lr * (c - c_i) = -0.1, and c_i+ = c_i - c + (w_g - w) / (K * lr) = 0 - 0.2 + (1 - (-0.1)) / 0.5 = 2.0."""
+    from flkit.pt import PTScaffoldHelper
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    global_net = torch.nn.Linear(1, 1, bias=False)
+    global_net.load_state_dict(net.state_dict())
+    helper = PTScaffoldHelper()
+    helper.init(net)
+    helper.load_global_controls({"weight": torch.full((1, 1), 0.2)})
+    c_global, c_local = helper.get_params()
+    with torch.no_grad():
+        net.weight.fill_(0.0)  # the optimiser's step
+    helper.model_update(net, 0.5, c_global, c_local)
+    assert net.weight.item() == pytest.approx(-0.1)
+    helper.terms_update(net, 0.5, c_global, c_local, global_net)
+    assert float(helper.get_delta_controls()["weight"].item()) == pytest.approx(2.0)
+    assert helper.c_local["weight"].item() == pytest.approx(2.0)
