@@ -46,8 +46,9 @@ def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tm
     server_c = safetensors.torch.load_file(str(ws / "server" / "strategy_state.safetensors"))
     sites_c = [safetensors.torch.load_file(str(ws / f"site-{i}" / STATE_DIR / "c_local.round-2.safetensors"))
                for i in range(1, 5)]
-    assert not (ws / "site-1" / STATE_DIR / "c_local.round-0.safetensors").exists()  # old rounds are dropped,
-    assert (ws / "site-1" / STATE_DIR / "c_local.round-1.safetensors").exists()  # but for the one before the last
+    # the round the server names (1, at round 2's start) and the one before it are kept; round 2's is new
+    assert sorted(p.name for p in (ws / "site-1" / STATE_DIR).iterdir()) == [
+        f"c_local.round-{r}.safetensors" for r in range(3)]
     for name, c in server_c.items():
         mean = sum(site[name[2:]] for site in sites_c) / 4
         assert mean.abs().max() > 0  # not trivially zero
