@@ -38,7 +38,7 @@ def _job(script: Path, rounds: int = 3) -> FedJob:
 def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tmp_path):
     ws = tmp_path / "ws"
     script = with_flkit_import(SCRIPTS / "scaffold_digits.py", tmp_path / "code")  # NVFlare's, imports changed
-    result = _job(script, 3).simulator_run(ws, n_clients=4, threads=2, quiet=True, backend="processes")
+    _job(script, 3).simulator_run(ws, n_clients=4, threads=2, quiet=True, backend="processes")
     state = json.loads((ws / "server" / "round_state.json").read_text())
     assert state["status"] == "completed", state["reason"]
     assert state["strategy"]["state"]["aggregated"] == {f"site-{i}": 2 for i in range(1, 5)}
@@ -53,7 +53,6 @@ def test_scaffold_with_more_sites_than_workers_keeps_site_controls_consistent(tm
         mean = sum(site[name[2:]] for site in sites_c) / 4
         assert mean.abs().max() > 0  # not trivially zero
         torch.testing.assert_close(c, mean.reshape(-1), rtol=1e-4, atol=1e-5)
-    del result
 
 
 def test_helper_takes_the_control_variate_of_the_round_the_server_names(tmp_path):

@@ -360,7 +360,8 @@ class Session:
         if task.name == TRAIN and task.params is not None and self._sends_diff():
             # The script may change the received tensors in place (numpy views, `p += ...`): a DIFF
             # must be taken against the model as it arrived, so keep one copy of it.
-            self._diff_base = {k: v.clone() for k, v in task.params.items() if not k.startswith(meta_tensors.PREFIX)}
+            received, _ = meta_tensors.unpack(task.params)  # the model alone, not tensors sent in meta
+            self._diff_base = {k: v.clone() for k, v in (received or {}).items()}
         return task_model(task, self.settings)
 
     def _sends_diff(self) -> bool:

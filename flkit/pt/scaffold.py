@@ -17,9 +17,7 @@ names (``meta["scaffold_c_local_round"]``: the last round whose change it aggreg
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from flkit.atomic_file import atomic_write_file
 from flkit.errors import FLKitError
 
 STATE_DIR = "scaffold"
@@ -155,16 +154,10 @@ class PTScaffoldHelper:
 
     @staticmethod
     def _save_local(folder: Path, round_num: int, c_local: dict[str, torch.Tensor]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"c_local.round-{round_num}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".c_local.", suffix=".tmp")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in c_local.items()}, tmp)
-            os.replace(tmp, target)  # a crash leaves the old file or the new one, never half of one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in c_local.items()}
+        # a crash leaves the old file or the new one, never half of one
+        atomic_write_file(folder / f"c_local.round-{round_num}.safetensors",
+                          lambda tmp: safetensors.torch.save_file(tensors, tmp))
 
     def get_delta_controls(self) -> dict[str, np.ndarray | torch.Tensor]:
         """This round's change of c_local (numpy arrays, as NVFlare's helper gives): send it in

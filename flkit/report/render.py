@@ -16,14 +16,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flkit.atomic_file import atomic_write_bytes
 from flkit.report.history import ReportError, Round, RunHistory, load_history
 
 PNG_FILE = "report.png"
@@ -57,25 +56,11 @@ def write_report(where: str | Path, out_dir: str | Path | None = None) -> Report
     try:
         out.mkdir(parents=True, exist_ok=True)
         png_path, html_path = out / PNG_FILE, out / HTML_FILE
-        _write_atomic(png_path, png)
-        _write_atomic(html_path, render_html(history, png).encode("utf-8"))
+        atomic_write_bytes(png_path, png, durable=False)
+        atomic_write_bytes(html_path, render_html(history, png).encode("utf-8"), durable=False)
     except OSError as exc:
         raise ReportError(f"cannot write the report into {out}: {exc}") from None
     return ReportFiles(png_path, html_path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # -- the picture ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 from flkit.errors import ConfigError
@@ -23,13 +23,15 @@ TRAIN_MODE = "train"
 EVALUATE = "evaluate"
 MODES = (TRAIN_MODE, EVALUATE)
 DEFAULT_NUM_ROUNDS = 2
-# Settings that only mean something when the job trains, with their defaults: an evaluate-only
-# job that sets one otherwise is refused, never run as if it had not.
-TRAINING_ONLY = {
-    "final_validation": False, "clients_per_round": None, "fraction": None, "aggregation_weights": {},
-    "stop_cond": None, "patience": None, "cross_site_eval": None, "params_transfer_type": "FULL",
-    "server_memory_gc_rounds": 0,
-}
+# Settings that only mean something when the job trains: an evaluate-only job that sets one to
+# other than its default (WorkflowConfig's) is refused, never run as if it had not.
+TRAINING_ONLY = ("final_validation", "clients_per_round", "fraction", "aggregation_weights", "stop_cond", "patience",
+                 "cross_site_eval", "params_transfer_type", "server_memory_gc_rounds")
+
+
+def _plain(value: Any) -> Any:
+    """An enum's value (``ParamsType.FULL`` -> "FULL"), anything else as it is."""
+    return getattr(value, "value", value)
 
 
 def check_site_name(name: object) -> str:
@@ -237,11 +239,10 @@ class WorkflowConfig:
             raise ConfigError(f"workflow mode 'evaluate' runs one evaluation, no rounds of training: num_rounds="
                               f"{self.num_rounds!r} does not apply (leave it out, or 1)")
         self.num_rounds = 1
-        given = []
-        for name, default in TRAINING_ONLY.items():
-            value = getattr(self, name)
-            if getattr(value, "value", value) != default:
-                given.append(name)
+        defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                    for f in fields(self) if f.name in TRAINING_ONLY}
+        given = [name for name in TRAINING_ONLY
+                 if _plain(getattr(self, name)) != _plain(defaults[name])]
         if given:
             raise ConfigError(f"workflow mode 'evaluate' trains nothing: {', '.join(given)} "
                               f"{'does' if len(given) == 1 else 'do'} not apply (leave "

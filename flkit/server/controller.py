@@ -515,8 +515,7 @@ class Controller:
             try:
                 extra = self.strategy.train_tensors(round_num, self.global_params)
                 if extra:  # e.g. SCAFFOLD's control variate: beside the model, as tensors
-                    task_params = meta_tensors.pack(self.global_params, {k: dict(v) for k, v in extra.items()}) \
-                        or {}
+                    task_params = meta_tensors.pack(self.global_params, {k: dict(v) for k, v in extra.items()})
                 if not cfg.dry_run:  # (a dry run examines each result in ``submit`` and aggregates none)
                     # The next global model's buffers, taken when the aggregator first asks (it may sum in them).
                     new_global = {}
@@ -892,8 +891,7 @@ class Controller:
                     assert params is not None
                     check_params(site, params, expected)
                     if groups:
-                        check_meta_tensors(site, groups,
-                                           sum(t.numel() * t.element_size() for t in expected.values()))
+                        check_meta_tensors(site, groups, self.model_bytes)
                     answer.params, answer.meta_tensors = params, groups
                 if open_task.prepare is not None:
                     open_task.prepare(answer)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any, BinaryIO
 import safetensors
 import safetensors.torch
 
+from flkit.atomic_file import atomic_write_file
 from flkit.errors import ValidationError
 from flkit.server.direct_write import DirectWriter, DirectWriteUnsupported
 from flkit.wire.codec import Params, to_cpu_params
@@ -41,7 +41,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with open(tmp, "wb") as fh:
             write(fh)
 
-    _atomic_write_file(path, to_file)
+    atomic_write_file(path, to_file)
 
 
 def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = None,
@@ -71,29 +71,7 @@ def save_params(path: Path, params: Params, metadata: dict[str, Any] | None = No
         except safetensors.SafetensorError as exc:  # a full disk: an OS error, as for any other file
             raise OSError(f"cannot write {path}: {exc}") from exc
 
-    _atomic_write_file(Path(path), write, durable)
-
-
-def _atomic_write_file(path: Path, write: Callable[[str], None], durable: bool = True) -> None:
-    """Like _atomic_write, for writers that take a file name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        if durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_file(Path(path), write, durable)
 
 
 def write_json(path: Path, data: Any) -> None:

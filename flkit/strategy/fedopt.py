@@ -46,7 +46,9 @@ from flkit.wire.codec import Params
 STEP_CHUNK = 1 << 21
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a strategy keeps state of a floating tensor in: float64 for float64, else float32
+    (16-bit models' state would lose too much in their own dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -128,7 +130,7 @@ class ServerOptimizer(Strategy):
                 key = f"{slot}/{name}"
                 state = self._state.get(key)
                 if state is None:
-                    state = self._state[key] = torch.zeros(base.numel(), dtype=_state_dtype(base.dtype))
+                    state = self._state[key] = torch.zeros(base.numel(), dtype=state_dtype(base.dtype))
                 elif state.numel() != base.numel():
                     raise ValueError(f"{type(self).__name__}: state {key!r} has {state.numel()} values, the model's "
                                      f"tensor {base.numel()} (a resume with another model?)")
@@ -162,15 +164,19 @@ class _Stepped(Aggregator):
         views = strategy._slot_views(self._global)
         out = self._out()
         strategy.steps += 1
-        staging: torch.Tensor | None = None
+        # One staging buffer per state dtype, as large as the largest chunk: allocated once a round.
+        staging: dict[torch.dtype, torch.Tensor] = {}
+        for name in views:
+            base = self._global[name]
+            dtype, size = state_dtype(base.dtype), min(STEP_CHUNK, base.numel())
+            if staging.get(dtype, torch.empty(0)).numel() < size:
+                staging[dtype] = torch.empty(size, dtype=dtype)
         for name, slots in views.items():
             base, target = self._global[name].reshape(-1), out[name].view(-1)
-            dtype = _state_dtype(base.dtype)
+            buffer = staging[state_dtype(base.dtype)]
             for start in range(0, base.numel(), STEP_CHUNK):
                 stop = min(start + STEP_CHUNK, base.numel())
-                if staging is None or staging.dtype != dtype or staging.numel() < stop - start:
-                    staging = torch.empty(min(STEP_CHUNK, max(base.numel(), 1)), dtype=dtype)
-                delta = staging[:stop - start]
+                delta = buffer[:stop - start]
                 delta.copy_(target[start:stop])
                 delta.sub_(base[start:stop])  # the pseudo-gradient: mean - global
                 strategy.update(delta, {slot: state[start:stop] for slot, state in slots.items()})

@@ -33,15 +33,12 @@ from flkit.errors import ValidationError
 from flkit.model import AlgorithmConstants
 from flkit.strategy.base import Aggregator, SiteConfig, SiteResult, Strategy
 from flkit.strategy.fedavg import WeightedMean
+from flkit.strategy.fedopt import state_dtype
 from flkit.strategy.registry import register
 from flkit.wire.codec import Params
 
 # Where the server says which round's c_i a site must start from (None: zeros, it never took part).
 LOCAL_ROUND_KEY = "scaffold_c_local_round"
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @register("scaffold")
@@ -68,7 +65,7 @@ class Scaffold(Strategy):
     def _control(self, name: str, base: torch.Tensor) -> torch.Tensor:
         c = self._c.get(name)
         if c is None:
-            c = self._c[name] = torch.zeros(base.numel(), dtype=_state_dtype(base.dtype))
+            c = self._c[name] = torch.zeros(base.numel(), dtype=state_dtype(base.dtype))
         elif c.numel() != base.numel():
             raise ValueError(f"scaffold: the control variate of '{name}' has {c.numel()} values, the model's "
                              f"tensor {base.numel()} (a resume with another model?)")
@@ -115,7 +112,10 @@ class _ScaffoldAggregator(Aggregator):
             self._round, self._global, self._added = round_num, global_params, []
             for name, base in global_params.items():
                 if base.is_floating_point():
-                    self._sums.setdefault(name, torch.empty(base.numel(), dtype=_state_dtype(base.dtype))).zero_()
+                    sums = self._sums.get(name)
+                    if sums is None or sums.numel() != base.numel():  # (kept round after round)
+                        sums = self._sums[name] = torch.empty(base.numel(), dtype=state_dtype(base.dtype))
+                    sums.zero_()
 
     def add(self, result: SiteResult) -> None:
         diff = result.meta_tensors.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)

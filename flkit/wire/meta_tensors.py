@@ -53,12 +53,9 @@ def _cpu(name: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
     return tensor.cpu().contiguous()
 
 
-def pack(params: Mapping[str, torch.Tensor] | None, groups: Groups) -> dict[str, torch.Tensor] | None:
-    """``params`` with the groups' tensors added under ``flkit.meta/<key>/<name>`` (the same dict
-    when there are no groups)."""
-    if not groups:
-        return None if params is None else dict(params)
-    out = dict(params or {})
+def pack(params: Mapping[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
+    """A new dict: ``params`` with the groups' tensors added under ``flkit.meta/<key>/<name>``."""
+    out = dict(params)
     for key, tensors in groups.items():
         for name, tensor in tensors.items():
             out[f"{PREFIX}{key}/{name}"] = tensor
